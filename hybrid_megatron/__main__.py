@@ -1,0 +1,5 @@
+import sys
+
+from hybrid_megatron.cli import main
+
+sys.exit(main())
