@@ -1,0 +1,67 @@
+"""CLI verbs of the data pipeline: ``prepare-data`` and ``data audit`` (registered by ``hybrid_megatron.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prepare-data", help="tokenise corpus files into webdataset token shards",
+                              description="Tokenise .txt/.jsonl/.parquet files (plain, .gz or .zst) into tar "
+                                          "shards of zstd token members plus index.json and stats.json. "
+                                          "With --sample, build the standard-library sample corpus instead.")
+    p.add_argument("--input", action="append", default=[], metavar="GLOB", help="input files (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--source", metavar="NAME", help="source name recorded in stats.json")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer directory")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
+    p.add_argument("--workers", type=int, default=1, help="tokeniser processes (default 1)")
+    p.add_argument("--member-tokens", type=int, default=262144, help="tokens per member (>= 65536)")
+    p.add_argument("--shard-bytes", type=int, default=256 * 1024 * 1024, help="approximate shard size")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous prepare-data output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sample", nargs="?", const="data/sample", metavar="DIR",
+                   help="build the sample corpus (Python standard library, bytes tokenizer) in DIR "
+                        "(default data/sample) and exit")
+    p.set_defaults(func=_prepare)
+
+    d = subparsers.add_parser("data", help="inspect data configs")
+    dsub = d.add_subparsers(dest="data_verb", metavar="DATA_VERB", required=True)
+    a = dsub.add_parser("audit", help="print, per step and data-parallel rank, what the loader delivers")
+    a.add_argument("config", metavar="DATA_CONFIG", help="data config YAML (or a run config with data:)")
+    a.add_argument("--dp-size", type=int, default=1)
+    a.add_argument("--steps", type=int, required=True)
+    a.add_argument("--state-in", metavar="F", help="resume from this loader state (JSON)")
+    a.add_argument("--state-out", metavar="F", help="write the loader state after the last step (JSON)")
+    a.add_argument("--num-workers", type=int, default=None, help="override data.num_workers")
+    a.set_defaults(func=_audit)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import ConfigError
+
+    if args.sample is not None:
+        if args.input or args.output or args.source:
+            raise ConfigError("--sample builds its own sources: drop --input/--output/--source")
+        from data_pipeline.sample_data import ensure_sample_data
+
+        paths = ensure_sample_data(args.sample, workers=max(args.workers, 1), progress=not args.no_progress)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+    missing = [f"--{n}" for n in ("input", "output", "source") if not getattr(args, n)]
+    if missing:
+        raise ConfigError(f"prepare-data needs {', '.join(missing)} (or --sample)")
+    from data_pipeline.prepare import PrepareOptions, prepare_data
+
+    prepare_data(PrepareOptions(inputs=args.input, output=args.output, source=args.source, tokenizer=args.tokenizer,
+                                text_field=args.text_field, workers=args.workers, member_tokens=args.member_tokens,
+                                shard_bytes=args.shard_bytes, overwrite=args.overwrite,
+                                progress=not args.no_progress))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from data_pipeline.audit import run_audit
+
+    return run_audit(args.config, args.dp_size, args.steps, args.state_in, args.state_out, args.num_workers)

@@ -1,0 +1,206 @@
+"""``prepare-data``: tokenise corpus files and pack them into token shards (see ``shards.py``).
+
+Files are expanded from the globs, sorted and deduplicated, tokenised in parallel (one task per file,
+``--workers`` spawned processes, results consumed in file order) and packed in the main process into
+members of whole documents: a member closes at the first document boundary at or past
+``member_tokens`` (default 262,144; at least 65,536), so only a source's last member can be smaller.
+The output depends only on the inputs and options, never on the number of workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import ConfigError, DataError
+from data_pipeline.shards import INDEX_NAME, STATS_NAME, ShardWriter, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MIN_MEMBER_TOKENS = 65536
+_ENCODE_BATCH = 256  # documents per tokenizer call
+
+_worker_tok = None
+
+
+@dataclass(kw_only=True, slots=True)
+class PrepareOptions:
+    inputs: list[str]
+    """Globs (or paths) of corpus files."""
+    output: str
+    """Output directory (created; must be empty unless ``overwrite``)."""
+    source: str
+    """Source name recorded in stats.json."""
+    tokenizer: str = "bytes"
+    """``bytes`` or a local Hugging Face tokenizer directory."""
+    text_field: str = "text"
+    workers: int = 1
+    member_tokens: int = 262144
+    shard_bytes: int = 256 * 1024 * 1024
+    overwrite: bool = False
+    progress: bool = True
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    files: set[Path] = set()
+    for pattern in patterns:
+        matched = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
+        matched = [p for p in matched if p.is_file()]
+        if not matched:
+            raise ConfigError(f"--input {pattern}: matches no file")
+        files.update(p.resolve() for p in matched)
+    return sorted(files)
+
+
+def _init_worker(spec: str) -> None:
+    global _worker_tok
+    from data_pipeline.tokenizer import load_tokenizer
+
+    _worker_tok = load_tokenizer(spec)
+
+
+def _tokenize_file(args: tuple[str, str]) -> tuple[str, np.ndarray, np.ndarray, int, int]:
+    """Tokenise one file: (path, tokens with EOS after each doc, doc end offsets, text bytes, empty docs)."""
+    from data_pipeline.readers import iter_documents
+
+    path, text_field = args
+    tok = _worker_tok
+    pieces: list[np.ndarray] = []
+    text_bytes = empty = 0
+    batch: list[str] = []
+    eos = np.asarray([tok.eos_id], dtype=tok.dtype)
+    for text in iter_documents(path, text_field):
+        if not text:
+            empty += 1
+            continue
+        text_bytes += len(text.encode("utf-8"))
+        batch.append(text)
+        if len(batch) >= _ENCODE_BATCH:
+            _check_and_append(path, tok.encode_batch(batch), pieces, eos, tok.eos_id)
+            batch.clear()
+    if batch:
+        _check_and_append(path, tok.encode_batch(batch), pieces, eos, tok.eos_id)
+    tokens = np.concatenate(pieces) if pieces else np.empty(0, tok.dtype)
+    lengths = np.fromiter((p.size for p in pieces), np.int64, len(pieces))
+    doc_ends = np.cumsum(lengths)[1::2]
+    return path, tokens, doc_ends, text_bytes, empty
+
+
+def _check_and_append(path, encoded, pieces, eos, eos_id) -> None:
+    for ids in encoded:
+        if (ids == eos_id).any():
+            raise DataError(f"{path}: document {len(pieces) // 2} tokenises to EOS inside its text")
+        pieces.append(ids)
+        pieces.append(eos)
+
+
+class _Packer:
+    """Greedy packing of whole documents into members of at least ``target`` tokens."""
+
+    def __init__(self, writer: ShardWriter, target: int):
+        self.writer, self.target = writer, target
+        self.buf: list[np.ndarray] = []
+        self.buf_tokens = self.buf_docs = 0
+
+    def add_file(self, tokens: np.ndarray, doc_ends: np.ndarray) -> None:
+        start = 0  # token offset in this file not yet buffered
+        first_doc = 0
+        while first_doc < doc_ends.size:
+            need = self.target - self.buf_tokens
+            # first document end that brings the buffer to the target
+            j = int(np.searchsorted(doc_ends, start + need, side="left"))
+            if j >= doc_ends.size:
+                self.buf.append(tokens[start:])
+                self.buf_tokens += tokens.size - start
+                self.buf_docs += doc_ends.size - first_doc
+                return
+            end = int(doc_ends[j])
+            self.buf.append(tokens[start:end])
+            self.buf_tokens += end - start
+            self.buf_docs += j + 1 - first_doc
+            self.flush()
+            start, first_doc = end, j + 1
+
+    def flush(self) -> None:
+        if self.buf_tokens:
+            self.writer.add(np.concatenate(self.buf), self.buf_docs)
+        self.buf, self.buf_tokens, self.buf_docs = [], 0, 0
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--output {out}: not empty (pass --overwrite to replace a previous prepare-data)")
+        for f in out.iterdir():
+            if f.name in (INDEX_NAME, STATS_NAME) or (f.name.startswith("shard-") and f.suffix == ".tar"):
+                f.unlink()
+            else:
+                log.warning("--overwrite keeps %s (not a prepare-data file)", f)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_data(opts: PrepareOptions) -> dict:
+    """Run ``prepare-data``; returns the stats written to ``stats.json``."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    from data_pipeline.readers import file_kind
+    from data_pipeline.tokenizer import load_tokenizer
+
+    if opts.member_tokens < MIN_MEMBER_TOKENS:
+        raise ConfigError(f"--member-tokens {opts.member_tokens}: must be at least {MIN_MEMBER_TOKENS}")
+    if opts.workers < 1:
+        raise ConfigError(f"--workers {opts.workers}: must be at least 1")
+    tok = load_tokenizer(opts.tokenizer)  # validates the tokenizer before any work
+    files = expand_inputs(opts.inputs)
+    for f in files:
+        file_kind(f)
+    out = Path(opts.output)
+    _prepare_output(out, opts.overwrite)
+    log.info("prepare-data %s: %d files -> %s (tokenizer %s, %d workers)", opts.source, len(files), out,
+             opts.tokenizer, opts.workers)
+    t0 = time.perf_counter()
+    writer = ShardWriter(out, opts.shard_bytes)
+    packer = _Packer(writer, opts.member_tokens)
+    docs = tokens = text_bytes = empty = 0
+    tasks = [(str(f), opts.text_field) for f in files]
+    total_in = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total_in, unit="B", unit_scale=True, desc=f"prepare {opts.source}", disable=not opts.progress)
+    with ProcessPoolExecutor(opts.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(opts.tokenizer,)) as pool:
+        for path, toks, doc_ends, nbytes, nempty in pool.map(_tokenize_file, tasks, chunksize=1):
+            packer.add_file(toks, doc_ends)
+            docs += doc_ends.size
+            tokens += toks.size
+            text_bytes += nbytes
+            empty += nempty
+            bar.update(Path(path).stat().st_size)
+    packer.flush()
+    bar.close()
+    if tokens == 0:
+        raise DataError(f"--input {' '.join(opts.inputs)}: no non-empty documents")
+    index = writer.finish(tok.dtype, tok.eos_id)
+    seconds = time.perf_counter() - t0
+    stats = {"source": opts.source, "documents": docs, "empty_documents_skipped": empty, "tokens": tokens,
+             "text_bytes": text_bytes, "input_files": len(files), "input_bytes": total_in,
+             "members": len(index["members"]["name"]), "shards": len(index["shards"]),
+             "tokenizer": tok.describe(), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+             "dtype": index["dtype"], "member_tokens": opts.member_tokens}
+    write_json_atomic(out / STATS_NAME, stats)
+    write_json_atomic(out / INDEX_NAME, index)  # last: its presence marks a complete output
+    log.info("prepare-data %s: %d docs, %d tokens, %d members in %d shards, %.1f s (%.1f MB/s text, %.0f tok/s)",
+             opts.source, docs, tokens, stats["members"], stats["shards"], seconds,
+             text_bytes / 1e6 / seconds, tokens / seconds)
+    if empty:
+        log.warning("prepare-data %s: skipped %d empty documents", opts.source, empty)
+    return stats

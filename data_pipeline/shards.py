@@ -1,0 +1,201 @@
+"""On-disk format of one source: webdataset tar shards of zstd token members, an index and stats.
+
+A source directory written by ``prepare-data`` holds::
+
+    shard-000000.tar ...   plain tar files (``tar -t`` lists them, ``webdataset.WebDataset`` reads them);
+                           member ``<8-digit id>.tokens.zst`` = zstd frame (with checksum) of a
+                           little-endian token array holding whole documents, each followed by EOS
+    index.json             dtype, EOS id, shard sizes and, per member, shard/offset/size/tokens/docs,
+                           so a reader seeks straight to any member without scanning a tar
+    stats.json             source, documents, tokens, tokenizer, vocab size (see ``prepare.py``)
+
+Document boundaries are the EOS tokens: the tokenizers never emit EOS inside a document (``prepare``
+checks it), so a reader finds every boundary without a separate table.
+
+``index.json`` is written last: a directory without it is an interrupted ``prepare-data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data_pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hybrid-megatron-tokens/1"
+MEMBER_EXT = "tokens.zst"
+INDEX_NAME = "index.json"
+STATS_NAME = "stats.json"
+_BLOCK = 512  # tar block size
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+class ShardWriter:
+    """Appends compressed members to numbered tar shards through ``webdataset.TarWriter``.
+
+    Members are written with a fixed mtime/owner so that the same inputs give the same bytes.
+    """
+
+    def __init__(self, out_dir: Path, shard_bytes: int, zstd_level: int = 3):
+        self.out_dir = out_dir
+        self.shard_bytes = shard_bytes
+        self._compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
+        self._writer = None
+        self._shard = -1
+        self.shards: list[dict] = []
+        self.members: dict[str, list] = {k: [] for k in ("shard", "name", "offset", "size", "tokens", "docs")}
+
+    def _open_next(self) -> None:
+        import webdataset as wds
+
+        self._close_current()
+        self._shard += 1
+        self._path = self.out_dir / shard_name(self._shard)
+        self._writer = wds.TarWriter(str(self._path), encoder=False, mtime=0, user="data", group="data",
+                                     mode=0o444)
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self.shards.append({"name": self._path.name, "bytes": self._path.stat().st_size})
+            self._writer = None
+
+    def add(self, tokens: np.ndarray, num_docs: int) -> None:
+        """Compress ``tokens`` (whole documents, EOS-terminated) into the next member."""
+        payload = self._compressor.compress(np.ascontiguousarray(tokens).astype(tokens.dtype.newbyteorder("<"),
+                                                                                 copy=False).tobytes())
+        if self._writer is None or self._writer.tarstream.offset >= self.shard_bytes:
+            self._open_next()
+        key = f"{len(self.members['name']):08d}"
+        self._writer.write({"__key__": key, MEMBER_EXT: payload})
+        # the data of the member just written ends at the stream offset, padded to a whole block
+        padded = -(-len(payload) // _BLOCK) * _BLOCK
+        offset = self._writer.tarstream.offset - padded
+        for k, v in (("shard", self._shard), ("name", f"{key}.{MEMBER_EXT}"), ("offset", offset),
+                     ("size", len(payload)), ("tokens", int(tokens.size)), ("docs", num_docs)):
+            self.members[k].append(v)
+
+    def finish(self, dtype: np.dtype, eos_id: int) -> dict:
+        """Close the last shard and return the index mapping (the caller writes it)."""
+        self._close_current()
+        return {"format": FORMAT, "dtype": np.dtype(dtype).newbyteorder("<").str, "eos_id": eos_id,
+                "shards": self.shards, "members": self.members}
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class SourceIndex:
+    """The index of one source directory, validated against the shard files on disk."""
+
+    root: Path
+    dtype: np.dtype
+    eos_id: int
+    shard_paths: list[Path]
+    member_shard: np.ndarray
+    member_name: list[str]
+    member_offset: np.ndarray
+    member_size: np.ndarray
+    member_tokens: np.ndarray
+    stats: dict
+    fingerprint: str
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_name)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.member_tokens.sum())
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, label: str = "") -> SourceIndex:
+        """Read ``index.json``/``stats.json`` and check every shard exists with the recorded size."""
+        root = Path(root)
+        what = f"source {label} ({root})" if label else f"source {root}"
+        if not root.is_dir():
+            raise DataError(f"{what}: directory does not exist")
+        index_path = root / INDEX_NAME
+        if not index_path.is_file():
+            raise DataError(f"{what}: no {INDEX_NAME} (not a prepare-data output, or it was interrupted)")
+        raw = index_path.read_bytes()
+        try:
+            index = json.loads(raw)
+            stats = json.loads((root / STATS_NAME).read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{what}: unreadable {INDEX_NAME}/{STATS_NAME}: {exc}") from None
+        if index.get("format") != FORMAT:
+            raise DataError(f"{what}: {INDEX_NAME} has format {index.get('format')!r}, expected {FORMAT!r}")
+        shard_paths = []
+        for shard in index["shards"]:
+            path = root / shard["name"]
+            if not path.is_file():
+                raise DataError(f"{path}: shard listed in {INDEX_NAME} is missing")
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                raise DataError(f"{path}: shard is {size} bytes, index says {shard['bytes']} (truncated or rewritten)")
+            shard_paths.append(path)
+        m = index["members"]
+        if not m["name"]:
+            raise DataError(f"{what}: has no members (empty corpus)")
+        return cls(root=root, dtype=np.dtype(index["dtype"]), eos_id=int(index["eos_id"]), shard_paths=shard_paths,
+                   member_shard=np.asarray(m["shard"], np.int64), member_name=list(m["name"]),
+                   member_offset=np.asarray(m["offset"], np.int64), member_size=np.asarray(m["size"], np.int64),
+                   member_tokens=np.asarray(m["tokens"], np.int64), stats=stats,
+                   fingerprint=hashlib.sha256(raw).hexdigest()[:16])
+
+
+class MemberReader:
+    """Reads and decompresses single members by index entry; keeps shard files open."""
+
+    def __init__(self, index: SourceIndex):
+        self.index = index
+        self._files: dict[int, object] = {}
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def _file(self, shard: int):
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.index.shard_paths[shard], "rb")  # noqa: SIM115 (kept open)
+        return f
+
+    def read(self, member: int) -> np.ndarray:
+        """Return the token array of ``member``; DataError naming shard and member on any damage."""
+        ix = self.index
+        shard = int(ix.member_shard[member])
+        where = f"{ix.shard_paths[shard]}: member {ix.member_name[member]}"
+        f = self._file(shard)
+        f.seek(int(ix.member_offset[member]))
+        size = int(ix.member_size[member])
+        blob = f.read(size)
+        if len(blob) != size:
+            raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
+        expected = int(ix.member_tokens[member]) * ix.dtype.itemsize
+        try:
+            data = self._dctx.decompress(blob, max_output_size=expected)
+        except zstandard.ZstdError as exc:
+            raise DataError(f"{where}: corrupt zstd data ({exc})") from None
+        if len(data) != expected:
+            raise DataError(f"{where}: decompressed to {len(data)} bytes, index says {expected}")
+        return np.frombuffer(data, dtype=ix.dtype)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
