@@ -11,7 +11,9 @@ A step belongs to one phase; the phase moves on once the tokens it delivered rea
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +25,10 @@ class SeqLenCurriculum:
     """Sequence length as a function of tokens delivered, through DeepSpeed's scheduler."""
 
     def __init__(self, cfg: CurriculumConfig):
-        # import only this module path: the rest of deepspeed is not needed
-        from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
+        # import only this module path; deepspeed's import-time log lines go to stdout, which
+        # `data audit` reserves for JSON, so they are sent to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
 
         if cfg.schedule == "fixed_discrete":
             schedule_config = {"difficulty": list(cfg.seq_lens), "max_step": list(cfg.max_tokens)}
