@@ -1,0 +1,123 @@
+"""What can go to (and come from) NemotronH, checked before anything is written.
+
+Each blocking problem is one line naming the option; all of a model's problems are reported together
+in one ``ConfigError`` (exit 2). Differences that only shift numerics slightly and that the user may
+accept (an HF model trained with HF's dt clamp, say) are logged as warnings on import, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.model import pattern as pat
+
+if TYPE_CHECKING:
+    from hybrid_megatron.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MEGATRON_GATED_NORM_EPS = 1e-5  # MambaMixer builds its gated RMSNorm with eps=1e-5, whatever the config says
+EXPORTABLE_SYMBOLS = (pat.MAMBA, pat.ATTENTION, pat.MLP)
+
+
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """Every reason this model cannot be written as NemotronH, one line each (empty: exportable)."""
+    problems = []
+    if cfg.normalization != "RMSNorm":
+        problems.append(f"normalization={cfg.normalization}: NemotronH uses RMSNorm")
+    if cfg.add_bias_linear:
+        problems.append("add_bias_linear=true: NemotronH's linear layers have no bias")
+    if cfg.activation != "squared_relu":
+        gated = " (gated)" if cfg.activation == "swiglu" else ""
+        problems.append(f"activation={cfg.activation}{gated}: NemotronH's MLP is non-gated relu2 (squared_relu)")
+    if cfg.position_embedding_type != "none":
+        problems.append(f"position_embedding_type={cfg.position_embedding_type}: NemotronH has no RoPE")
+    if cfg.tie_embeddings:
+        problems.append("tie_embeddings=true: NemotronH keeps embeddings and lm_head separate")
+    for pos, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
+        if symbol not in EXPORTABLE_SYMBOLS:
+            name = pat.LAYER_SYMBOLS.get(symbol, "unknown")
+            problems.append(f"hybrid_layer_pattern: symbol {symbol!r} ({name}) at layer {pos} has no NemotronH mapping")
+            break
+    has_mamba = pat.MAMBA in cfg.hybrid_layer_pattern
+    if has_mamba and cfg.norm_epsilon != MEGATRON_GATED_NORM_EPS:
+        problems.append(
+            f"norm_epsilon={cfg.norm_epsilon}: NemotronH uses one epsilon for the block norms and the Mamba gated "
+            f"norm, which megatron fixes at {MEGATRON_GATED_NORM_EPS}"
+        )
+    return problems
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    problems = export_problems(cfg)
+    if problems:
+        raise ConfigError("cannot export to NemotronH: " + "; ".join(problems))
+
+
+_HF_LAYER_SYMBOLS = {"linear_attention": pat.MAMBA, "full_attention": pat.ATTENTION, "mlp": pat.MLP, "moe": pat.MOE}
+
+
+def hf_pattern(hf: dict[str, Any]) -> str:
+    """The layer pattern of an HF NemotronH config (``hybrid_override_pattern`` or ``layers_block_type``)."""
+    if hf.get("layers_block_type"):
+        types = hf["layers_block_type"]
+        unknown = sorted({t for t in types if t not in _HF_LAYER_SYMBOLS})
+        if unknown:
+            raise ConfigError(f"layers_block_type: unknown layer type {unknown[0]!r}")
+        return "".join(_HF_LAYER_SYMBOLS[t] for t in types)
+    if hf.get("hybrid_override_pattern"):
+        return str(hf["hybrid_override_pattern"])
+    raise ConfigError("config.json has neither hybrid_override_pattern nor layers_block_type")
+
+
+def import_problems(hf: dict[str, Any]) -> list[str]:
+    """Every reason an HF NemotronH config cannot become our megatron model, one line each."""
+    problems = []
+    if hf.get("model_type") != "nemotron_h":
+        problems.append(f"model_type={hf.get('model_type')!r}: only nemotron_h converts")
+        return problems
+    pattern = hf_pattern(hf)
+    for pos, symbol in enumerate(pattern):
+        if symbol not in EXPORTABLE_SYMBOLS:
+            problems.append(f"hybrid_override_pattern: symbol {symbol!r} at layer {pos} (MoE) is not supported yet")
+            break
+    wanted = {
+        "mlp_hidden_act": "relu2",
+        "mamba_hidden_act": "silu",
+        "use_bias": False,
+        "mamba_proj_bias": False,
+        "mlp_bias": False,
+        "attention_bias": False,
+        "use_conv_bias": True,
+        "tie_word_embeddings": False,
+    }
+    for key, value in wanted.items():
+        if key in hf and hf[key] != value:
+            problems.append(f"{key}={hf[key]!r}: megatron's hybrid model needs {value!r}")
+    if hf.get("num_nextn_predict_layers", 0):
+        problems.append(f"num_nextn_predict_layers={hf['num_nextn_predict_layers']}: MTP layers are not supported")
+    return problems
+
+
+def check_importable(hf: dict[str, Any]) -> None:
+    problems = import_problems(hf)
+    if problems:
+        raise ConfigError("cannot import this NemotronH model: " + "; ".join(problems))
+    pattern = hf_pattern(hf)
+    eps = float(hf.get("layer_norm_epsilon", 1e-5))
+    if pat.MAMBA in pattern and eps != MEGATRON_GATED_NORM_EPS:
+        log.warning(
+            "layer_norm_epsilon=%s: the HF model uses it in the Mamba gated norm too, megatron uses %s there: "
+            "outputs will differ slightly",
+            eps,
+            MEGATRON_GATED_NORM_EPS,
+        )
+    dt_min = float(hf.get("time_step_min", 1e-3))
+    if pat.MAMBA in pattern and dt_min > 1e-30:
+        log.warning(
+            "time_step_min=%s: HF clamps dt at this floor, megatron does not clamp: outputs differ wherever "
+            "softplus(dt) falls below it",
+            dt_min,
+        )

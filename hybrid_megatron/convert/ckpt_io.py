@@ -1,0 +1,196 @@
+"""Reading and writing our torch_dist checkpoints on CPU, without building a megatron model.
+
+Reading goes through ``torch.distributed.checkpoint`` directly: the ``.metadata`` file lists every
+key with its global shape and dtype, and a load of one key reads only that tensor's bytes, so a
+conversion holds one tensor group in memory at a time. Writing goes through megatron's own
+``dist_checkpointing.save`` (single process, gloo), with the same ShardedTensor layout the model's
+``sharded_state_dict`` produces, so ``pretrain`` loads the result at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from data_pipeline.errors import ConfigError, DataError
+from hybrid_megatron.config_io import build
+
+if TYPE_CHECKING:
+    import torch
+
+    from hybrid_megatron.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+RUN_CONFIG = "run_config.yaml"
+TRAIN_STATE = "train_state.json"
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """A step dir (has ``.metadata``), or a save dir whose ``latest`` names one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such checkpoint directory")
+    if (path / ".metadata").is_file():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        step = path / pointer.read_text().strip()
+        if not (step / ".metadata").is_file():
+            raise DataError(f"{pointer} names {step.name!r}, which is not a complete torch_dist checkpoint")
+        return step
+    raise ConfigError(f"{path}: not a checkpoint (neither a step dir with .metadata nor a save dir with '{LATEST}')")
+
+
+def load_model_config(step_dir: Path) -> ModelConfig:
+    """The ``model:`` section of the checkpoint's ``run_config.yaml``."""
+    from hybrid_megatron.config import ModelConfig
+
+    path = step_dir / RUN_CONFIG
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the converter needs the model section the run was trained with")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise DataError(f"{path} has no 'model:' section")
+    return build(ModelConfig, raw["model"], "model")
+
+
+class CheckpointReader:
+    """Per-key reads of a torch_dist checkpoint's global tensors."""
+
+    def __init__(self, step_dir: Path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.step_dir = step_dir
+        self._reader = dcp.FileSystemReader(str(step_dir))
+        metadata = self._reader.read_metadata()
+        self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            key: (tuple(meta.size), meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata)
+        }
+
+    def read(self, keys: tuple[str, ...] | list[str]) -> list[torch.Tensor]:
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        missing = [k for k in keys if k not in self.tensors]
+        if missing:
+            raise DataError(f"{self.step_dir}: checkpoint has no tensor {missing[0]!r}")
+        out = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
+        dcp.load(out, storage_reader=self._reader, no_dist=True)
+        return [out[k] for k in keys]
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A world of one (gloo) for megatron's save, unless the caller already set one up."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def cpu_only_save_patches():
+    """megatron-core 0.19's sync save calls ``torch.cuda.synchronize()`` after staging tensors to host and
+    builds its failure flag on ``torch.cuda.current_device()``. With CPU tensors and no GPU both are
+    meaningless, so they become no-op / "cpu" for the duration of the save only."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
+def sharded_model_state(tensors: dict[str, torch.Tensor], dims) -> dict[str, Any]:
+    """ShardedTensors for a TP=1 world of one, laid out as ``MambaMixer.sharded_state_dict`` lays them.
+
+    ``tensors`` uses the stored keys; the split Mamba keys (``in_proj.weight.z`` ...) are regrouped and
+    saved through megatron's own split factory, exactly like a training save at TP=1.
+    """
+    import torch
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.ssm.utils import _split_tensor_factory
+
+    from hybrid_megatron.convert.mapping import CONV_PARTS, IN_PROJ_PARTS
+
+    split = {  # suffix of the stored sub-keys -> (parts, sizes)
+        "in_proj.weight": (IN_PROJ_PARTS, dims.in_proj_sizes),
+        "conv1d.weight": (CONV_PARTS, dims.conv_sizes),
+        "conv1d.bias": (CONV_PARTS, dims.conv_sizes),
+    }
+    state: dict[str, Any] = {}
+    done: set[str] = set()
+    for key in tensors:
+        if key in done:
+            continue
+        base, _, part = key.rpartition(".")
+        stem = next((s for s in split if base.endswith(".mixer." + s)), None)
+        if stem is None:
+            state[key] = ShardedTensor.from_rank_offsets(key, tensors[key], replica_id=0)
+            done.add(key)
+            continue
+        parts, sizes = split[stem]
+        keys = [f"{base}.{p}" for p in parts]
+        full = torch.cat([tensors[k] for k in keys], dim=0)
+        state[base] = _split_tensor_factory(
+            ShardedTensor.from_rank_offsets(base, full, replica_id=0), list(sizes), list(parts), 0
+        )
+        done.update(keys)
+    return state
+
+
+def save_torch_dist(step_dir: Path, state: dict[str, Any]) -> None:
+    """megatron ``dist_checkpointing.save`` (torch_dist backend) of a sharded state dict, on CPU."""
+    from megatron.core import dist_checkpointing
+
+    step_dir.mkdir(parents=True, exist_ok=False)
+    with single_process_group(), cpu_only_save_patches():
+        dist_checkpointing.save(state, str(step_dir))
+
+
+def write_step_files(step_dir: Path, model_section: dict, train_state: dict) -> None:
+    (step_dir / RUN_CONFIG).write_text(yaml.safe_dump({"model": model_section}, sort_keys=False))
+    (step_dir / TRAIN_STATE).write_text(json.dumps(train_state) + "\n")
+
+
+def point_latest(save_dir: Path, step_dir: Path) -> None:
+    """Repoints ``latest`` by temp file + rename (a reader never sees a half-written pointer)."""
+    tmp = save_dir / f".{LATEST}.tmp"
+    tmp.write_text(step_dir.name + "\n")
+    os.replace(tmp, save_dir / LATEST)

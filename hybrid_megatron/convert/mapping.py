@@ -1,0 +1,242 @@
+"""Tensor mapping between megatron-core's hybrid checkpoint keys and Hugging Face NemotronH.
+
+Pure tensor code: no files, no process groups. Each ``TensorGroup`` names the megatron keys and the
+HF keys that hold the same weights, with the two functions that turn one list into the other; both
+directions are exact (splits, concatenations and reshapes only, never arithmetic).
+
+megatron side (torch_dist stores global tensors, whatever TP/PP they were saved with):
+  * TE names: each pre-norm is fused into the following linear as ``layer_norm_weight``.
+  * ``mixer.in_proj.weight`` is stored as five sub-keys ``.z .x .B .C .dt`` and ``mixer.conv1d.{weight,bias}``
+    as ``.x .B .C`` (``MambaMixer.sharded_state_dict`` splits each TP rank's [z_r|x_r|B_r|C_r|dt_r] block per
+    component, so every sub-key is the global component). Concatenating the rank blocks naively would
+    interleave components: never do that.
+  * ``self_attention.linear_qkv.weight`` rows are grouped per query group g: [q_g (np/ng heads) | k_g | v_g].
+  * Layer indices in the keys are global (``HybridStack`` uses ``layer_number - 1``), so PP does not show.
+
+Legend for shapes: H hidden, D d_inner (mamba heads x head dim), G groups x state dim, h mamba heads,
+K conv kernel, np/ng query heads/groups, hn attention head dim, F ffn hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hybrid_megatron.model import pattern as pat
+
+if TYPE_CHECKING:
+    import torch
+
+    from hybrid_megatron.config import ModelConfig
+
+HF_PREFIX = "backbone."  # the prefix NVIDIA's checkpoints use; transformers >= 5 renames it to "model." on load
+HF_PREFIXES = ("backbone.", "model.")  # accepted when reading an HF checkpoint
+IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
+CONV_PARTS = ("x", "B", "C")
+SSM_FP32_NAMES = ("A_log", "D", "dt_bias")  # kept fp32 in training and in checkpoints
+
+
+@dataclass(frozen=True, slots=True)
+class Dims:
+    """The sizes the mapping needs, derived once from the model config."""
+
+    hidden: int
+    d_inner: int
+    bc: int  # groups x state dim: rows of B (and of C)
+    mamba_heads: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Dims:
+        return cls(
+            hidden=cfg.hidden_size,
+            d_inner=cfg.mamba_d_inner,
+            bc=cfg.mamba_num_groups * cfg.mamba_state_dim,
+            mamba_heads=cfg.num_mamba_heads,
+            heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+        )
+
+    @property
+    def in_proj_sizes(self) -> tuple[int, ...]:
+        return (self.d_inner, self.d_inner, self.bc, self.bc, self.mamba_heads)
+
+    @property
+    def conv_sizes(self) -> tuple[int, ...]:
+        return (self.d_inner, self.bc, self.bc)
+
+
+Fn = Callable[[list["torch.Tensor"]], list["torch.Tensor"]]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorGroup:
+    """Megatron keys and HF keys holding the same weights, and the exact maps between them."""
+
+    meg_keys: tuple[str, ...]
+    hf_keys: tuple[str, ...]
+    to_hf: Fn
+    to_megatron: Fn
+    kind: str = "plain"  # "plain" | "vocab" (rows padded in megatron) | "ssm_fp32" (stored fp32)
+
+
+def _identity(tensors: list) -> list:
+    return list(tensors)
+
+
+def _concat(tensors: list) -> list:
+    import torch
+
+    return [torch.cat(tensors, dim=0)]
+
+
+def _splitter(sizes: tuple[int, ...]) -> Fn:
+    def split(tensors: list) -> list:
+        (full,) = tensors
+        if full.shape[0] != sum(sizes):
+            raise ValueError(f"expected {sum(sizes)} rows to split into {sizes}, got shape {tuple(full.shape)}")
+        return [part.contiguous() for part in full.split(list(sizes), dim=0)]
+
+    return split
+
+
+def _qkv_maps(d: Dims) -> tuple[Fn, Fn]:
+    per_group = d.heads // d.kv_heads  # query heads per group
+
+    def to_hf(tensors: list) -> list:
+        (qkv,) = tensors  # [ng * (np/ng + 2) * hn, H]
+        w = qkv.view(d.kv_heads, per_group + 2, d.head_dim, -1)
+        q = w[:, :per_group].reshape(d.heads * d.head_dim, -1)
+        k = w[:, per_group].reshape(d.kv_heads * d.head_dim, -1)
+        v = w[:, per_group + 1].reshape(d.kv_heads * d.head_dim, -1)
+        return [q.contiguous(), k.contiguous(), v.contiguous()]
+
+    def to_megatron(tensors: list) -> list:
+        import torch
+
+        q, k, v = tensors
+        q = q.view(d.kv_heads, per_group, d.head_dim, -1)
+        k = k.view(d.kv_heads, 1, d.head_dim, -1)
+        v = v.view(d.kv_heads, 1, d.head_dim, -1)
+        return [torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1]).contiguous()]
+
+    return to_hf, to_megatron
+
+
+def _one(meg: str, hf: str, kind: str = "plain") -> TensorGroup:
+    return TensorGroup((meg,), (hf,), _identity, _identity, kind)
+
+
+def layer_groups(i: int, symbol: str, d: Dims) -> list[TensorGroup]:
+    """The groups of layer ``i`` (global index, pipeline cuts removed)."""
+    meg, hf = f"decoder.layers.{i}.", f"{HF_PREFIX}layers.{i}."
+    if symbol == pat.MAMBA:
+        m, h = meg + "mixer.", hf + "mixer."
+        return [
+            _one(m + "in_proj.layer_norm_weight", hf + "norm.weight"),
+            TensorGroup(
+                tuple(f"{m}in_proj.weight.{p}" for p in IN_PROJ_PARTS),  # [D|D|G|G|h, H]
+                (h + "in_proj.weight",),
+                _concat,
+                _splitter(d.in_proj_sizes),
+            ),
+            TensorGroup(
+                tuple(f"{m}conv1d.weight.{p}" for p in CONV_PARTS),  # [D|G|G, 1, K]
+                (h + "conv1d.weight",),
+                _concat,
+                _splitter(d.conv_sizes),
+            ),
+            TensorGroup(
+                tuple(f"{m}conv1d.bias.{p}" for p in CONV_PARTS), (h + "conv1d.bias",), _concat, _splitter(d.conv_sizes)
+            ),
+            *(_one(m + name, h + name, "ssm_fp32") for name in SSM_FP32_NAMES),  # [h]
+            _one(m + "norm.weight", h + "norm.weight"),  # gated RMSNorm [D]
+            _one(m + "out_proj.weight", h + "out_proj.weight"),  # [H, D]
+        ]
+    if symbol == pat.ATTENTION:
+        a, h = meg + "self_attention.", hf + "mixer."
+        qkv_to_hf, qkv_to_meg = _qkv_maps(d)
+        return [
+            _one(a + "linear_qkv.layer_norm_weight", hf + "norm.weight"),
+            TensorGroup(
+                (a + "linear_qkv.weight",),
+                (h + "q_proj.weight", h + "k_proj.weight", h + "v_proj.weight"),
+                qkv_to_hf,
+                qkv_to_meg,
+            ),
+            _one(a + "linear_proj.weight", h + "o_proj.weight"),
+        ]
+    if symbol == pat.MLP:
+        p, h = meg + "mlp.", hf + "mixer."
+        return [
+            _one(p + "linear_fc1.layer_norm_weight", hf + "norm.weight"),
+            _one(p + "linear_fc1.weight", h + "up_proj.weight"),  # [F, H]
+            _one(p + "linear_fc2.weight", h + "down_proj.weight"),  # [H, F]
+        ]
+    raise ValueError(f"no NemotronH mapping for layer symbol {symbol!r}")
+
+
+def model_groups(cfg: ModelConfig) -> list[TensorGroup]:
+    """Every group of the model, in HF order: embeddings, layers, final norm, lm_head."""
+    d = Dims.of(cfg)
+    groups = [_one("embedding.word_embeddings.weight", HF_PREFIX + "embeddings.weight", "vocab")]
+    for i, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
+        groups.extend(layer_groups(i, symbol, d))
+    groups.append(_one("decoder.final_norm.weight", HF_PREFIX + "norm_f.weight"))
+    groups.append(_one("output_layer.weight", "lm_head.weight", "vocab"))
+    return groups
+
+
+def expected_megatron_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """The global shape of every megatron model key (what a training checkpoint holds)."""
+    d, k = Dims.of(cfg), cfg.mamba_conv_kernel
+    shapes: dict[str, tuple[int, ...]] = {
+        "embedding.word_embeddings.weight": (padded_vocab, d.hidden),
+        "decoder.final_norm.weight": (d.hidden,),
+        "output_layer.weight": (padded_vocab, d.hidden),
+    }
+    qkv_rows = (d.heads + 2 * d.kv_heads) * d.head_dim
+    for i, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
+        base = f"decoder.layers.{i}."
+        if symbol == pat.MAMBA:
+            m = base + "mixer."
+            shapes[m + "in_proj.layer_norm_weight"] = (d.hidden,)
+            for part, rows in zip(IN_PROJ_PARTS, d.in_proj_sizes):
+                shapes[f"{m}in_proj.weight.{part}"] = (rows, d.hidden)
+            for part, rows in zip(CONV_PARTS, d.conv_sizes):
+                shapes[f"{m}conv1d.weight.{part}"] = (rows, 1, k)
+                shapes[f"{m}conv1d.bias.{part}"] = (rows,)
+            for name in SSM_FP32_NAMES:
+                shapes[m + name] = (d.mamba_heads,)
+            shapes[m + "norm.weight"] = (d.d_inner,)
+            shapes[m + "out_proj.weight"] = (d.hidden, d.d_inner)
+        elif symbol == pat.ATTENTION:
+            a = base + "self_attention."
+            shapes[a + "linear_qkv.layer_norm_weight"] = (d.hidden,)
+            shapes[a + "linear_qkv.weight"] = (qkv_rows, d.hidden)
+            shapes[a + "linear_proj.weight"] = (d.hidden, d.heads * d.head_dim)
+        elif symbol == pat.MLP:
+            p = base + "mlp."
+            shapes[p + "linear_fc1.layer_norm_weight"] = (d.hidden,)
+            shapes[p + "linear_fc1.weight"] = (cfg.ffn_hidden_size, d.hidden)
+            shapes[p + "linear_fc2.weight"] = (d.hidden, cfg.ffn_hidden_size)
+        else:
+            raise ValueError(f"no NemotronH mapping for layer symbol {symbol!r}")
+    return shapes
+
+
+def is_model_key(key: str) -> bool:
+    """Whether a checkpoint key belongs to the model's weights (not optimizer, RNG or loader state)."""
+    return key.startswith(("embedding.", "decoder.", "output_layer."))
+
+
+def strip_hf_prefix(key: str) -> str:
+    """Maps an HF key with either accepted prefix onto the one this module writes."""
+    for prefix in HF_PREFIXES:
+        if key.startswith(prefix):
+            return HF_PREFIX + key[len(prefix) :]
+    return key

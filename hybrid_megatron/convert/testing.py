@@ -1,0 +1,103 @@
+"""Helpers for the conversion tests: a tiny random NemotronH, and megatron checkpoints written at TP > 1.
+
+``save_tp_sharded`` writes what a real TP-sharded training save writes for the model: every rank
+contributes its own slice of each TP-split tensor through ``ShardedTensor.from_rank_offsets``, and the
+Mamba in_proj / conv1d slices go through megatron's split factory with per-rank component sizes, as in
+``MambaMixer.sharded_state_dict``. It runs inside an initialised process group of ``tp`` ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TINY_PATTERN = "M*-M-*M-"
+
+
+def tiny_hf_config(**overrides: Any) -> dict[str, Any]:
+    """A NemotronH config small enough for CPU tests, with GQA and vocab padding (250 -> 256)."""
+    cfg = {
+        "vocab_size": 250,
+        "hidden_size": 64,
+        "hybrid_override_pattern": TINY_PATTERN,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 96,
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "n_groups": 2,
+        "ssm_state_size": 16,
+        "conv_kernel": 4,
+        "chunk_size": 16,
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": False,
+        "time_step_min": 1.1754943508222875e-38,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def random_nemotron_h(seed: int = 0, **overrides: Any):
+    """A randomly initialised fp32 ``NemotronHForCausalLM`` whose every parameter is non-trivial."""
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(NemotronHConfig(**tiny_hf_config(**overrides))).eval()
+    with torch.no_grad():  # HF inits norms to ones and A_log/D deterministically: randomise all
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.empty_like(p).uniform_(1, 16)))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.empty_like(p).uniform_(-4, 0))
+            elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model
+
+
+def save_tp_sharded(step_dir: Path, tensors: dict, dims, tp_rank: int, tp_size: int) -> None:
+    """Saves global ``tensors`` (stored keys, TP=1 layout) as ``tp_size`` ranks would, this rank's part."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.ssm.utils import _split_tensor_factory
+
+    from hybrid_megatron.convert import ckpt_io
+    from hybrid_megatron.convert.mapping import CONV_PARTS, IN_PROJ_PARTS
+
+    def shard(t, axis):  # this rank's contiguous slice along ``axis``
+        return t.chunk(tp_size, dim=axis)[tp_rank].contiguous()
+
+    replicated = ("layer_norm_weight", "final_norm.weight")
+    row_parallel = ("linear_proj.weight", "linear_fc2.weight", "out_proj.weight")  # split along the input dim
+    state: dict[str, Any] = {}
+    done: set[str] = set()
+    for key, t in tensors.items():
+        if key in done:
+            continue
+        base, _, _ = key.rpartition(".")
+        if base.endswith(("in_proj.weight", "conv1d.weight", "conv1d.bias")) and ".mixer." in base:
+            parts = IN_PROJ_PARTS if base.endswith("in_proj.weight") else CONV_PARTS
+            locals_ = [shard(tensors[f"{base}.{p}"], 0) for p in parts]
+            local = torch.cat(locals_, dim=0)  # the rank's [z_r|x_r|B_r|C_r|dt_r] block, as in the live param
+            st = ShardedTensor.from_rank_offsets(base, local, (0, tp_rank, tp_size), replica_id=0)
+            state[base] = _split_tensor_factory(st, [x.shape[0] for x in locals_], list(parts), 0)
+            done.update(f"{base}.{p}" for p in parts)
+            continue
+        if key.endswith(replicated):
+            st = ShardedTensor.from_rank_offsets(key, t, replica_id=tp_rank)
+        elif key.endswith(row_parallel):
+            st = ShardedTensor.from_rank_offsets(key, shard(t, 1), (1, tp_rank, tp_size), replica_id=0)
+        else:  # column parallel: qkv (whole groups per rank), fc1, embeddings, output layer, per-head SSM params
+            st = ShardedTensor.from_rank_offsets(key, shard(t, 0), (0, tp_rank, tp_size), replica_id=0)
+        state[key] = st
+        done.add(key)
+    with ckpt_io.cpu_only_save_patches():
+        dist_checkpointing.save(state, str(step_dir))

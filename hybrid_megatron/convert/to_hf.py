@@ -1,0 +1,186 @@
+"""torch_dist checkpoint -> Hugging Face NemotronH directory, streamed, on CPU.
+
+Order of work: resolve the step dir, read its model section, refuse what NemotronH cannot express
+(before anything is written), check every expected key and shape against the checkpoint metadata, then
+stream tensor groups (read -> map -> cast -> write) into pre-planned safetensors shards, and finally
+write config.json, generation_config.json and the tokenizer. Peak memory is about one tensor group
+(the embedding or lm_head, as stored) plus its converted copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.errors import ConfigError, DataError
+from hybrid_megatron.convert import ckpt_io, mapping
+from hybrid_megatron.convert.checks import check_exportable
+from hybrid_megatron.convert.hf_config import to_hf_config
+from hybrid_megatron.convert.safetensors_stream import ShardWriter, plan_shards, write_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class ExportOptions:
+    dtype: str = "bf16"
+    """bf16 or fp32 for every tensor but A_log, D, dt_bias (always written fp32, as trained)."""
+    tokenizer: str | None = None
+    """A tokenizer dir or hub name whose files are copied in; its size sets the vocab when the config has none."""
+    overwrite: bool = False
+    keep_vocab_padding: bool = False
+    max_shard_bytes: int = 2 * 1024**3
+    progress: bool = True
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out_dir} exists and is not empty: pass --overwrite to replace its contents")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tokenizer {path}: cannot load a tokenizer there ({str(exc).splitlines()[0]})") from None
+
+
+def _resolve_vocab(cfg, padded: int, tokenizer, keep_padding: bool) -> int:
+    """Rows to write: the padded rows with ``keep_padding``, else the config's (or tokenizer's) vocab."""
+    vocab = cfg.vocab_size
+    if tokenizer is not None:
+        n = len(tokenizer)
+        if vocab is not None and n > vocab:
+            raise ConfigError(f"--tokenizer has {n} tokens but the model embeds only model.vocab_size={vocab}")
+        vocab = vocab if vocab is not None else n
+    if vocab is None and not keep_padding:
+        raise ConfigError(
+            "model.vocab_size is not stored in the checkpoint's run_config.yaml: pass --tokenizer (its size is "
+            "the vocab) or --keep-vocab-padding"
+        )
+    if vocab is not None and vocab > padded:
+        raise DataError(f"model.vocab_size={vocab} exceeds the checkpoint's {padded} embedding rows")
+    return padded if keep_padding else vocab
+
+
+def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> dict:
+    """Converts; returns a summary (paths, tensor count, bytes, seconds)."""
+    import torch
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    if opts.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"--dtype {opts.dtype}: must be bf16 or fp32")
+    step_dir = ckpt_io.resolve_step_dir(ckpt_dir)
+    cfg = ckpt_io.load_model_config(step_dir)
+    check_exportable(cfg)  # before anything is read or written
+    tokenizer = _load_tokenizer(opts.tokenizer) if opts.tokenizer else None
+
+    reader = ckpt_io.CheckpointReader(step_dir)
+    emb = reader.tensors.get("embedding.word_embeddings.weight")
+    if emb is None:
+        raise DataError(f"{step_dir}: no embedding.word_embeddings.weight: not a model checkpoint of this project")
+    padded = emb[0][0]
+    vocab = _resolve_vocab(cfg, padded, tokenizer, opts.keep_vocab_padding)
+    _check_keys(reader, cfg, padded, step_dir)
+
+    out_dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
+    groups = mapping.model_groups(cfg)
+    entries = []
+    for group in groups:
+        dtype = torch.float32 if group.kind == "ssm_fp32" else out_dtype
+        for shape, hf_key in zip(_hf_shapes(group, reader, vocab), group.hf_keys):
+            entries.append((hf_key, shape, dtype))
+    shards = plan_shards(entries, opts.max_shard_bytes)
+    by_key = {name: (i, dtype) for i, s in enumerate(shards) for name, _, dtype in s.entries}
+
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, opts.overwrite)
+    writers: dict[int, ShardWriter] = {}
+    bar = tqdm(total=sum(s.num_bytes for s in shards), unit="B", unit_scale=True, disable=not opts.progress,
+               desc="to-hf")
+    for group in groups:
+        hf_tensors = group.to_hf(reader.read(group.meg_keys))
+        for hf_key, tensor in zip(group.hf_keys, hf_tensors):
+            if group.kind == "vocab":
+                tensor = tensor[:vocab]
+            shard_idx, dtype = by_key[hf_key]
+            if shard_idx not in writers:
+                for done in [i for i in writers if i < shard_idx]:
+                    writers.pop(done).close()
+                writers[shard_idx] = ShardWriter(out_dir / shards[shard_idx].file_name, shards[shard_idx])
+            tensor = tensor.to(dtype)
+            writers[shard_idx].write(hf_key, tensor)
+            bar.update(tensor.numel() * tensor.element_size())
+        del hf_tensors
+    for writer in writers.values():
+        writer.close()
+    bar.close()
+    write_index(out_dir, shards)
+    _write_configs(out_dir, cfg, vocab, opts.dtype, tokenizer)
+    seconds = time.perf_counter() - start
+    summary = {"step_dir": str(step_dir), "out_dir": str(out_dir), "tensors": len(entries),
+               "bytes": sum(s.num_bytes for s in shards), "shards": len(shards), "vocab_size": vocab,
+               "seconds": round(seconds, 2)}
+    log.info("exported %s -> %s: %d tensors, %.1f MB in %d shard(s), %.1f s", step_dir, out_dir, len(entries),
+             summary["bytes"] / 1e6, len(shards), seconds)
+    return summary
+
+
+def _check_keys(reader: ckpt_io.CheckpointReader, cfg, padded: int, step_dir: Path) -> None:
+    """Every expected key with its global shape; no unknown model key (a weight we would drop)."""
+    expected = mapping.expected_megatron_shapes(cfg, padded)
+    for key, shape in expected.items():
+        if key not in reader.tensors:
+            raise DataError(f"{step_dir}: checkpoint lacks {key} (model.hybrid_layer_pattern={cfg.hybrid_layer_pattern!r})")
+        if reader.tensors[key][0] != shape:
+            raise DataError(
+                f"{step_dir}: {key} has shape {list(reader.tensors[key][0])}, the model section implies {list(shape)}"
+            )
+    unknown = sorted(k for k in reader.tensors if mapping.is_model_key(k) and k not in expected
+                     and not _empty_bias(k, reader.tensors[k][0]))
+    if unknown:
+        raise DataError(f"{step_dir}: model tensor {unknown[0]} has no NemotronH mapping ({len(unknown)} such keys)")
+    other = sorted({k.split(".")[0] for k in reader.tensors if not mapping.is_model_key(k)})
+    if other:
+        log.info("not exported (training state): tensors under %s", ", ".join(other))
+
+
+def _empty_bias(key: str, shape: tuple[int, ...]) -> bool:
+    # Transformer Engine registers a zero-size ``bias`` on linears built with bias=False
+    return key.endswith(".bias") and 0 in shape
+
+
+def _hf_shapes(group: mapping.TensorGroup, reader: ckpt_io.CheckpointReader, vocab: int) -> list[tuple[int, ...]]:
+    """The HF shapes of a group, from metadata alone (maps zero-size meta tensors, reads nothing)."""
+    import torch
+
+    metas = [torch.empty(reader.tensors[k][0], dtype=reader.tensors[k][1], device="meta") for k in group.meg_keys]
+    shapes = [tuple(t.shape) for t in group.to_hf(metas)]
+    if group.kind == "vocab":
+        shapes = [(vocab, *s[1:]) for s in shapes]
+    return shapes
+
+
+def _write_configs(out_dir: Path, cfg, vocab: int, dtype: str, tokenizer) -> None:
+    from transformers import GenerationConfig
+
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+        tokenizer.save_pretrained(str(out_dir))
+    config = to_hf_config(cfg, vocab_size=vocab, dtype=dtype, **ids)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(str(out_dir))
