@@ -1,0 +1,344 @@
+"""Run configuration: one dataclass per concern, loaded from YAML with dotlist overrides.
+
+A run is a YAML file (``configs/tiny.yaml``) whose top-level sections are the fields of
+``RunConfig``; ``load_run_config(path, overrides)`` applies ``section.key=value`` overrides, builds the
+tree and validates it. Each section checks its own fields in ``__post_init__``; checks that need two
+sections (TP against head counts, FP8 against layer sizes) live in ``RunConfig.__post_init__``. Every
+failure is a ``ConfigError`` whose message names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.config_io import apply_overrides, build, load_yaml
+from hybrid_megatron.model import pattern as pat
+
+
+def _positive(section: str, **values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name}={value}: must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    hybrid_layer_pattern: str
+    """Layers as symbols: M Mamba-2, * attention, - MLP; | cuts pipeline segments."""
+    hidden_size: int
+    ffn_hidden_size: int
+    """Width of the MLP layers' hidden activation."""
+    num_attention_heads: int
+    num_query_groups: int | None = None
+    """GQA key/value groups; None for multi-head attention."""
+    kv_channels: int | None = None
+    """Attention head dim; None for hidden_size // num_attention_heads."""
+    mamba_num_heads: int | None = None
+    """Mamba-2 heads; None for mamba_expand * hidden_size // mamba_head_dim."""
+    mamba_head_dim: int = 64
+    mamba_num_groups: int = 8
+    """B/C groups (the SSD analogue of GQA)."""
+    mamba_state_dim: int = 128
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_expand: int = 2
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    add_bias_linear: bool = False
+    activation: Literal["squared_relu", "swiglu", "gelu"] = "squared_relu"
+    position_embedding_type: Literal["none", "rope"] = "none"
+    rotary_base: int = 10000
+    tie_embeddings: bool = False
+    vocab_size: int | None = None
+    """Tokenizer vocabulary; None to take it from the data sources' stats.json."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times the TP size (megatron's rule)."""
+    init_method_std: float = 0.02
+    layer_spec: Literal["auto", "te", "local"] = "auto"
+    """te: Transformer Engine layers; local: megatron parallel layers + torch SDPA attention; auto: te if it imports."""
+
+    def __post_init__(self) -> None:
+        pat.validate_pattern(self.hybrid_layer_pattern)
+        _positive(
+            "model",
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            mamba_num_heads=self.mamba_num_heads,
+            mamba_head_dim=self.mamba_head_dim,
+            mamba_num_groups=self.mamba_num_groups,
+            mamba_state_dim=self.mamba_state_dim,
+            mamba_conv_kernel=self.mamba_conv_kernel,
+            mamba_chunk_size=self.mamba_chunk_size,
+            mamba_expand=self.mamba_expand,
+            vocab_size=self.vocab_size,
+            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
+            init_method_std=self.init_method_std,
+        )
+        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_query_groups={self.num_query_groups} does not divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} does not divide "
+                f"model.hidden_size={self.hidden_size}: set model.kv_channels"
+            )
+        if self.mamba_num_heads is None and (self.mamba_expand * self.hidden_size) % self.mamba_head_dim:
+            raise ConfigError(
+                f"model.mamba_head_dim={self.mamba_head_dim} does not divide mamba_expand * hidden_size = "
+                f"{self.mamba_expand * self.hidden_size}: set model.mamba_num_heads"
+            )
+        if self.num_mamba_heads % self.mamba_num_groups:
+            raise ConfigError(
+                f"model.mamba_num_groups={self.mamba_num_groups} does not divide the "
+                f"{self.num_mamba_heads} Mamba heads"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def num_mamba_heads(self) -> int:
+        return self.mamba_num_heads or self.mamba_expand * self.hidden_size // self.mamba_head_dim
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.num_mamba_heads * self.mamba_head_dim
+
+    @property
+    def num_layers(self) -> int:
+        return len(pat.layers(self.hybrid_layer_pattern))
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    """Shard norms/dropout activations over the sequence across TP ranks (needs TP > 1)."""
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(
+            "parallel",
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+        )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+
+
+@dataclass(kw_only=True, slots=True)
+class PrecisionConfig:
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Parameter and activation dtype (FP8 GEMMs come on top of bf16)."""
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """FP8 format through Transformer Engine; None for no FP8."""
+    fp8_recipe: Literal["tensorwise", "delayed"] = "tensorwise"
+    """Per-tensor scaling: tensorwise (current scaling) or delayed (amax history)."""
+    fp8_amax_history_len: int = 1024
+    """delayed recipe only."""
+    fp8_bf16_layers_at_start: int = 0
+    """Pattern layers kept in BF16 at the start of the stack (0 = none)."""
+    fp8_bf16_layers_at_end: int = 0
+    fp32_ssm_params: bool = True
+    """Keep A_log, D and dt_bias in fp32 through the bf16 wrap, the optimizer and checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.fp8 is None:
+            return
+        if self.dtype != "bf16":
+            raise ConfigError(f"precision.fp8={self.fp8} needs precision.dtype=bf16, got {self.dtype}")
+        if min(self.fp8_bf16_layers_at_start, self.fp8_bf16_layers_at_end) < 0:
+            raise ConfigError("precision.fp8_bf16_layers_at_start/end must be >= 0")
+        if self.fp8_recipe == "delayed" and (self.fp8_bf16_layers_at_start or self.fp8_bf16_layers_at_end):
+            raise ConfigError(
+                "precision.fp8_recipe=delayed cannot keep layers in BF16 (megatron-core forbids it): "
+                "set precision.fp8_bf16_layers_at_start/end to 0 or use fp8_recipe=tensorwise"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr, adam_eps=self.adam_eps)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError("optim.weight_decay and optim.clip_grad must be >= 0 (clip_grad 0 disables clipping)")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    lr_decay_style: Literal["cosine", "WSD", "linear", "constant"] = "cosine"
+    lr_warmup_steps: int = 100
+    wsd_decay_fraction: float = 0.1
+    """WSD only: share of the pretraining steps spent decaying."""
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    anneal_peak_lr_fraction: float = 0.75
+    """Annealing phase (a data phase with replay): LR re-warms to this share of optim.lr ..."""
+    anneal_warmup_steps: int = 100
+    """... over this many steps, then decays to zero over the rest of the phase."""
+
+    def __post_init__(self) -> None:
+        if self.lr_warmup_steps < 0 or self.anneal_warmup_steps < 0:
+            raise ConfigError("schedule.lr_warmup_steps and schedule.anneal_warmup_steps must be >= 0")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ConfigError(f"schedule.wsd_decay_fraction={self.wsd_decay_fraction}: must be in (0, 1]")
+        if not 0 < self.anneal_peak_lr_fraction <= 1:
+            raise ConfigError(f"schedule.anneal_peak_lr_fraction={self.anneal_peak_lr_fraction}: must be in (0, 1]")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 1
+    """Sequences per micro-batch at the data's longest sequence length; shorter curriculum lengths get
+    proportionally more, so a micro-batch holds a constant number of tokens."""
+    train_steps: int | None = None
+    """None: the run length the data phases define."""
+    exit_after_steps: int | None = None
+    """Stop (with a checkpoint) after this many steps of this invocation, keeping the schedule of the full run."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 1
+    """full recompute: layers per checkpointed chunk (uniform method)."""
+    nonfinite_policy: Literal["skip", "stop"] = "stop"
+    """A non-finite loss or grad norm before the optimizer step: skip the step, or stop with exit code 4."""
+    max_skipped_steps: int = 10
+    deterministic: bool = False
+    """Deterministic kernels (NCCL algos, cuBLAS workspace, no non-deterministic attention backward)."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            "train",
+            micro_batch_size=self.micro_batch_size,
+            train_steps=self.train_steps,
+            exit_after_steps=self.exit_after_steps,
+            recompute_num_layers=self.recompute_num_layers,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    save_interval: int | None = None
+    """Steps between checkpoints; None: only at the end and on a signal."""
+    save_dir: str | None = None
+    """None: <logging.run_dir>/checkpoints."""
+    async_save: bool = False
+    load: str | None = None
+    """A checkpoint directory to start from; None: resume from <save_dir>/latest when it exists."""
+    keep_last: int | None = None
+    """Delete older step directories past this many; None keeps all."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", save_interval=self.save_interval, keep_last=self.keep_last)
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_interval: int = 10
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    """None disables wandb."""
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None
+    """None: WANDB_MODE from the environment, else offline."""
+
+    def __post_init__(self) -> None:
+        _positive("logging", log_interval=self.log_interval)
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    build_sample_data: bool = False
+    """Build the built-in sample shards when the data sources are missing (configs/tiny.yaml)."""
+
+    def __post_init__(self) -> None:
+        m, tp = self.model, self.parallel.tensor_model_parallel_size
+        counts = pat.count_layers(m.hybrid_layer_pattern)
+        checks = []
+        if counts["attention"]:
+            checks += [("model.num_attention_heads", m.num_attention_heads), ("model.num_query_groups", m.num_kv_heads)]
+        if counts["mamba"]:
+            checks += [("model.mamba_num_heads", m.num_mamba_heads), ("model.mamba_num_groups", m.mamba_num_groups)]
+        if counts["mlp"]:
+            checks += [("model.ffn_hidden_size", m.ffn_hidden_size)]
+        for name, value in checks:
+            if value % tp:
+                raise ConfigError(
+                    f"parallel.tensor_model_parallel_size={tp} does not divide {name}={value}"
+                )
+        pat.split_stages(m.hybrid_layer_pattern, self.parallel.pipeline_model_parallel_size)
+        p = self.precision
+        if p.fp8_bf16_layers_at_start + p.fp8_bf16_layers_at_end > m.num_layers:
+            raise ConfigError(
+                f"precision.fp8_bf16_layers_at_start + _at_end = "
+                f"{p.fp8_bf16_layers_at_start + p.fp8_bf16_layers_at_end} exceeds the {m.num_layers} pattern layers"
+            )
+        if p.fp8 and counts["mamba"]:
+            width = 2 * m.mamba_d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.num_mamba_heads
+            if (width // tp) % 16:
+                raise ConfigError(
+                    f"precision.fp8 needs the Mamba in_proj width per TP rank to be a multiple of 16, "
+                    f"got {width} / tp {tp}"
+                )
+        if p.fp8 and m.hidden_size % 16:
+            raise ConfigError(f"precision.fp8 needs model.hidden_size to be a multiple of 16, got {m.hidden_size}")
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.checkpoint.save_dir or Path(self.logging.run_dir) / "checkpoints")
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Loads a run YAML, applies ``a.b=c`` overrides, builds and validates the RunConfig.
+
+    The ``data`` section is either the data config itself or the path of a data config YAML.
+    """
+    raw = load_yaml(path)
+    if isinstance(raw.get("data"), str):  # `data: path/to/mixture.yaml` (relative to the working directory)
+        raw["data"] = load_yaml(raw["data"])
+    raw = apply_overrides(raw, list(overrides or []))
+    return build(RunConfig, raw)
+
+
+def run_config_from_dict(raw: dict) -> RunConfig:
+    """Rebuilds a RunConfig from its stored dict form (run dirs, checkpoints)."""
+    return build(RunConfig, raw)

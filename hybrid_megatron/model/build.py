@@ -1,0 +1,152 @@
+"""RunConfig -> megatron-core TransformerConfig -> HybridModel chunks for this pipeline rank.
+
+Needs CUDA, mamba-ssm and causal-conv1d (megatron's MambaMixer allocates on the current CUDA device
+and imports the kernels at construction). ``padded_vocab_size`` and ``transformer_config_kwargs``
+are pure and run anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.config import ModelConfig, RunConfig
+from hybrid_megatron.model import pattern as pat
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, tp_size: int) -> int:
+    """Pads to a multiple of ``make_vocab_size_divisible_by`` (not times TP, unlike megatron).
+
+    Keeping the padded size independent of TP lets a checkpoint reload at another TP size; TP must
+    then divide the padded size, which the default 128 guarantees for TP up to 128.
+    """
+    multiple = model.make_vocab_size_divisible_by
+    padded = -(-vocab_size // multiple) * multiple
+    if padded % tp_size:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={tp_size} does not divide the padded vocabulary {padded} "
+            f"(model.make_vocab_size_divisible_by={multiple})"
+        )
+    return padded
+
+
+def _activation(model: ModelConfig) -> dict:
+    import torch.nn.functional as F
+    from megatron.core.activations import squared_relu
+
+    if model.activation == "squared_relu":
+        return {"activation_func": squared_relu, "gated_linear_unit": False}
+    if model.activation == "swiglu":
+        return {"activation_func": F.silu, "gated_linear_unit": True}
+    return {"activation_func": F.gelu, "gated_linear_unit": False}
+
+
+def transformer_config_kwargs(cfg: RunConfig) -> dict:
+    """Everything megatron's TransformerConfig needs from our config (torch imported, no CUDA)."""
+    import torch
+
+    m, par, prec, train = cfg.model, cfg.parallel, cfg.precision, cfg.train
+    bf16 = prec.dtype == "bf16"
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_kv_heads,
+        kv_channels=m.head_dim,
+        mamba_state_dim=m.mamba_state_dim,
+        mamba_head_dim=m.mamba_head_dim,
+        mamba_num_groups=m.mamba_num_groups,
+        mamba_num_heads=m.num_mamba_heads,
+        is_hybrid_model=True,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_bias_linear,
+        bias_activation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=pat.virtual_pipeline_size(
+            m.hybrid_layer_pattern, par.pipeline_model_parallel_size
+        ),
+        sequence_parallel=par.sequence_parallel,
+        calculate_per_token_loss=True,
+        deterministic_mode=train.deterministic,
+        **_activation(m),
+    )
+    if train.recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    elif train.recompute == "full":
+        kwargs.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=train.recompute_num_layers
+        )
+    if prec.fp8:
+        bf16_layers = prec.fp8_bf16_layers_at_start or prec.fp8_bf16_layers_at_end
+        kwargs.update(
+            fp8=prec.fp8,
+            fp8_recipe=prec.fp8_recipe,
+            fp8_amax_history_len=prec.fp8_amax_history_len,
+            fp8_amax_compute_algo="max",
+            first_last_layers_bf16=bool(bf16_layers),
+            num_layers_at_start_in_bf16=prec.fp8_bf16_layers_at_start,
+            num_layers_at_end_in_bf16=prec.fp8_bf16_layers_at_end,
+        )
+    return kwargs
+
+
+def build_transformer_config(cfg: RunConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    try:
+        return TransformerConfig(**transformer_config_kwargs(cfg))
+    except (AssertionError, ValueError) as exc:  # megatron validates combinations we do not pre-check
+        raise ConfigError(f"megatron-core rejects this model/parallel config: {exc}") from None
+
+
+def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> list:
+    """Builds this rank's HybridModel chunk(s) on the current CUDA device (bf16 or fp32, not yet wrapped)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from hybrid_megatron.model.specs import resolve_layer_spec, stack_spec
+
+    spec_name = resolve_layer_spec(cfg.model)
+    if spec_name == "local" and cfg.parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true needs model.layer_spec=te (torch norms do not shard)")
+    if spec_name == "local" and cfg.precision.fp8:
+        raise ConfigError("precision.fp8 needs Transformer Engine: model.layer_spec=local cannot run FP8")
+    config = build_transformer_config(cfg)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = config.virtual_pipeline_model_parallel_size
+    # With pp == 1 megatron would read '|' cuts as virtual stages: hand it the uncut pattern.
+    layer_pattern = cfg.model.hybrid_layer_pattern if pp > 1 else pat.layers(cfg.model.hybrid_layer_pattern)
+    spec = stack_spec(cfg.model)
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = HybridModel(
+            config=config,
+            hybrid_stack_spec=spec,
+            vocab_size=padded_vocab_size(vocab_size, cfg.model, tp),
+            max_sequence_length=max_seq_len,
+            hybrid_layer_pattern=layer_pattern,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    log.info("built %d model chunk(s) with the %s layer spec", len(chunks), spec_name)
+    return chunks

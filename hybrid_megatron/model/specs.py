@@ -1,0 +1,172 @@
+"""ModuleSpec trees for the hybrid stack: Transformer Engine layers, and a non-TE fallback.
+
+Both specs produce the same checkpoint keys (the TE names, where each pre-norm is fused into the
+following linear as ``layer_norm_weight``), so a checkpoint moves between them and the converter
+reads one layout. Mamba mixer hyper-parameters that megatron takes as constructor arguments rather
+than config fields (conv kernel, chunk size, expand) travel as spec params.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from hybrid_megatron.config import ModelConfig
+
+
+def _mixer_params(model: ModelConfig) -> dict:
+    return {"d_conv": model.mamba_conv_kernel, "chunk_size": model.mamba_chunk_size, "expand": model.mamba_expand}
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises assorted errors when its CUDA libraries are missing
+        return False
+    return True
+
+
+def resolve_layer_spec(model: ModelConfig) -> str:
+    """'te' or 'local' for model.layer_spec ('auto' picks te when Transformer Engine imports)."""
+    if model.layer_spec == "auto":
+        return "te" if te_available() else "local"
+    return model.layer_spec
+
+
+def te_stack_spec(model: ModelConfig):
+    """The hybrid stack on Transformer Engine: fused norm+linear, cuDNN/flash attention, FP8-capable."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    return ModuleSpec(
+        module=HybridStack,
+        submodules=HybridStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    mixer=ModuleSpec(
+                        module=MambaMixer,
+                        params=_mixer_params(model),
+                        submodules=MambaMixerSubmodules(
+                            in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear
+                        ),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=TELayerNormColumnParallelLinear,
+                            core_attention=TEDotProductAttention,
+                            linear_proj=TERowParallelLinear,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    mlp=partial(
+                        MLP.as_mlp_submodule,
+                        submodules=MLPSubmodules(
+                            linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+                        ),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            ),
+        ),
+    )
+
+
+def local_stack_spec(model: ModelConfig):
+    """The hybrid stack without Transformer Engine: megatron's parallel linears, torch norms and SDPA.
+
+    Checkpoint keys are mapped onto the TE names, so both specs read each other's checkpoints.
+    """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from hybrid_megatron.model.attention import SDPAttention
+    from hybrid_megatron.model.local_stack import LocalHybridStack
+
+    return ModuleSpec(
+        module=LocalHybridStack,
+        submodules=HybridStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    norm=WrappedTorchNorm,
+                    mixer=ModuleSpec(
+                        module=MambaMixer,
+                        params=_mixer_params(model),
+                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=WrappedTorchNorm,
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ColumnParallelLinear,
+                            core_attention=SDPAttention,
+                            linear_proj=RowParallelLinear,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=WrappedTorchNorm,
+                    mlp=partial(
+                        MLP.as_mlp_submodule,
+                        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+                ),
+            ),
+        ),
+    )
+
+
+def stack_spec(model: ModelConfig):
+    return te_stack_spec(model) if resolve_layer_spec(model) == "te" else local_stack_spec(model)

@@ -1,0 +1,166 @@
+"""Saving and loading the live training state through megatron's dist_checkpointing (torch_dist).
+
+The directory protocol (tmp dir, rename, ``latest``) is in ``checkpoint.py``; this module builds the
+sharded state dicts of model chunks and optimizer, runs the (optionally async) save, and restores
+model, optimizer, LR scheduler, RNG and the data-loader state on resume. Loading tolerates a change
+of TP/PP/DP (torch_dist reshards); a change of architecture is refused before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import yaml
+
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.config_io import dump_yaml, to_dict
+from hybrid_megatron.training import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+# Optimizer state in model space: reloadable at another TP/PP/DP layout.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class Checkpointer:
+    def __init__(self, cfg: RunConfig, model_chunks, optimizer, scheduler):
+        import torch
+
+        self.cfg = cfg
+        self.model = model_chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.save_dir = cfg.save_dir
+        self.rank = torch.distributed.get_rank()
+        self._async_queue = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue()
+
+    # ---- save -------------------------------------------------------------------------------------
+    def save(self, step: int, train_state: dict) -> None:
+        """Saves at ``step``; async saves commit later, in ``maybe_finalize`` / ``finalize``."""
+        import torch
+        from megatron.core import dist_checkpointing
+
+        self.finalize()  # at most one save in flight
+        tmp = self.save_dir / f"{ckpt.step_dir_name(step)}.tmp"
+        if self.rank == 0:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_stale_tmp(self.save_dir)
+            tmp.mkdir()
+            (tmp / "rng").mkdir()
+        torch.distributed.barrier()
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+        state = _model_sharded_state_dict(self.model)
+        state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
+        state["scheduler"] = self.scheduler.state_dict()
+        files = {
+            "run_config.yaml": dump_yaml(self.cfg),
+            "train_state.json": json.dumps(train_state, indent=1, sort_keys=True),
+        }
+        request = dist_checkpointing.save(
+            state, str(tmp), async_sharded_save=self._async_queue is not None, content_metadata=_OPTIM_METADATA
+        )
+
+        def _commit():
+            if self.rank == 0:
+                final = ckpt.commit(self.save_dir, tmp, step, files, self.cfg.checkpoint.keep_last)
+                log.info("checkpoint committed: %s", final)
+
+        if request is None:
+            torch.distributed.barrier()  # every rank's shards are on disk before the rename
+            _commit()
+            torch.distributed.barrier()
+        else:
+            request.add_finalize_fn(_commit)  # runs after all ranks' writes are done
+            self._async_queue.schedule_async_request(request)
+            log.info("checkpoint of step %d is being written in the background", step)
+
+    def maybe_finalize(self) -> None:
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def finalize(self) -> None:
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+
+    # ---- load -------------------------------------------------------------------------------------
+    def find_resume_point(self) -> Path | None:
+        """checkpoint.load if set, else ``<save_dir>/latest`` if there is one, else None."""
+        if self.cfg.checkpoint.load:
+            return ckpt.resolve_checkpoint(self.cfg.checkpoint.load)
+        return ckpt.read_latest(self.save_dir)
+
+    def load(self, step_dir: Path) -> dict:
+        """Restores model (+ optimizer, scheduler, RNG unless weights-only); returns train_state."""
+        import torch
+        from megatron.core import dist_checkpointing
+
+        saved_cfg = yaml.safe_load((step_dir / "run_config.yaml").read_text())
+        ckpt.check_architecture(saved_cfg.get("model", {}), to_dict(self.cfg.model), step_dir)
+        train_state = ckpt.read_train_state(step_dir)
+        weights_only = bool(train_state.get("weights_only"))
+        state = _model_sharded_state_dict(self.model)
+        if not weights_only:
+            state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
+            state["scheduler"] = self.scheduler.state_dict()
+        loaded = dist_checkpointing.load(state, str(step_dir))
+        if len(self.model) == 1:
+            self.model[0].load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(self.model):
+                chunk.load_state_dict(loaded[f"model{i}"])
+        if weights_only:
+            log.info("loaded weights from %s (fresh optimizer and schedule)", step_dir)
+            return {}
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        rng_file = step_dir / "rng" / f"rank-{self.rank:05d}.pt"
+        same_layout = (
+            saved_cfg.get("parallel") == to_dict(self.cfg.parallel)
+            and train_state.get("world_size") == torch.distributed.get_world_size()
+            and rng_file.is_file()
+        )
+        if same_layout:
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("parallel layout changed since %s: RNG states start fresh", step_dir)
+        log.info("resumed from %s at step %d", step_dir, train_state["step"])
+        return train_state

@@ -1,0 +1,43 @@
+"""`hybrid-megatron pretrain CONFIG [key=value ...] [--dry-run]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a hybrid model (one process per GPU: torchrun or srun)",
+        description="Pretrain from a run config. Overrides are dotlists: optim.lr=3e-4 train.micro_batch_size=2.",
+    )
+    p.add_argument("config", help="run config YAML (e.g. configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, layer layout per pipeline stage, parameter count and FLOPs; no GPU needed",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybrid_megatron.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        from hybrid_megatron.training.dry_run import describe
+
+        print(describe(cfg))
+        return 0
+    from hybrid_megatron.training.loop import pretrain
+
+    return pretrain(cfg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(argparse.Namespace(config=sys.argv[1], overrides=sys.argv[2:], dry_run=False)))

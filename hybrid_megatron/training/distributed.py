@@ -1,0 +1,110 @@
+"""Process-group set-up from torchrun or SLURM, megatron's parallel_state, and seeds.
+
+Rank discovery: torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's SLURM_PROCID/SLURM_NTASKS/
+SLURM_LOCALID (one task per GPU, launched by srun), else a single process. MASTER_ADDR/MASTER_PORT
+must be set for more than one process (the SLURM script exports them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def discover_ranks(env: dict[str, str] | None = None) -> Ranks:
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return Ranks(0, 1, 0)
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    mp = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    if world_size % mp:
+        raise ConfigError(
+            f"{world_size} processes cannot be split into tensor_model_parallel_size x pipeline_model_parallel_size"
+            f" = {mp}"
+        )
+    return world_size // mp
+
+
+def initialize(cfg: RunConfig) -> Ranks:
+    """Creates the default process group and megatron's TP/PP/DP groups; seeds every RNG."""
+    import torch
+    from megatron.core import parallel_state
+
+    ranks = discover_ranks()
+    if not torch.cuda.is_available():
+        raise ConfigError("pretrain needs a CUDA GPU (none visible); `--dry-run` works without one")
+    data_parallel_size(cfg, ranks.world_size)  # fail before any collective
+    torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
+    if ranks.world_size > 1:
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise ConfigError(f"{var} is not set: needed to connect {ranks.world_size} processes")
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if cfg.train.deterministic:
+        os.environ.setdefault("NCCL_ALGO", "Ring")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl",
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            timeout=timedelta(minutes=30),
+            device_id=torch.device("cuda", torch.cuda.current_device()),
+        )
+    par = cfg.parallel
+    from hybrid_megatron.model.pattern import virtual_pipeline_size
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(
+            cfg.model.hybrid_layer_pattern, par.pipeline_model_parallel_size
+        ),
+    )
+    set_seeds(cfg.train.seed)
+    return ranks
+
+
+def set_seeds(seed: int) -> None:
+    """Same seed on every rank for data-independent RNG; megatron's tracker offsets TP/PP ranks."""
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    import torch
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_initialized():
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()

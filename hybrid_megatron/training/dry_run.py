@@ -1,0 +1,78 @@
+"""`pretrain --dry-run`: what a run would build, computed on any machine (no GPU, no megatron model)."""
+
+from __future__ import annotations
+
+import logging
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.config_io import dump_yaml
+from hybrid_megatron.model import pattern as pat
+from hybrid_megatron.model.build import padded_vocab_size
+from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
+
+log = logging.getLogger(__name__)
+
+
+def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
+    """(vocab size, notes). Data sources that are missing are a note when the model pins the vocab."""
+    missing = [f"{name}: {path}" for name, path in cfg.data.source_paths().items() if not path.exists()]
+    notes = []
+    if missing and cfg.build_sample_data:
+        from data_pipeline.tokenizer import ByteTokenizer
+
+        notes.append(f"data: {len(missing)} source(s) missing; pretrain builds the sample data (bytes tokenizer) first")
+        return cfg.model.vocab_size or ByteTokenizer.vocab_size, notes
+    elif missing:
+        notes.append("data: missing source directories (pretrain stops on these): " + "; ".join(missing))
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, notes
+    if missing:
+        raise ConfigError(
+            f"data source {missing[0]} does not exist and model.vocab_size is not set (it comes from the data)"
+        )
+    from data_pipeline.loader import config_vocab_size
+
+    return config_vocab_size(cfg.data), notes
+
+
+def describe(cfg: RunConfig) -> str:
+    from data_pipeline.schedule import build_schedule
+
+    m, par = cfg.model, cfg.parallel
+    vocab, notes = _vocab(cfg)
+    padded = padded_vocab_size(vocab, m, par.tensor_model_parallel_size)
+    schedule = build_schedule(cfg.data)
+    max_seq = int(schedule.seq_len.max())
+    stages = pat.split_stages(m.hybrid_layer_pattern, par.pipeline_model_parallel_size)
+    per_stage = stage_parameters(m, padded, par.pipeline_model_parallel_size)
+    total = num_parameters(m, padded)
+    counts = pat.count_layers(m.hybrid_layer_pattern)
+    lines = ["# resolved config", dump_yaml(cfg).rstrip(), "", "# layout"]
+    lines.append(
+        f"layers: {m.num_layers} ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
+        f"vocab {vocab} padded to {padded}"
+    )
+    for stage, n in zip(stages, per_stage):
+        chunks = " ".join(
+            f"[{first}:{first + len(chunk)}] {chunk}" for chunk, first in zip(stage.chunks, stage.first_layer)
+        )
+        lines.append(f"pp stage {stage.pp_rank}: {chunks}  ({n:,} params, {n / par.tensor_model_parallel_size:,.0f} per TP rank)")
+    lines += [
+        "",
+        "# size and cost",
+        f"parameters: {total:,} ({total / 1e9:.3f}B)",
+        f"FLOPs per token at seq {max_seq}: forward {forward_flops_per_token(m, padded, max_seq):,}, "
+        f"training {training_flops_per_token(m, padded, max_seq):,}",
+        f"run: {schedule.total_steps} steps, {schedule.total_tokens:,} tokens "
+        f"({cfg.data.global_batch_tokens:,} per step), phases {', '.join(p.name for p in cfg.data.phases)}",
+    ]
+    try:
+        from hybrid_megatron.model.memory import estimate_lines
+
+        lines += ["", "# memory per GPU (estimate)"] + estimate_lines(cfg, padded, max_seq)
+    except ImportError:
+        pass
+    if notes:
+        lines += ["", "# notes"] + notes
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""The pretraining loop: set-up on megatron-core, then steps until the data phases are done.
+
+Returns a process exit code: 0 done, 75 saved after a preemption signal, 4 stopped on non-finite
+loss/grad norm. Every step appends ``{"step", "loss", "grad_norm", "lr", "tokens", ...}`` to
+``<run_dir>/losses.jsonl`` (rank 0), which is what resume checks compare.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.config_io import dump_yaml
+from hybrid_megatron.training import signals
+
+log = logging.getLogger("hybrid_megatron.train")
+
+
+def _ensure_data(cfg: RunConfig, rank: int) -> None:
+    import torch
+
+    missing = [p for p in cfg.data.source_paths().values() if not p.exists()]
+    if missing and cfg.build_sample_data and rank == 0:
+        from data_pipeline.sample_data import ensure_sample_data
+
+        log.info("sample data missing (%s): building it from the built-in corpus first", missing[0])
+        ensure_sample_data()
+    torch.distributed.barrier()
+
+
+def _wrap(cfg: RunConfig, chunks: list) -> list:
+    """bf16 wrap with fp32 SSM params, then megatron DDP (grad buffers, distributed-optimizer layout)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from hybrid_megatron.model.fp32_params import wrap_half_keep_ssm_fp32
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # our finite check decides (skip or stop), not an exception
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        if cfg.precision.dtype == "bf16":
+            chunk = wrap_half_keep_ssm_fp32(chunk.config, chunk) if cfg.precision.fp32_ssm_params else _half(chunk)
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+            )
+        )
+    return wrapped
+
+
+def _half(chunk):
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(chunk.config, chunk)
+
+
+def build_optimizer(cfg: RunConfig, model_chunks: list):
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optim
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.precision.dtype == "bf16",
+        params_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, model_chunks)
+
+
+def _wire_grad_sync(model_chunks: list) -> None:
+    from megatron.core.distributed import finalize_model_grads
+
+    config = model_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [m.no_sync for m in model_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if model_chunks[0].ddp_config.overlap_grad_reduce:
+        sync = [m.start_grad_sync for m in model_chunks]
+        config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+    if model_chunks[0].ddp_config.overlap_param_gather:
+        gather = [m.start_param_sync for m in model_chunks]
+        config.param_sync_func = gather[0] if len(gather) == 1 else gather
+
+
+def pretrain(cfg: RunConfig) -> int:
+    import torch
+    from megatron.core import parallel_state
+
+    from data_pipeline.loader import build_loader, config_vocab_size
+    from data_pipeline.schedule import build_schedule
+    from hybrid_megatron.model.build import build_model_chunks, padded_vocab_size
+    from hybrid_megatron.model.flops import training_flops_per_token
+    from hybrid_megatron.training import distributed
+    from hybrid_megatron.training.checkpointer import Checkpointer
+    from hybrid_megatron.training.lr import PhasedScheduler, plan_segments
+    from hybrid_megatron.training.metrics import MetricsLogger
+    from hybrid_megatron.training.step import train_step
+
+    ranks = distributed.initialize(cfg)
+    is_rank0 = ranks.rank == 0
+    run_dir = Path(cfg.logging.run_dir)
+    if is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    _ensure_data(cfg, ranks.rank)
+
+    data_vocab = config_vocab_size(cfg.data)
+    vocab = cfg.model.vocab_size or data_vocab
+    if vocab < data_vocab:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
+    schedule = build_schedule(cfg.data)
+    max_seq_len = int(schedule.seq_len.max())
+    total_steps = cfg.train.train_steps or schedule.total_steps
+    if total_steps > schedule.total_steps:
+        raise ConfigError(
+            f"train.train_steps={total_steps} exceeds the {schedule.total_steps} steps the data phases define"
+        )
+
+    chunks = build_model_chunks(cfg, vocab, max_seq_len)
+    model = _wrap(cfg, chunks)
+    _wire_grad_sync(model)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = PhasedScheduler(
+        optimizer, plan_segments(cfg, schedule.phase.tolist(), cfg.data.phases), cfg.optim.weight_decay
+    )
+    checkpointer = Checkpointer(cfg, model, optimizer, scheduler)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    loader = build_loader(cfg.data, dp_rank, dp_size)
+
+    step = 0
+    resume = checkpointer.find_resume_point()
+    if resume is not None:
+        state = checkpointer.load(resume)
+        if state:
+            step = int(state["step"])
+            loader.load_state_dict(state["data"])
+    padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
+    metrics = MetricsLogger(
+        cfg,
+        enabled=is_rank0,
+        flops_per_token_at=lambda s: training_flops_per_token(cfg.model, padded, s),
+        world_size=ranks.world_size,
+        device_name=torch.cuda.get_device_name(),
+    )
+    losses = open(run_dir / "losses.jsonl", "a") if is_rank0 else None
+    skipped_total, window_steps, started_at = 0, 0, step
+    code = 0
+
+    def train_state() -> dict:
+        return {"step": step, "data": loader.state_dict(), "world_size": ranks.world_size,
+                "skipped_steps": skipped_total}
+
+    with signals.PreemptionHandler() as preempt:
+        for model_chunk in model:
+            model_chunk.train()
+        while step < total_steps:
+            batch = next(loader)
+            assert batch.step == step, f"loader at step {batch.step}, trainer at {step}"
+            result = train_step(batch, model, optimizer, scheduler, cfg, max_seq_len)
+            step += 1
+            window_steps += 1
+            metrics.record(step, batch.seq_len, result.tokens)
+            if losses is not None:
+                losses.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                                         "lr": scheduler.current_lr(), "tokens": result.tokens,
+                                         "seq_len": batch.seq_len, "phase": batch.phase,
+                                         "skipped": result.skipped}) + "\n")
+                losses.flush()
+            if result.skipped:
+                skipped_total += 1
+                log.warning("step %d: non-finite loss %s / grad norm %s: update skipped", step, result.loss,
+                            result.grad_norm)
+                if cfg.train.nonfinite_policy == "stop" or skipped_total > cfg.train.max_skipped_steps:
+                    log.error("stopping on a non-finite loss or grad norm at step %d (train.nonfinite_policy=%s, "
+                              "%d skipped)", step, cfg.train.nonfinite_policy, skipped_total)
+                    code = signals.EXIT_NONFINITE
+                    break
+            if step % cfg.logging.log_interval == 0 or step == total_steps:
+                metrics.log(step, total_steps, {"phase": batch.phase, "loss": result.loss,
+                                                "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
+                                                "seq_len": batch.seq_len, "window_steps": window_steps})
+                window_steps = 0
+            checkpointer.maybe_finalize()
+            interval = cfg.checkpoint.save_interval
+            if preempt.agreed():
+                checkpointer.save(step, train_state())
+                code = signals.EXIT_PREEMPTED
+                break
+            if cfg.train.exit_after_steps and step - started_at >= cfg.train.exit_after_steps and step < total_steps:
+                checkpointer.save(step, train_state())
+                log.info("stopping after %d steps of this run (train.exit_after_steps)", step - started_at)
+                break
+            if (interval and step % interval == 0) or step == total_steps:
+                checkpointer.save(step, train_state())
+    checkpointer.finalize()
+    loader.close()
+    metrics.close()
+    if losses is not None:
+        losses.close()
+    if code == signals.EXIT_PREEMPTED:
+        log.warning("checkpointed at step %d after a signal: exiting with %d (requeue)", step, code)
+    distributed.shutdown()
+    return code

@@ -1,0 +1,46 @@
+"""Preemption: SIGTERM / SIGUSR1 set a flag; all ranks agree on it at a step boundary; save; exit 75.
+
+SLURM sends the signal (``--signal=B:USR1@N`` forwarded by the batch script, or TERM at the time
+limit) to every task, but not at the same instant: the flag is OR-reduced over all ranks before it is
+acted on, so every rank saves at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after a signal, requeue me
+EXIT_NONFINITE = 4  # stopped on a non-finite loss or grad norm
+
+
+class PreemptionHandler:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionHandler":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            log.warning("received %s: will checkpoint and exit at the end of this step", signal.Signals(signum).name)
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank has received a signal (a collective: call on all ranks)."""
+        import torch
+
+        flag = torch.tensor([1 if self.received is not None else 0], device="cuda", dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())

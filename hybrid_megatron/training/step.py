@@ -1,0 +1,154 @@
+"""One optimizer step on megatron-core: a StepBatch -> micro-batches -> forward/backward -> update.
+
+Micro-batches hold a constant number of tokens (``train.micro_batch_size`` sequences at the longest
+curriculum length), so a shorter curriculum length gets more sequences per micro-batch. With the
+packing switch on, each micro-batch is flattened into megatron's ``thd`` layout ([1, mbs * L]) with
+``cu_seqlens`` at every document start (attention) and ``seq_idx`` (Mamba-2 state reset).
+The loss is a sum over tokens with ``calculate_per_token_loss``: megatron divides the gradients by the
+global token count, so every token weighs the same whatever the micro-batch split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from data_pipeline.loader import StepBatch
+from data_pipeline.packing import cu_seqlens
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    packed_seq_params: object | None
+
+
+def micro_batch_size_for(n_local: int, seq_len: int, micro_batch_size: int, max_seq_len: int) -> int:
+    """Largest divisor of ``n_local`` not above the token-constant target (at least 1)."""
+    target = max(1, micro_batch_size * max_seq_len // seq_len)
+    for mbs in range(min(target, n_local), 0, -1):
+        if n_local % mbs == 0:
+            return mbs
+    return 1
+
+
+def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> list[MicroBatch]:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    out = []
+    n = batch.input_ids.shape[0]
+    for start in range(0, n, mbs):
+        sl = slice(start, start + mbs)
+
+        def t(a: np.ndarray, dtype=torch.long) -> torch.Tensor:
+            x = torch.from_numpy(np.ascontiguousarray(a[sl])).to(dtype)
+            return (x.reshape(1, -1) if packed else x).to(device, non_blocking=True)
+
+        params = None
+        if packed:
+            cu = cu_seqlens(batch.seq_idx[sl])
+            lengths = np.diff(cu)
+            cu_t = torch.from_numpy(cu).to(device=device, dtype=torch.int32)
+            params = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu_t,
+                cu_seqlens_kv=cu_t,
+                max_seqlen_q=int(lengths.max()),
+                max_seqlen_kv=int(lengths.max()),
+                total_tokens=int(cu[-1]),
+            )
+        out.append(
+            MicroBatch(
+                input_ids=t(batch.input_ids),
+                labels=t(batch.labels),
+                loss_mask=t(batch.loss_mask, torch.float32),
+                position_ids=t(batch.position_ids),
+                packed_seq_params=params,
+            )
+        )
+    return out
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    mb: MicroBatch = next(data_iterator)
+    output = model(
+        mb.input_ids,
+        mb.position_ids,
+        attention_mask=None,
+        labels=mb.labels,
+        packed_seq_params=mb.packed_seq_params,
+    )
+    return output, partial(_loss_func, mb.loss_mask)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean per token over the global batch
+    tokens: int  # loss tokens in the global batch
+    grad_norm: float | None
+    skipped: bool
+
+
+def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_seq_len: int) -> StepResult:
+    """Forward/backward over this rank's micro-batches, the finite check, then the optimizer step."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    packed = cfg.data.reset_at_document_boundaries
+    n_local, seq_len = batch.input_ids.shape
+    mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq_len)
+    micro = split_micro_batches(batch, mbs, packed, torch.cuda.current_device())
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    iterators = [iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro)
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro),
+        seq_length=mbs * seq_len if packed else seq_len,
+        micro_batch_size=1 if packed else mbs,
+        forward_only=False,
+    )
+    # Loss lives on the last pipeline stage: sum over micro-batches and DP, then share along PP so that
+    # every rank takes the same skip/stop decision.
+    stats = torch.zeros(2, device="cuda", dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in reduced:
+            stats += item["lm loss"].double()
+        torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, tokens = stats.tolist()
+    loss = loss_sum / max(tokens, 1.0)
+
+    # The schedule follows the data position (anneal segments start at a data step), so it advances
+    # on skipped steps too.
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if skipped:
+        optimizer.zero_grad()
+    else:
+        ok, norm, _ = optimizer.step()
+        skipped = not ok
+        grad_norm = float(norm) if norm is not None else grad_norm
+    scheduler.step()
+    return StepResult(loss, int(tokens), grad_norm, skipped)

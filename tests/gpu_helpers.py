@@ -1,0 +1,41 @@
+"""Shared set-up for GPU tests: a single-process megatron world and small configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(*overrides: str):
+    from hybrid_megatron.config import load_run_config
+
+    return load_run_config(ROOT / "configs" / "tiny.yaml", list(overrides))
+
+
+def init_single_process(seed: int = 1234, tp: int = 1, pp: int = 1) -> None:
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29555")
+        torch.cuda.set_device(0)
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tp, pp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def run_pretrain(args: list[str], timeout: int = 900, **popen) -> subprocess.CompletedProcess:
+    """`python -m hybrid_megatron pretrain ...` from the repo root; output captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "hybrid_megatron", "pretrain", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen,
+    )
