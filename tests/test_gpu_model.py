@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.gpu_helpers import init_single_process, tiny_config
+from gpu_helpers import init_single_process, tiny_config
 
 pytestmark = pytest.mark.gpu
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu_helpers import ROOT, run_pretrain
+from gpu_helpers import ROOT, run_pretrain
 
 pytestmark = pytest.mark.gpu
 
