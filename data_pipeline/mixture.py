@@ -11,7 +11,8 @@ continues the earlier phase's streams where they stopped (nothing is re-read unt
 Counts per step. A step of ``n`` sequences gives component ``c`` either ``floor(n * w_c)`` or
 ``ceil(n * w_c)`` samples, so every step matches the weights to within one sample. The ``n - sum(floor)``
 extra samples go to the components furthest below their cumulative target within the phase
-(``N * w_c - allocated_c``; ties to the earlier component), which keeps the phase-level ratio exact too.
+(``N * w_c - allocated_c``; ties to the earlier component), which keeps every component's cumulative
+count within two samples of its target over the whole phase (tested), not just on average.
 
 Order. Samples are laid out component by component, each taking consecutive windows of ``seq_len + 1``
 tokens at stride ``seq_len`` from its source stream; the global batch is then shuffled with
