@@ -100,3 +100,21 @@ def test_allocation_within_one_sample_and_exact_over_the_phase():
         allocated = [a + c for a, c in zip(allocated, counts)]
         done += n
         assert all(abs(a - done * w) < 2 for a, w in zip(allocated, weights))
+
+
+def test_sample_config_matches_sample_sources():
+    from data_pipeline.sample_data import SOURCES
+
+    cfg = load_data_config("configs/data/sample.yaml")
+    assert sorted(cfg.sources) == sorted(SOURCES)
+    assert all(p == f"data/sample/{name}" for name, p in cfg.sources.items())
+    assert [p.name for p in cfg.phases] == ["pretrain", "anneal"] and cfg.phases[1].replay > 0
+    assert 200 <= cfg.total_steps <= 1000 and 10_000_000 <= cfg.total_tokens <= 50_000_000
+
+
+def test_sample_docstring_extraction():
+    from data_pipeline.sample_data import _docstrings
+
+    text = '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """F doc."""\n'
+    assert _docstrings(text) == "module:\nModule doc.\n\nA:\nClass doc.\n\nf:\nF doc."
+    assert _docstrings("def (") is None
