@@ -17,6 +17,7 @@ TINY_PATTERN = "M*-M-*M-"
 def tiny_hf_config(**overrides: Any) -> dict[str, Any]:
     """A NemotronH config small enough for CPU tests, with GQA and vocab padding (250 -> 256)."""
     cfg = {
+        "model_type": "nemotron_h",
         "vocab_size": 250,
         "hidden_size": 64,
         "hybrid_override_pattern": TINY_PATTERN,
@@ -48,7 +49,8 @@ def random_nemotron_h(seed: int = 0, **overrides: Any):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     torch.manual_seed(seed)
-    model = NemotronHForCausalLM(NemotronHConfig(**tiny_hf_config(**overrides))).eval()
+    kwargs = {k: v for k, v in tiny_hf_config(**overrides).items() if k != "model_type"}
+    model = NemotronHForCausalLM(NemotronHConfig(**kwargs)).eval()
     with torch.no_grad():  # HF inits norms to ones and A_log/D deterministically: randomise all
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
@@ -101,3 +103,16 @@ def save_tp_sharded(step_dir: Path, tensors: dict, dims, tp_rank: int, tp_size: 
         done.add(key)
     with ckpt_io.cpu_only_save_patches():
         dist_checkpointing.save(state, str(step_dir))
+
+
+def tp_save_worker(rank: int, world_size: int, port: int, step_dir: str, tensors_file: str, dims) -> None:
+    """One rank of a ``world_size``-way TP save (``torch.multiprocessing.spawn`` target, gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        tensors = torch.load(tensors_file)
+        save_tp_sharded(Path(step_dir), tensors, dims, tp_rank=rank, tp_size=world_size)
+    finally:
+        dist.destroy_process_group()
