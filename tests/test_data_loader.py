@@ -173,10 +173,11 @@ def _corrupt_member(source_dir, member: int) -> str:
     return m["name"][member]
 
 
-def test_corrupt_member_stops_without_advancing(tmp_path, sources):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_member_stops_without_advancing(tmp_path, num_workers):
     src = {k: make_source(tmp_path, k, seed) for k, seed in (("a", 21), ("b", 22), ("c", 23))}
     name = _corrupt_member(src["a"], 1)
-    loader = build_loader(mix_config(src), 0, 1)
+    loader = build_loader(mix_config(src, num_workers=num_workers), 0, 1)
     before = loader.state_dict()
     with pytest.raises(DataError, match=rf"shard-000000.tar: member {name}: corrupt zstd"):
         for _ in loader:
@@ -186,6 +187,7 @@ def test_corrupt_member_stops_without_advancing(tmp_path, sources):
     with pytest.raises(DataError):
         next(loader)
     assert loader.state_dict()["step"] == failed_at
+    loader.close()
 
 
 def test_truncated_shard_and_missing_dir(tmp_path, sources):
