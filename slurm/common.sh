@@ -77,7 +77,7 @@ hm_join_mounts() {
 # that looks like a credential is written.
 hm_env_summary() {
   env | LC_ALL=C sort |
-    grep -E '^(SLURM_|SLURMD_|NCCL_|TORCH_|CUDA_|MASTER_|OMP_|PYXIS_|ENROOT_|CONTAINER_IMAGE=|CONFIG=|RUN_DIR=|DATA_DIR=|CKPT_DIR=|MAX_REQUEUES=|HOSTNAME=)' |
+    grep -E '^(SLURM_|SLURMD_|NCCL_|TORCH_|CUDA_|MASTER_|OMP_|PYXIS_|ENROOT_|HOSTNAME=)' |
     grep -Ev '(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)[A-Z_]*=' || true
 }
 
@@ -94,8 +94,8 @@ hm_git_revision() {  # REPO
   fi
 }
 
-# Write what this launch ran into DIR: command.txt (shell-quoted, one line), env.txt, git.txt and,
-# for a dirty checkout, git.diff.
+# Write what this launch ran into DIR: command.txt (shell-quoted, one line), env.txt (exported
+# variables), git.txt and, for a dirty checkout, git.diff.
 hm_write_launch_record() {  # DIR REPO COMMAND...
   local dir=$1 repo=$2
   shift 2

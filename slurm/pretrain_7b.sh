@@ -138,12 +138,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # ---------------------------------------------------------------- command
 overrides=("logging.run_dir=$RUN_DIR")
-mkdir -p "$RUN_DIR" "$launch_dir"
 hm_add_mount "$REPO"
 hm_add_mount "$RUN_DIR"
 if [[ -n ${CKPT_DIR:-} ]]; then
   CKPT_DIR=$(hm_abspath "$REPO" "$CKPT_DIR")
-  mkdir -p "$CKPT_DIR"
   hm_add_mount "$CKPT_DIR"
   overrides+=("checkpoint.save_dir=$CKPT_DIR")
 fi
@@ -153,6 +151,12 @@ mounts=$(hm_join_mounts)
 mounts=$mounts${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}
 read -r -a extra_overrides <<<"${OVERRIDES:-}"
 read -r -a srun_args <<<"${SRUN_ARGS:-}"
+for override in ${extra_overrides[@]+"${extra_overrides[@]}"} "$@"; do
+  case $override in
+    logging.run_dir=* | checkpoint.save_dir=*)
+      hm_die "$HM_EXIT_USAGE" "override '$override': set RUN_DIR or CKPT_DIR instead (the script mounts them)" ;;
+  esac
+done
 # No step number and no checkpoint path: `pretrain` resumes from <run dir>/checkpoints/latest, so
 # the first run and every requeue run exactly this command.
 train_cmd=(hybrid-megatron pretrain "$CONFIG" "${overrides[@]}" ${extra_overrides[@]+"${extra_overrides[@]}"} "$@")
@@ -167,7 +171,23 @@ srun_cmd=(
   "${train_cmd[@]}"
 )
 
+# pyxis refuses to mount a source that does not exist
+mkdir -p "$RUN_DIR" "$launch_dir" ${CKPT_DIR:+"$CKPT_DIR"}
 hm_write_launch_record "$launch_dir" "$REPO" "${srun_cmd[@]}"
+cat >"$launch_dir/settings.txt" <<EOF
+job_id=$SLURM_JOB_ID
+restart_count=$RESTART_COUNT
+max_requeues=$MAX_REQUEUES
+requeue_on_term=$REQUEUE_ON_TERM
+nodes=$num_nodes
+tasks_per_node=$tasks_per_node
+cpus_per_task=$CPUS_PER_TASK
+config=$CONFIG
+run_dir=$RUN_DIR
+container_image=$CONTAINER_IMAGE
+container_mounts=$mounts
+master=$MASTER_ADDR:$MASTER_PORT
+EOF
 hm_log "job $SLURM_JOB_ID restart $RESTART_COUNT: $num_nodes node(s) x $tasks_per_node task(s)," \
   "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 hm_log "launch record: $launch_dir"

@@ -190,7 +190,9 @@ def cluster(tmp_path, monkeypatch):
     config = tmp_path / "configs" / "run.yaml"
     config.parent.mkdir()
     config.write_text("model: {}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FAKE_"))}
+    # the developer's or CI's own settings must not leak into what the tests assert
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "FAKE_", "NCCL_", "TORCH_NCCL_", "PYXIS_"))}
     env.update({
         "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}",
         "FAKE_SLURM_LOG": str(log),
@@ -200,7 +202,8 @@ def cluster(tmp_path, monkeypatch):
         "DATA_DIR": str(tmp_path / "data"),
     })
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "REPO_DIR",
-                 "OVERRIDES", "CKPT_DIR", "MAX_REQUEUES", "REQUEUE_ON_TERM", "SRUN_ARGS"):
+                 "OVERRIDES", "CKPT_DIR", "MAX_REQUEUES", "REQUEUE_ON_TERM", "SRUN_ARGS", "CONTAINER_MOUNTS",
+                 "CPUS_PER_TASK", "KILL_ON_BAD_EXIT", "CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS"):
         env.pop(name, None)
 
     class Cluster:
@@ -210,11 +213,11 @@ def cluster(tmp_path, monkeypatch):
         def __init__(self):
             self.env = env
 
-        def sbatch(self, *flags, extra_env=None, background=False, cwd=REPO):
-            cmd = ["sbatch", *flags[:-1], str(SCRIPT), *flags[-1]] if flags and isinstance(flags[-1], list) \
-                else ["sbatch", *flags, str(SCRIPT)]
+        def sbatch(self, *flags, script_args=(), extra_env=None, background=False):
+            """`sbatch FLAGS slurm/pretrain_7b.sh SCRIPT_ARGS` from the repository root."""
+            cmd = ["sbatch", *flags, str(SCRIPT), *script_args]
             proc_env = dict(self.env, **(extra_env or {}))
-            proc = subprocess.Popen(cmd, env=proc_env, cwd=cwd, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, env=proc_env, cwd=REPO, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
             return proc if background else _finish(proc)
 
@@ -324,6 +327,9 @@ def test_launch_command_and_rank_environment(cluster, num_nodes):
     command = (record / "command.txt").read_text()
     assert command.startswith("srun ") and "hybrid-megatron pretrain" in command
     assert "MASTER_ADDR=gpu101" in (record / "env.txt").read_text()
+    settings = dict(line.split("=", 1) for line in (record / "settings.txt").read_text().splitlines())
+    assert settings["nodes"] == str(num_nodes) and settings["config"] == config
+    assert settings["restart_count"] == "0" and settings["container_image"] == cluster.env["CONTAINER_IMAGE"]
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:
         assert (record / "git.txt").read_text().startswith(head.stdout.strip())
@@ -336,7 +342,7 @@ def test_nodelist_port_and_settings_from_environment(cluster):
         "CONTAINER_MOUNTS": f"{cluster.path}:/scratch", "MASTER_PORT": "23456",
         "SRUN_ARGS": "--no-container-mount-home", "NCCL_DEBUG": "INFO",
     }
-    result = cluster.sbatch("--nodes=2", ["model.num_layers=2"], extra_env=extra)
+    result = cluster.sbatch("--nodes=2", script_args=["model.num_layers=2"], extra_env=extra)
     assert result.returncode == 0, result.stdout + cluster.job_log()
     opts, task_cmd = _split_srun(cluster.srun_calls()[0])
     assert task_cmd[3:] == [
@@ -452,6 +458,8 @@ def test_refused_requeue_is_reported(cluster):
         ((), {"MAX_REQUEUES": "many"}, "MAX_REQUEUES must be a non-negative integer"),
         ((), {"REQUEUE_ON_TERM": "yes"}, "REQUEUE_ON_TERM must be 0 or 1"),
         (("--ntasks-per-node=4",), {}, "ask for one task per GPU (--ntasks-per-node=8)"),
+        ((), {"OVERRIDES": "logging.run_dir=/elsewhere"}, "set RUN_DIR or CKPT_DIR instead"),
+        ((), {"RUN_DIR": "/tmp/a:b"}, "pyxis mount paths may not contain ',' or ':'"),
         ((), {"DATA_DIR": "/tmp"}, None),  # control: a valid setting launches
     ],
 )
