@@ -98,7 +98,8 @@ fi
 
 # One task per GPU: the allocation must say so, or ranks would share GPUs or leave some idle.
 num_nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-num_tasks=${SLURM_NTASKS:?SLURM_NTASKS is unset: request tasks with --ntasks-per-node}
+num_tasks=${SLURM_NTASKS:-}
+[[ -n $num_tasks ]] || hm_die "$HM_EXIT_USAGE" "SLURM_NTASKS is unset: request one task per GPU with --ntasks-per-node"
 hm_require_int SLURM_NTASKS "$num_tasks"
 tasks_per_node=$((num_tasks / num_nodes))
 gpus_per_node=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}

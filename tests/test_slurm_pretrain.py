@@ -494,4 +494,7 @@ def test_outside_a_job_and_outside_the_repo(cluster, tmp_path):
     env["REPO_DIR"] = str(REPO)
     result = subprocess.run(["bash", str(spool / "slurm_script")], env=env, capture_output=True, text=True,
                             cwd=tmp_path)
-    assert "SLURM_NTASKS is unset" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: SLURM_NTASKS is unset: request one task per GPU with --ntasks-per-node"
+    ]
