@@ -254,7 +254,7 @@ class CheckpointConfig:
     """None: <logging.run_dir>/checkpoints."""
     async_save: bool = False
     load: str | None = None
-    """A checkpoint directory to start from; None: resume from <save_dir>/latest when it exists."""
+    """A checkpoint to start from when <save_dir> has none yet; once this run has saved, <save_dir>/latest wins."""
     keep_last: int | None = None
     """Delete older step directories past this many; None keeps all."""
 

@@ -39,7 +39,8 @@ def _build(cfg):
     model = _wrap(cfg, build_model_chunks(cfg, VOCAB, SEQ))
     _wire_grad_sync(model)
     optimizer = build_optimizer(cfg, model)
-    scheduler = PhasedScheduler(optimizer, [Segment(0, 100, 0.0, cfg.optim.lr, 0.0, 1, "linear")], 0.1)
+    # no warmup, so the first step already moves the weights
+    scheduler = PhasedScheduler(optimizer, [Segment(0, 100, 0.0, cfg.optim.lr, 0.0, 0, "linear")], 0.1)
     return model, optimizer, scheduler
 
 

@@ -21,7 +21,8 @@ from gpu_helpers import ROOT, run_pretrain
 pytestmark = pytest.mark.gpu
 
 STEPS = 40
-DETERMINISTIC = ["train.deterministic=true", "logging.log_interval=10"]
+# short runs: warm up within them, and deterministic kernels so the resumed half can match bitwise
+DETERMINISTIC = ["train.deterministic=true", "logging.log_interval=10", "schedule.lr_warmup_steps=10"]
 
 
 def _losses(run_dir: Path) -> dict[int, dict]:
@@ -50,19 +51,28 @@ def test_resume_continues_the_same_curve(tmp_path):
 
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """Starts pretrain with its output in <run_dir>.log (a pipe nobody reads would fill and block it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{run_dir}.log", "w")
+    proc = subprocess.Popen(
         [sys.executable, "-m", "hybrid_megatron", "pretrain", "configs/tiny.yaml", f"logging.run_dir={run_dir}",
          "logging.log_interval=1", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
+    proc.log_path = Path(log.name)
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()[-4000:]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"process exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"process exited early ({proc.returncode}):\n{_output(proc)}")
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("timed out")
@@ -75,8 +85,8 @@ def test_sigusr1_checkpoints_and_exits_75(tmp_path):
     losses = run_dir / "losses.jsonl"
     _wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 5, proc)
     proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75, out[-4000:]
+    proc.wait(timeout=300)
+    assert proc.returncode == 75, _output(proc)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     state = json.loads((run_dir / "checkpoints" / latest / "train_state.json").read_text())
     assert state["step"] == len(losses.read_text().splitlines())

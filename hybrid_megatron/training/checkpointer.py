@@ -21,14 +21,22 @@ from hybrid_megatron.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-# Optimizer state in model space: reloadable at another TP/PP/DP layout.
+# Optimizer state in model space ("fully_reshardable": gathered per DP group on save, sliced per rank
+# on load), so a checkpoint reloads at another TP/PP/DP layout. The fp32 SSM params must sit in a
+# param group of their own for megatron-core to pair their state correctly (see loop._param_group_overrides).
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
-def _model_sharded_state_dict(model_chunks) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def _rng_state() -> dict:
@@ -90,7 +98,7 @@ class Checkpointer:
         torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
         state = _model_sharded_state_dict(self.model)
         state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
-        state["scheduler"] = self.scheduler.state_dict()
+        train_state = {**train_state, "scheduler": self.scheduler.state_dict()}
         files = {
             "run_config.yaml": dump_yaml(self.cfg),
             "train_state.json": json.dumps(train_state, indent=1, sort_keys=True),
@@ -123,10 +131,14 @@ class Checkpointer:
 
     # ---- load -------------------------------------------------------------------------------------
     def find_resume_point(self) -> Path | None:
-        """checkpoint.load if set, else ``<save_dir>/latest`` if there is one, else None."""
+        """``<save_dir>/latest`` when this run has saved before (a requeued job continues its own
+        progress), else checkpoint.load (the starting point of a new run), else None."""
+        latest = ckpt.read_latest(self.save_dir)
+        if latest is not None:
+            return latest
         if self.cfg.checkpoint.load:
             return ckpt.resolve_checkpoint(self.cfg.checkpoint.load)
-        return ckpt.read_latest(self.save_dir)
+        return None
 
     def load(self, step_dir: Path) -> dict:
         """Restores model (+ optimizer, scheduler, RNG unless weights-only); returns train_state."""
@@ -140,18 +152,20 @@ class Checkpointer:
         state = _model_sharded_state_dict(self.model)
         if not weights_only:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
-            state["scheduler"] = self.scheduler.state_dict()
         loaded = dist_checkpointing.load(state, str(step_dir))
-        if len(self.model) == 1:
-            self.model[0].load_state_dict(loaded["model"])
-        else:
-            for i, chunk in enumerate(self.model):
-                chunk.load_state_dict(loaded[f"model{i}"])
+        for i, chunk in enumerate(self.model):
+            weights = loaded["model"] if len(self.model) == 1 else loaded[f"model{i}"]
+            # keys come back under the wrappers' "module." prefixes; load into the bare HybridModel
+            result = _unwrap(chunk).load_state_dict({_strip_module(k): v for k, v in weights.items()}, strict=False)
+            unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+            if result.missing_keys or unexpected:
+                raise RuntimeError(f"checkpoint {step_dir} does not match the model: missing "
+                                   f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}")
         if weights_only:
             log.info("loaded weights from %s (fresh optimizer and schedule)", step_dir)
             return {}
         self.optimizer.load_state_dict(loaded["optimizer"])
-        self.scheduler.load_state_dict(loaded["scheduler"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
         rng_file = step_dir / "rng" / f"rank-{self.rank:05d}.pt"
         same_layout = (
             saved_cfg.get("parallel") == to_dict(self.cfg.parallel)

@@ -65,6 +65,7 @@ def initialize(cfg: RunConfig) -> Ranks:
     if cfg.train.deterministic:
         os.environ.setdefault("NCCL_ALGO", "Ring")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"  # TE attention: deterministic backward
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend="nccl",
