@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(describe(cfg))
         return 0
+    from hybrid_megatron.training.distributed import require_gpu
+
+    require_gpu()
     from hybrid_megatron.training.loop import pretrain
 
     return pretrain(cfg)

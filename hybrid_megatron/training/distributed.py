@@ -45,14 +45,21 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     return world_size // mp
 
 
+def require_gpu() -> None:
+    """Fails with one line before megatron is imported (its import prints pages of warnings on a CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("pretrain needs a CUDA GPU (none visible); `--dry-run` works without one")
+
+
 def initialize(cfg: RunConfig) -> Ranks:
     """Creates the default process group and megatron's TP/PP/DP groups; seeds every RNG."""
     import torch
     from megatron.core import parallel_state
 
     ranks = discover_ranks()
-    if not torch.cuda.is_available():
-        raise ConfigError("pretrain needs a CUDA GPU (none visible); `--dry-run` works without one")
+    require_gpu()
     data_parallel_size(cfg, ranks.world_size)  # fail before any collective
     torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
     if ranks.world_size > 1:

@@ -1,0 +1,65 @@
+"""The checkpoint directory protocol: tmp dir, rename, `latest` by rename, pruning, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.training import checkpoint as ckpt
+
+
+def _tmp_step(save_dir, step):
+    tmp = save_dir / f"{ckpt.step_dir_name(step)}.tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "shard.distcp").write_bytes(b"x" * 10)
+    return tmp
+
+
+def _files(step):
+    return {"train_state.json": json.dumps({"step": step}), "run_config.yaml": "model: {}\n"}
+
+
+def test_commit_renames_then_points_latest(tmp_path):
+    final = ckpt.commit(tmp_path, _tmp_step(tmp_path, 5), 5, _files(5), keep_last=None)
+    assert final.name == "step-000005" and (final / "shard.distcp").is_file()
+    assert (tmp_path / "latest").read_text() == "step-000005\n"
+    assert ckpt.read_latest(tmp_path) == final
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / ".latest.tmp").exists()
+
+
+def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(tmp_path):
+    ckpt.commit(tmp_path, _tmp_step(tmp_path, 5), 5, _files(5), keep_last=None)
+    _tmp_step(tmp_path, 10)  # a save that died before its commit
+    assert ckpt.read_latest(tmp_path).name == "step-000005"
+    ckpt.clean_stale_tmp(tmp_path)
+    assert not (tmp_path / "step-000010.tmp").exists()
+
+
+def test_keep_last_prunes_old_steps_but_never_latest(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.commit(tmp_path, _tmp_step(tmp_path, step), step, _files(step), keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000004"]
+
+
+def test_latest_naming_an_incomplete_dir_is_refused(tmp_path):
+    (tmp_path / "step-000007").mkdir()
+    (tmp_path / "latest").write_text("step-000007\n")
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt.read_latest(tmp_path)
+
+
+def test_resolve_accepts_a_step_dir_or_a_save_dir(tmp_path):
+    final = ckpt.commit(tmp_path, _tmp_step(tmp_path, 3), 3, _files(3), keep_last=None)
+    assert ckpt.resolve_checkpoint(tmp_path) == final
+    assert ckpt.resolve_checkpoint(final) == final
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        ckpt.resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_architecture_change_is_refused_but_pipeline_cuts_may_move(tmp_path):
+    saved = {"hybrid_layer_pattern": "M-M*|M-M*", "hidden_size": 512, "layer_spec": "te"}
+    ckpt.check_architecture(saved, {**saved, "hybrid_layer_pattern": "M-M*M-M*", "layer_spec": "local"}, tmp_path)
+    with pytest.raises(ConfigError, match="model.hidden_size=512 there, 768 in this config"):
+        ckpt.check_architecture(saved, {**saved, "hidden_size": 768}, tmp_path)

@@ -1,0 +1,61 @@
+"""`hybrid-megatron pretrain`: dry-run output and one-line errors with exit code 2 (CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "hybrid_megatron", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_dry_run_prints_layout_params_and_flops():
+    proc = _cli("pretrain", "configs/tiny.yaml", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "hybrid_layer_pattern: M-M*-|M-M*-" in out  # the resolved config
+    assert "pp stage 0: [0:10] M-M*-M-M*-" in out
+    assert "parameters: 15,141,568" in out
+    assert "FLOPs per token at seq 1024: forward" in out
+
+
+def test_dry_run_shows_each_pipeline_stage():
+    proc = _cli("pretrain", "configs/tiny.yaml", "--dry-run", "parallel.pipeline_model_parallel_size=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "pp stage 0: [0:5] M-M*-" in proc.stdout and "pp stage 1: [5:10] M-M*-" in proc.stdout
+
+
+def _one_line_error(proc, needle):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_bad_pattern_symbol_exits_2_with_its_position():
+    _one_line_error(_cli("pretrain", "configs/tiny.yaml", "--dry-run", "model.hybrid_layer_pattern=M-Q"),
+                    "unknown symbol 'Q' at position 2")
+
+
+def test_tp_not_dividing_heads_names_both_numbers():
+    _one_line_error(_cli("pretrain", "configs/tiny.yaml", "--dry-run", "parallel.tensor_model_parallel_size=16"),
+                    "tensor_model_parallel_size=16 does not divide model.num_attention_heads=8")
+
+
+def test_missing_data_path_is_named():
+    proc = _cli("pretrain", "configs/tiny.yaml", "--dry-run", "build_sample_data=false",
+                "data.sources.code=/nonexistent/code")
+    _one_line_error(proc, "/nonexistent/code")
+
+
+def test_missing_config_file():
+    _one_line_error(_cli("pretrain", "configs/nope.yaml", "--dry-run"), "config file not found: configs/nope.yaml")
+
+
+def test_pretrain_without_a_gpu_says_so():
+    proc = _cli("pretrain", "configs/tiny.yaml", "train.train_steps=1")
+    _one_line_error(proc, "needs a CUDA GPU")
