@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
+def _async_strategy() -> str:
+    """NVIDIA Resiliency Extension's async writer when installed, else megatron-core's own."""
+    import importlib.util
+
+    return "nvrx" if importlib.util.find_spec("nvidia_resiliency_ext") else "mcore"
+
+
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module."):]
@@ -104,7 +111,11 @@ class Checkpointer:
             "train_state.json": json.dumps(train_state, indent=1, sort_keys=True),
         }
         request = dist_checkpointing.save(
-            state, str(tmp), async_sharded_save=self._async_queue is not None, content_metadata=_OPTIM_METADATA
+            state,
+            str(tmp),
+            async_sharded_save=self._async_queue is not None,
+            content_metadata=_OPTIM_METADATA,
+            async_strategy=_async_strategy(),
         )
 
         def _commit():
@@ -126,8 +137,12 @@ class Checkpointer:
             self._async_queue.maybe_finalize_async_calls(blocking=False)
 
     def finalize(self) -> None:
+        """Waits for an async save and its commit; no rank returns before rank 0 has moved ``latest``."""
+        import torch
+
         if self._async_queue is not None:
             self._async_queue.maybe_finalize_async_calls(blocking=True)
+            torch.distributed.barrier()
 
     # ---- load -------------------------------------------------------------------------------------
     def find_resume_point(self) -> Path | None:
