@@ -290,19 +290,27 @@ class DataConfig:
         return build_schedule(self).total_steps
 
 
-def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Read a data config YAML; a file whose top level has a ``data:`` mapping is read from there."""
+def load_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file otherwise."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"data config {p}: no such file")
+        raise ConfigError(f"config file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"data config {p}: not valid YAML ({exc})") from None
-    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
-        raw = raw["data"]
+        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"data config {p}: top level must be a mapping")
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_data_config(path: str | os.PathLike) -> DataConfig:
+    """Read a data config YAML; a file whose top level has a ``data:`` mapping is read from there."""
+    raw = load_yaml_mapping(path)
+    if isinstance(raw.get("data"), dict):
+        raw = raw["data"]
     return DataConfig.from_dict(raw)
