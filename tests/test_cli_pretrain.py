@@ -59,3 +59,11 @@ def test_missing_config_file():
 def test_pretrain_without_a_gpu_says_so():
     proc = _cli("pretrain", "configs/tiny.yaml", "train.train_steps=1")
     _one_line_error(proc, "needs a CUDA GPU")
+
+
+def test_1b_recipe_is_about_a_billion_parameters():
+    proc = _cli("pretrain", "configs/1b.yaml", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("parameters: "))
+    params = int(line.split()[1].replace(",", ""))
+    assert 0.9e9 < params < 1.3e9
