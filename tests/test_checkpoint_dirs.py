@@ -58,8 +58,15 @@ def test_resolve_accepts_a_step_dir_or_a_save_dir(tmp_path):
         ckpt.resolve_checkpoint(tmp_path / "elsewhere")
 
 
-def test_architecture_change_is_refused_but_pipeline_cuts_may_move(tmp_path):
-    saved = {"hybrid_layer_pattern": "M-M*|M-M*", "hidden_size": 512, "layer_spec": "te"}
-    ckpt.check_architecture(saved, {**saved, "hybrid_layer_pattern": "M-M*M-M*", "layer_spec": "local"}, tmp_path)
+def test_architecture_change_is_refused_but_cuts_and_spellings_may_differ(tmp_path):
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.config_io import to_dict
+
+    saved = to_dict(load_run_config("configs/tiny.yaml").model)
+    same = {**saved, "hybrid_layer_pattern": "M-M*-M-M*-", "layer_spec": "local", "kv_channels": 64,
+            "mamba_num_heads": 16}  # no cut; explicit values equal to the derived ones
+    ckpt.check_architecture(saved, same, tmp_path)
     with pytest.raises(ConfigError, match="model.hidden_size=512 there, 768 in this config"):
-        ckpt.check_architecture(saved, {**saved, "hidden_size": 768}, tmp_path)
+        ckpt.check_architecture(saved, {**saved, "hidden_size": 768, "mamba_head_dim": 96}, tmp_path)
+    with pytest.raises(ConfigError, match="model.mamba_state_dim=64 there, 128"):
+        ckpt.check_architecture(saved, {**saved, "mamba_state_dim": 128}, tmp_path)
