@@ -22,6 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the resolved config, layer layout per pipeline stage, parameter count and FLOPs; no GPU needed",
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --dry-run: GPUs the memory estimate assumes (DP = N / (TP x PP)); default 8, one node",
+    )
     p.set_defaults(func=run)
 
 
@@ -29,11 +36,14 @@ def run(args: argparse.Namespace) -> int:
     from hybrid_megatron.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
+    gpus = getattr(args, "gpus", None)
     if args.dry_run:
         from hybrid_megatron.training.dry_run import describe
 
-        print(describe(cfg))
+        print(describe(cfg, world_size=8 if gpus is None else gpus))
         return 0
+    if gpus is not None:
+        log.warning("--gpus %d is ignored without --dry-run: the launcher's world size counts", gpus)
     from hybrid_megatron.training.distributed import require_gpu
 
     require_gpu()

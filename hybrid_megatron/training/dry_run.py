@@ -10,6 +10,7 @@ from hybrid_megatron.config_io import dump_yaml
 from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.build import padded_vocab_size
 from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
+from hybrid_megatron.model.memory import data_parallel_size, estimate_lines
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,13 @@ def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
     return config_vocab_size(cfg.data), notes
 
 
-def describe(cfg: RunConfig) -> str:
+def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
+    """The dry-run report; ``world_size`` GPUs set the data-parallel size of the memory estimate."""
     from data_pipeline.schedule import build_schedule
 
     m, par = cfg.model, cfg.parallel
+    dp = data_parallel_size(cfg, world_size)
+    cfg.data.check_dp_size(dp)  # the loader refuses the same at startup
     vocab, notes = _vocab(cfg)
     padded = padded_vocab_size(vocab, m, par.tensor_model_parallel_size)
     schedule = build_schedule(cfg.data)
@@ -52,6 +56,10 @@ def describe(cfg: RunConfig) -> str:
     lines.append(
         f"layers: {m.num_layers} ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
         f"vocab {vocab} padded to {padded}"
+    )
+    lines.append(
+        f"data-parallel size: {dp} ({world_size} GPUs / (TP {par.tensor_model_parallel_size} x "
+        f"PP {par.pipeline_model_parallel_size}))"
     )
     for stage, n in zip(stages, per_stage):
         chunks = " ".join(
@@ -67,12 +75,7 @@ def describe(cfg: RunConfig) -> str:
         f"run: {schedule.total_steps} steps, {schedule.total_tokens:,} tokens "
         f"({cfg.data.global_batch_tokens:,} per step), phases {', '.join(p.name for p in cfg.data.phases)}",
     ]
-    try:
-        from hybrid_megatron.model.memory import estimate_lines
-
-        lines += ["", "# memory per GPU (estimate)"] + estimate_lines(cfg, padded, max_seq)
-    except ImportError:
-        pass
+    lines += ["", "# memory per GPU (estimate)"] + estimate_lines(cfg, padded, max_seq, world_size=world_size)
     if notes:
         lines += ["", "# notes"] + notes
     return "\n".join(lines)

@@ -1,0 +1,261 @@
+"""Per-GPU memory estimate of a run, for the worst pipeline stage (what `pretrain --dry-run` prints).
+
+Bytes held by one GPU = weights + gradients + optimizer state + activations + overhead, per pipeline
+stage; the estimate reports every stage and judges the largest. GB = 1e9 bytes. Legend: T tokens per
+micro-batch (micro_batch_size x seq_len, packed or not), H hidden, t TP size, s = t with sequence
+parallel else 1, V padded vocab, P a stage's parameters per TP rank (TP-sharded params / t + params
+megatron replicates over TP: pre-norm weights, row-parallel biases, the final norm), DP = GPUs / (t x PP).
+
+States (megatron DDP with grad_reduce_in_fp32, as training/loop.py builds it):
+  weights    2 B/param (bf16), 4 B for the fp32 SSM params (A_log, D, dt_bias) and for dtype fp32
+  fp8        + 2 B per GEMM weight of the FP8 layers (outside the BF16 first/last layers): TE keeps the
+             bf16 weight as the master and caches a row-wise FP8 copy plus the column-wise (transposed)
+             one that Hopper's FP8 GEMMs need in the backward, for all micro-batches of the step
+  grads      4 B/param: the fp32 grad buffer is full size on every rank, distributed optimizer or not
+  optimizer  Adam: fp32 master + m + v = 12 B per bf16 param, 8 B per fp32 param (it is its own
+             master); divided by DP with the distributed optimizer, whole without it
+
+Activations kept for the backward, per layer and micro-batch (Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models", adapted to this stack; dropout is 0 in our
+models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep bf16 copies too):
+  pre-norm (fused into the first GEMM)  4TH/s + 4T/s       (input = residual, normed GEMM input, fp32 rstd)
+  mamba      + [2T(2di + 2GN + nh) + 3 * 2T di + 4TG] / t  (in_proj output [z,x,B,C,dt] and the SSD
+             output before gating, both saved by mamba_split_conv1d_scan_combined; gated-norm input;
+             out_proj input; fp32 group-norm rstd). The memory-efficient kernel recomputes the conv
+             output and the chunk states in the backward, so those are working set, below.
+  attention  + [2T(q + 2kv)hd + 2T q hd + 4T q] / t          (Q, K, V; flash/cuDNN output = proj input;
+             fp32 logsumexp). No S^2 term: the fused kernels never store the score matrix. Selective
+             recompute (megatron's default module "core_attn") keeps Q, K, V and the output and drops
+             only the logsumexp: it targets the unfused S^2 softmax, so on this stack it saves little.
+  mlp        + [2T F u + 2T F] / t, u = 2 for swiglu else 1  (fc1 output, activation output = fc2 input)
+  full recompute (uniform, N = train.recompute_num_layers): 2TH/s per checkpoint of N layers instead.
+Per model chunk and micro-batch also 2TH/s for the chunk's output, which megatron's pipeline schedule
+keeps until the backward (deallocate_pipeline_outputs=False), except on the model's last chunk.
+Micro-batches in flight on pipeline rank r (megatron's warm-up count + 1, capped by the micro-batches
+of the step): 1F1B  PP - r;  interleaved (v chunks per rank)  2(PP - r - 1) + (v - 1)PP + 1 chunk
+forwards, each counted at the rank's largest chunk. So stage 0 holds PP micro-batches (Korthikanti's
+L x PP/PP = L layers); with interleaving (1 + (PP-1)/(PP v)) times that.
+Once per GPU (not per micro-batch in flight):
+  working set  the largest layer's backward: mamba  [2T W + 2T(di + 2GN) + 4T di N/Q + 4T G Q + 12T nh]/t
+               (grad of in_proj output, recomputed conv output, fp32 chunk states and C^T B, dt/dA);
+               attention [2T(q + 2kv)hd + 6T q hd + 4Tq]/t; mlp [2T F u + 2T F]/t; plus 4TH/s of
+               residual-stream grads and, with sequence parallel, 2TH for the all-gathered GEMM input.
+               Full recompute adds the stored activations of the N-layer chunk being recomputed.
+  logits       last stage: 6 T V/t (fp32 softmax kept by vocab_parallel_cross_entropy + the bf16 logits
+               or their bf16 grad) + 4TH/s for the final norm.
+Overhead: 2.5 GB (CUDA context, NCCL buffers of the TP/PP/DP groups, cuBLAS/TE workspaces) + 5% of the
+rest for allocator fragmentation. An "H100 80GB" has 81,559 MiB = 85.5 GB: judging against 80 GB leaves
+that difference as unmodelled slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.config import ModelConfig, RunConfig
+from hybrid_megatron.model import flops
+from hybrid_megatron.model import pattern as pat
+
+GB = 1e9
+GPU_BYTES = 80 * GB
+OVERHEAD_BYTES = 2.5 * GB
+FRAGMENTATION = 0.05
+FP8_WEIGHT_BYTES = 2  # row-wise + column-wise FP8 copy per GEMM weight (Hopper)
+
+
+@dataclass(frozen=True, slots=True)
+class _LayerParams:
+    total: int
+    replicated: int  # held whole by every TP rank
+    fp32: int  # SSM params kept fp32 (sharded over TP with the heads)
+    gemm: int  # GEMM weights: what FP8 layers cache in FP8
+
+
+def _norm(m: ModelConfig) -> int:
+    return m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
+
+
+def _layer_params(m: ModelConfig, symbol: str) -> _LayerParams:
+    H, total = m.hidden_size, flops.layer_cost(m, symbol, 1).params
+    bias = H if m.add_bias_linear else 0  # row-parallel output biases are replicated
+    if symbol == pat.MAMBA:
+        width = 2 * m.mamba_d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.num_mamba_heads
+        return _LayerParams(total, _norm(m), 3 * m.num_mamba_heads, H * width + m.mamba_d_inner * H)
+    if symbol == pat.ATTENTION:
+        q_width = m.num_attention_heads * m.head_dim
+        qkv = q_width + 2 * m.num_kv_heads * m.head_dim
+        return _LayerParams(total, _norm(m) + bias, 0, H * qkv + q_width * H)
+    up = m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
+    return _LayerParams(total, _norm(m) + bias, 0, H * up + m.ffn_hidden_size * H)
+
+
+def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str) -> tuple[float, float]:
+    """(bytes kept until the backward per micro-batch, bytes of the layer's backward working set)."""
+    H = m.hidden_size
+    stats = 4 * T * (2 if m.normalization == "LayerNorm" else 1)
+    stored = (4 * T * H + stats) / s  # pre-norm input and normed GEMM input (+ fp32 statistics)
+    if symbol == pat.MAMBA:
+        di, G, N, nh, Q = (m.mamba_d_inner, m.mamba_num_groups, m.mamba_state_dim, m.num_mamba_heads,
+                           m.mamba_chunk_size)
+        W = 2 * di + 2 * G * N + nh
+        stored += (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
+        work = (2 * T * W + 2 * T * (di + 2 * G * N) + 4 * T * di * N / Q + 4 * T * G * Q + 12 * T * nh) / tp
+    elif symbol == pat.ATTENTION:
+        q, hd = m.num_attention_heads, m.head_dim
+        qkv = (q + 2 * m.num_kv_heads) * hd
+        lse = 0 if recompute == "selective" else 4 * T * q
+        stored += (2 * T * qkv + 2 * T * q * hd + lse) / tp
+        work = (2 * T * qkv + 6 * T * q * hd + 4 * T * q) / tp  # dQ/dK/dV, fp32 dQ accumulator, dO
+    else:
+        F = m.ffn_hidden_size
+        up = F * (2 if m.activation == "swiglu" else 1)
+        stored += (2 * T * up + 2 * T * F) / tp
+        work = stored - (4 * T * H + stats) / s
+    return stored, work
+
+
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """Bytes one GPU of pipeline rank ``pp_rank`` holds at its peak."""
+
+    pp_rank: int
+    weights: float
+    fp8_weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    in_flight: int  # micro-batches (chunk forwards with interleaving) whose activations are held
+
+    @property
+    def allocated(self) -> float:
+        return self.weights + self.fp8_weights + self.grads + self.optimizer + self.activations
+
+    @property
+    def overhead(self) -> float:
+        return OVERHEAD_BYTES + FRAGMENTATION * self.allocated
+
+    @property
+    def total(self) -> float:
+        return self.allocated + self.overhead
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    """DP = world / (TP x PP); ConfigError when that is not a whole number."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if world_size < 1 or world_size % (tp * pp):
+        raise ConfigError(
+            f"--gpus {world_size}: must be a positive multiple of TP {tp} x PP {pp} = {tp * pp}"
+        )
+    return world_size // (tp * pp)
+
+
+def in_flight(pp: int, vpp: int, pp_rank: int, num_microbatches: int) -> int:
+    """Micro-batch forwards (model-chunk forwards when interleaved) held at once: megatron's warm-up + 1."""
+    if pp == 1:
+        return 1
+    if vpp == 1:
+        return min(pp - pp_rank, num_microbatches)
+    return min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp + 1, num_microbatches * vpp)
+
+
+def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int) -> list[StageMemory]:
+    """Memory of one GPU on each pipeline stage, for sequences of ``seq_len`` (the run's longest)."""
+    m, par, prec, train = cfg.model, cfg.parallel, cfg.precision, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = data_parallel_size(cfg, world_size)
+    s = tp if par.sequence_parallel else 1
+    T, H, V = train.micro_batch_size * seq_len, m.hidden_size, padded_vocab
+    bsm = cfg.data.batch_size_multiple
+    sequences = cfg.data.global_batch_tokens // seq_len // bsm * bsm
+    num_micro = max(1, sequences // dp // train.micro_batch_size)
+    stages = pat.split_stages(m.hybrid_layer_pattern, pp)
+    vpp = len(stages[0].chunks)
+    num_layers = m.num_layers
+    bf16_layer = [
+        i < prec.fp8_bf16_layers_at_start or i >= num_layers - prec.fp8_bf16_layers_at_end for i in range(num_layers)
+    ]
+    half = prec.dtype == "bf16"
+    fp32_ssm = half and prec.fp32_ssm_params
+    out = []
+    for stage in stages:
+        last = stage.pp_rank == pp - 1
+        sharded = replicated = fp32 = fp8_gemm = 0
+        if stage.pp_rank == 0:
+            sharded += V * H  # vocab-parallel embedding
+        if last:
+            replicated += _norm(m)
+            if not m.tie_embeddings or pp > 1:
+                sharded += V * H
+        chunk_bytes, work = [], 0.0
+        for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
+            acts = [_layer_activations(m, sym, T, tp, s, train.recompute) for sym in chunk]
+            for i, sym in enumerate(chunk):
+                p = _layer_params(m, sym)
+                sharded += p.total - p.replicated
+                replicated += p.replicated
+                fp32 += p.fp32 if fp32_ssm else 0
+                fp8_gemm += p.gemm if prec.fp8 and not bf16_layer[first + i] else 0
+            work = max([work] + [w for _, w in acts])
+            if train.recompute == "full":
+                n = train.recompute_num_layers
+                stored = -(-len(chunk) // n) * 2 * T * H / s
+                windows = [sum(a for a, _ in acts[i : i + n]) for i in range(0, len(chunk), n)]
+                work = max(work, max(w for _, w in acts) + max(windows))
+            else:
+                stored = sum(a for a, _ in acts)
+            model_output = last and c == len(stage.chunks) - 1
+            chunk_bytes.append(stored + (0 if model_output else 2 * T * H / s))
+        params = sharded / tp + replicated
+        fp32_rank = fp32 / tp
+        held = in_flight(pp, vpp, stage.pp_rank, num_micro)
+        activations = held * max(chunk_bytes) + work + 4 * T * H / s + (2 * T * H if s > 1 else 0)
+        if last:
+            activations += 6 * T * V / tp + 4 * T * H / s
+        state_bytes = 12 if half else 8
+        optimizer = state_bytes * (params - fp32_rank) + 8 * fp32_rank
+        out.append(StageMemory(
+            pp_rank=stage.pp_rank,
+            weights=(2 if half else 4) * (params - fp32_rank) + 4 * fp32_rank,
+            fp8_weights=FP8_WEIGHT_BYTES * fp8_gemm / tp,
+            grads=4 * params,
+            optimizer=optimizer / dp if par.use_distributed_optimizer else optimizer,
+            activations=activations,
+            in_flight=held,
+        ))
+    return out
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f} GB" if abs(x) >= GB else f"{x / GB:.2f} GB"
+
+
+def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int = 8) -> list[str]:
+    """The dry-run section: layout, one line per pipeline stage, and a verdict against 80 GB."""
+    par, train = cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = data_parallel_size(cfg, world_size)
+    stages = estimate(cfg, padded_vocab, seq_len, world_size=world_size)
+    optimizer = f"distributed optimizer (sharded over DP {dp})" if par.use_distributed_optimizer else (
+        "optimizer state replicated on every DP rank (use_distributed_optimizer=false)"
+    )
+    lines = [
+        f"{world_size} GPUs = TP {tp} x PP {pp} x DP {dp}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
+        f"{optimizer}; fp8 {cfg.precision.fp8 or 'off'}"
+    ]
+    for st in stages:
+        weights = _gb(st.weights) + (f" + fp8 copies {_gb(st.fp8_weights)}" if st.fp8_weights else "")
+        lines.append(
+            f"pp stage {st.pp_rank}: weights {weights} | grads {_gb(st.grads)} | optimizer {_gb(st.optimizer)} | "
+            f"activations {_gb(st.activations)} (recompute={train.recompute}, mbs {train.micro_batch_size}, "
+            f"seq {seq_len}, {st.in_flight} in flight) | overhead {_gb(st.overhead)} | total {_gb(st.total)}"
+        )
+    worst = max(stages, key=lambda st: st.total)
+    margin = GPU_BYTES - worst.total
+    if margin >= 0:
+        verdict = f"fits an 80 GB H100 with {_gb(margin)} to spare"
+    else:
+        verdict = (f"does NOT fit an 80 GB H100 ({_gb(-margin)} over): raise TP or PP, use the distributed "
+                   "optimizer, recompute=full, a smaller micro-batch, or more GPUs")
+    lines.append(f"worst: pp stage {worst.pp_rank}, total {_gb(worst.total)}: {verdict}")
+    return lines
