@@ -255,7 +255,11 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
     if margin >= 0:
         verdict = f"fits an 80 GB H100 with {_gb(margin)} to spare"
     else:
-        verdict = (f"does NOT fit an 80 GB H100 ({_gb(-margin)} over): raise TP or PP, use the distributed "
-                   "optimizer, recompute=full, a smaller micro-batch, or more GPUs")
+        remedies = ["raise TP or PP"]
+        remedies += [] if par.use_distributed_optimizer else ["use the distributed optimizer"]
+        remedies += [] if train.recompute == "full" else ["recompute=full"]
+        remedies += ["a smaller micro-batch"] if train.micro_batch_size > 1 else []
+        remedies += ["more GPUs"] if par.use_distributed_optimizer else []
+        verdict = f"does NOT fit an 80 GB H100 ({_gb(-margin)} over): {', '.join(remedies)}"
     lines.append(f"worst: pp stage {worst.pp_rank}, total {_gb(worst.total)}: {verdict}")
     return lines
