@@ -1,0 +1,376 @@
+"""Training throughput on one GPU: our pretrain step beside megatron-core's stock HybridModel, BF16 and FP8.
+
+    python benchmarks/train_throughput.py                      # 8 default cases, ~6 min on an H100
+    python benchmarks/train_throughput.py --cases fp8_7b       # FP8 vs BF16 at 7B layer widths
+    python benchmarks/train_throughput.py --scaling            # seq 2048..16384, hybrid vs attention
+    python benchmarks/train_throughput.py --cases hybrid1b-bf16-ours --steps 5 --profile
+
+Cases are MODEL-PRECISION-PATH (``--list`` prints them). ``ours``: our layer specs
+(``hybrid_megatron.model.build``), our bf16 wrap with fp32 A_log/D/dt_bias, megatron DDP + distributed
+optimizer with our param groups, and our ``train_step``. ``stock``: megatron-core's ``HybridModel`` with
+its TE spec (``hybrid_layer_specs.hybrid_stack_spec``), ``Float16Module``, the same DDP/optimizer
+settings with megatron's default param groups, and a minimal loop on ``get_forward_backward_func``.
+Both get the same TransformerConfig (sizes, FP8 recipe), the same synthetic batches, micro-batches and
+warm-up; warm-up steps are not timed. FP8 is ``hybrid`` format with ``tensorwise`` (current) scaling.
+
+Each case runs in a fresh process (``--in-process`` runs them in this one); the JSON in
+``benchmarks/results/`` is rewritten after every case, so a time-out keeps the finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+RESULTS = C.ROOT / "benchmarks" / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="default", help="comma list of MODEL-PRECISION-PATH or a preset "
+                    f"({', '.join(sorted(C.PRESETS))}); default: {','.join(C.DEFAULT_CASES)}")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 8 with --scaling)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 3 with --scaling)")
+    ap.add_argument("--seq", type=int, default=4096, help="sequence length of the --cases runs")
+    ap.add_argument("--micro-batch-size", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=4, help="sequences per optimizer step")
+    ap.add_argument("--fp8-bf16-ends", type=int, default=0,
+                    help="pattern layers kept BF16 at each end in FP8 cases (Nemotron-H used 2)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="ours, bf16: tokens/s and memory at seq 2048/4096/8192/16384, hybrid1b vs attn1b")
+    ap.add_argument("--scaling-seqs", default=",".join(map(str, C.SCALING_SEQS)))
+    ap.add_argument("--step-tokens", type=int, default=32768, help="--scaling: tokens per optimizer step")
+    ap.add_argument("--micro-tokens", type=int, default=16384, help="--scaling: tokens per micro-batch")
+    ap.add_argument("--profile", action="store_true", help="profile one extra step: kernel time by category")
+    ap.add_argument("--in-process", action="store_true", help="run every case in this process")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="stop starting cases once this much wall time has passed (the JSON keeps what ran)")
+    ap.add_argument("--case-timeout-s", type=float, default=240.0)
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/train_throughput[_scaling].json)")
+    ap.add_argument("--list", action="store_true", help="print the case names and model sizes, then exit")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case spec (JSON) and exit
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = 8 if args.scaling else 20
+    if args.warmup is None:
+        args.warmup = 3 if args.scaling else 10
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.out is None:
+        args.out = str(RESULTS / ("train_throughput_scaling.json" if args.scaling else "train_throughput.json"))
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """Case specs (plain dicts, passed to the worker process as JSON)."""
+    if args.scaling:
+        specs = []
+        for seq in (int(s) for s in args.scaling_seqs.split(",")):
+            mbs, global_batch = max(1, args.micro_tokens // seq), args.step_tokens // seq
+            if args.step_tokens % seq or global_batch < 1 or global_batch % mbs:
+                raise ValueError(f"--scaling: seq {seq} must divide --step-tokens {args.step_tokens} into a "
+                                 f"multiple of {mbs} sequences (--micro-tokens {args.micro_tokens})")
+            for model in C.SCALING_MODELS:
+                specs.append({"name": f"{model}-bf16-ours-seq{seq}", "model": model, "precision": "bf16",
+                              "path": "ours", "seq_len": seq, "micro_batch_size": mbs, "global_batch": global_batch})
+        return specs
+    return [{"name": c.name, "model": c.model, "precision": c.precision, "path": c.path, "seq_len": args.seq,
+             "micro_batch_size": args.micro_batch_size, "global_batch": args.global_batch}
+            for c in C.parse_cases(args.cases, args.seq)]
+
+
+def spec_config(spec: dict, args: argparse.Namespace):
+    return C.run_config(spec["model"], spec["precision"], spec["seq_len"], spec["micro_batch_size"],
+                        spec["global_batch"], fp8_bf16_ends=args.fp8_bf16_ends)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the two paths (GPU)
+
+
+def synthetic_batches(num: int, global_batch: int, seq_len: int, vocab: int, seed: int = 0) -> list:
+    import numpy as np
+
+    from data_pipeline.loader import StepBatch
+    from data_pipeline.packing import build_arrays
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for step in range(num):
+        windows = rng.integers(0, vocab, size=(global_batch, seq_len + 1), dtype=np.int64)
+        arrays = build_arrays(windows, vocab - 1, reset=False, eod_mask_loss=False)
+        out.append(StepBatch(step=step, phase="pretrain", seq_len=seq_len, sources=["synthetic"] * global_batch,
+                             hashes=[""] * global_batch, tokens_by_source={"synthetic": global_batch * seq_len},
+                             **arrays))
+    return out
+
+
+def build_ours(cfg, seq_len: int):
+    from hybrid_megatron.model.build import build_model_chunks
+    from hybrid_megatron.training.loop import _wire_grad_sync, _wrap, build_optimizer
+    from hybrid_megatron.training.lr import PhasedScheduler, Segment
+    from hybrid_megatron.training.step import train_step
+
+    model = _wrap(cfg, build_model_chunks(cfg, cfg.model.vocab_size, seq_len))
+    _wire_grad_sync(model)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = PhasedScheduler(optimizer, [Segment(0, 10**6, 0.0, cfg.optim.lr, 0.0, 0, "linear")],
+                                cfg.optim.weight_decay)
+
+    def step(batch) -> float:
+        return train_step(batch, model, optimizer, scheduler, cfg, seq_len).loss
+
+    return model, optimizer, step
+
+
+def _stock_loss(loss_mask, output_tensor):
+    import torch
+
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _stock_forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    output = model(mb.input_ids, mb.position_ids, attention_mask=None, labels=mb.labels)
+    return output, partial(_stock_loss, mb.loss_mask)
+
+
+def build_stock(cfg, seq_len: int):
+    """megatron-core's own hybrid path: stock TE spec, Float16Module, DDP, default optimizer groups."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+
+    from hybrid_megatron.model import pattern as pat
+    from hybrid_megatron.model.build import build_transformer_config, padded_vocab_size
+    from hybrid_megatron.training.step import micro_batch_size_for, split_micro_batches
+
+    config = build_transformer_config(cfg)  # the same TransformerConfig as ours: sizes, FP8 recipe
+    model = HybridModel(config=config, hybrid_stack_spec=hybrid_stack_spec,
+                        vocab_size=padded_vocab_size(cfg.model.vocab_size, cfg.model, 1),
+                        max_sequence_length=seq_len, hybrid_layer_pattern=pat.layers(cfg.model.hybrid_layer_pattern),
+                        position_embedding_type="none", share_embeddings_and_output_weights=False)
+    model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                        clip_grad=o.clip_grad, bf16=True, params_dtype=torch.bfloat16,
+                        use_distributed_optimizer=True),
+        [ddp],
+    )
+    forward_backward = get_forward_backward_func()
+
+    def step(batch) -> float:
+        n_local = batch.input_ids.shape[0]
+        mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, seq_len)
+        micro = split_micro_batches(batch, mbs, False, torch.cuda.current_device())  # numpy -> GPU, as ours
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = forward_backward(forward_step_func=_stock_forward_step, data_iterator=iter(micro), model=ddp,
+                                   num_microbatches=len(micro), seq_length=seq_len, micro_batch_size=mbs,
+                                   forward_only=False)
+        optimizer.step()
+        stats = sum(item["lm loss"].double() for item in reduced)
+        return float(stats[0] / stats[1])
+
+    return [ddp], optimizer, step
+
+
+# ---------------------------------------------------------------------------------------------------
+# one case (GPU)
+
+
+def profile_step(step_fn, batch) -> dict:
+    """CUDA kernel time of one step, by category (see ``_common.kernel_category``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn(batch)
+        torch.cuda.synchronize()
+    kernels = []
+    for avg in prof.key_averages():
+        t = getattr(avg, "self_device_time_total", None)
+        if t is None:
+            t = getattr(avg, "self_cuda_time_total", 0.0)
+        if t and t > 0:
+            kernels.append((avg.key, float(t) / 1e3, int(avg.count)))  # us -> ms
+    return C.summarize_kernels(kernels)
+
+
+def run_case(spec: dict, args: argparse.Namespace, gemm_tflops: float | None) -> dict:
+    import torch
+
+    cfg = spec_config(spec, args)
+    seq_len = spec["seq_len"]
+    numbers = C.model_numbers(cfg, seq_len)
+    row = {**spec, **numbers, "warmup_steps": args.warmup, "timed_steps": args.steps,
+           "tokens_per_step": spec["global_batch"] * seq_len}
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    build = build_ours if spec["path"] == "ours" else build_stock
+    model, optimizer, step_fn = build(cfg, seq_len)
+    row["built_params"] = sum(p.numel() for m in model for p in m.parameters())
+    row["build_s"] = time.perf_counter() - t0
+    batches = synthetic_batches(2, spec["global_batch"], seq_len, cfg.model.vocab_size)
+    for m in model:
+        m.train()
+    losses = [step_fn(batches[i % 2]) for i in range(args.warmup)]
+    torch.cuda.synchronize()
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        losses.append(step_fn(batches[i % 2]))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = sum(times)
+    row.update(C.rates(row["tokens_per_step"] * args.steps, seconds, numbers["flops_per_token"], C.device_name(),
+                       gemm_tflops=gemm_tflops))
+    row.update(C.peak_memory_gib())
+    row.update(step_s_median=sorted(times)[len(times) // 2], step_s_min=min(times), step_s_max=max(times),
+               loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+               losses_finite=all(x == x and abs(x) != float("inf") for x in losses))
+    if args.profile:
+        row["profile"] = profile_step(step_fn, batches[0])
+    del model, optimizer, step_fn, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Runs one case spec in this (fresh) process; writes its row as JSON to --worker-out."""
+    spec = json.loads(args.worker)
+    out = Path(args.worker_out)
+    try:
+        C.init_single_gpu()
+        gemm = C.measure_gemm_tflops()
+        row = {**run_case(spec, args, gemm), "gemm_bf16_tflops": gemm}
+    except Exception as exc:  # the parent records the failure and goes on with the next case
+        import traceback
+
+        row = {**spec, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+    out.write_text(json.dumps(row, default=str))
+    return 0 if "error" not in row else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# driver
+
+
+def _run_subprocess(spec: dict, args: argparse.Namespace, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out", str(out),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--fp8-bf16-ends", str(args.fp8_bf16_ends)]
+        if args.profile:
+            cmd.append("--profile")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=C.ROOT)
+        except subprocess.TimeoutExpired:
+            return {**spec, "error": f"timed out after {timeout:.0f} s"}
+        if out.is_file():
+            row = json.loads(out.read_text())
+        else:
+            row = {**spec, "error": f"worker exited {proc.returncode} without a result"}
+        if "error" in row:
+            row["stderr_tail"] = proc.stderr[-3000:]
+        return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'case':<34}{'params':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'xGEMM':>7}{'mem GiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<34}  FAILED: {r['error'][:90]}")
+            continue
+        print(f"{r['name']:<34}{r['params'] / 1e9:>7.2f}B{r['tokens_per_s']:>10,.0f}{r['tflops_per_gpu']:>9.1f}"
+              f"{C.fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6}%{C.fmt(r['ratio_to_measured_gemm'], '.2f'):>7}"
+              f"{r['max_allocated_gib']:>9.1f}")
+    for label, num, den, value in C.ratios(rows):
+        print(f"{label:<44}{num:>24} / {den:<24}{value:>7.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    try:
+        specs = plan(args)
+        for spec in specs:  # validate every config on the CPU before the first GPU minute is spent
+            spec_config(spec, args)
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        for spec in specs:
+            n = C.model_numbers(spec_config(spec, args), spec["seq_len"])
+            print(f"{spec['name']:<34} {n['params'] / 1e9:.3f}B params, {n['flops_per_token'] / 1e9:.2f} GFLOP/token")
+        return 0
+    settings = {k: getattr(args, k) for k in ("steps", "warmup", "seq", "micro_batch_size", "global_batch",
+                                              "fp8_bf16_ends", "scaling", "profile", "in_process")}
+    if args.scaling:
+        settings.update(step_tokens=args.step_tokens, micro_tokens=args.micro_tokens, scaling_seqs=args.scaling_seqs)
+    result = C.ResultFile(args.out, C.header("train_throughput", sys.argv, settings))
+    result.update(device=C.device_name(), versions=C.versions(), models={m: C.MODELS[m] for m in
+                                                                          sorted({s["model"] for s in specs})})
+    start = time.perf_counter()
+    gemm = None
+    if args.in_process:
+        C.init_single_gpu()
+        gemm = C.measure_gemm_tflops()
+        result.update(gemm_bf16_tflops=gemm)
+    rows = []
+    for spec in specs:
+        left = args.budget_s - (time.perf_counter() - start)
+        if left < 30:
+            row = {**spec, "error": f"skipped: --budget-s {args.budget_s:.0f} used up"}
+        elif args.in_process:
+            try:
+                row = run_case(spec, args, gemm)
+            except Exception as exc:
+                row = {**spec, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        else:
+            row = _run_subprocess(spec, args, min(args.case_timeout_s, left))
+        rows.append(row)
+        result.add(row)
+        status = row.get("error") or f"{row['tokens_per_s']:,.0f} tok/s, MFU {C.fmt(row['mfu'], '.3f')}"
+        print(f"[{time.perf_counter() - start:6.0f}s] {spec['name']}: {status}", flush=True)
+    result.update(ratios=[{"what": a, "numerator": b, "denominator": c, "ratio": d} for a, b, c, d in C.ratios(rows)],
+                  wall_s=time.perf_counter() - start)
+    print_table(rows)
+    print(f"\nresults: {args.out}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
