@@ -148,6 +148,7 @@ def test_kernel_categories_and_summary():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run real benchmark cases")
 def test_driver_records_a_failed_worker_and_keeps_going(tmp_path):
     """Without a GPU every worker fails; the JSON still holds one row per case, with the reason."""
     out = tmp_path / "bench.json"
@@ -155,8 +156,7 @@ def test_driver_records_a_failed_worker_and_keeps_going(tmp_path):
                    "--out", str(out), "--case-timeout-s", "120"])
     data = json.loads(out.read_text())
     assert code == 1 and [r["name"] for r in data["cases"]] == ["hybrid1b-bf16-ours", "attn1b-bf16-stock"]
-    if not torch.cuda.is_available():
-        assert all("CUDA GPU" in r["error"] for r in data["cases"])
+    assert all("CUDA GPU" in r["error"] for r in data["cases"])
 
 
 # ---- conversion fixtures ----------------------------------------------------------------------------
