@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
+def _model_sharded_state_dict(model_chunks) -> dict:
+    """Sharded state dicts of the bare HybridModel chunks.
+
+    Taken below the DDP / Float16Module wrappers: megatron-core's DDP has no ``sharded_state_dict``
+    of its own, so the default recursion would prefix every key with ``module.``. Without the
+    wrappers the keys are megatron's own (``decoder.layers.0.mixer.in_proj.weight``), which is what
+    the converter reads and what ``convert from-hf`` writes; the tensors are the same objects.
+    """
+    if len(model_chunks) == 1:
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
 def _async_strategy() -> str:
     """NVIDIA Resiliency Extension's async writer when installed, else megatron-core's own."""
     import importlib.util
