@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tool_helpers import dev_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-
-
-def _tool(name):
-    path = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    if path is None:
-        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
-    return path
 
 
 def _instructions():
@@ -35,12 +27,12 @@ def _instructions():
 
 
 def test_dockerfile_passes_hadolint():
-    result = subprocess.run([_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True)
+    result = subprocess.run([dev_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_entrypoint_passes_shellcheck():
-    result = subprocess.run([_tool("shellcheck"), str(ENTRYPOINT)], capture_output=True, text=True)
+    result = subprocess.run([dev_tool("shellcheck"), str(ENTRYPOINT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tool_helpers import dev_tool
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "pretrain_7b.sh"
@@ -255,17 +256,10 @@ def _split_srun(argv):
 # ------------------------------------------------------------------------------------------ static
 
 
-def _tool(name):
-    path = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    if path is None:
-        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
-    return path
-
-
 def test_scripts_pass_shellcheck():
     scripts = [str(p) for p in sorted((REPO / "slurm").glob("*.sh"))]
     assert len(scripts) >= 2
-    result = subprocess.run([_tool("shellcheck"), "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([dev_tool("shellcheck"), "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -194,3 +194,16 @@ def point_latest(save_dir: Path, step_dir: Path) -> None:
     tmp = save_dir / f".{LATEST}.tmp"
     tmp.write_text(step_dir.name + "\n")
     os.replace(tmp, save_dir / LATEST)
+
+
+def prepare_empty_dir(path: Path, overwrite: bool) -> None:
+    """Creates ``path``; an existing non-empty dir is replaced only with ``overwrite`` (ConfigError otherwise)."""
+    import shutil
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{path} exists and is not empty: pass --overwrite to replace its contents")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,8 @@ def import_hf(
     if unknown:
         raise DataError(f"{hf_dir}: tensor {unknown[0]} has no megatron mapping ({len(unknown)} such keys)")
 
-    step_dir = _prepare_save_dir(save_dir, overwrite)
+    ckpt_io.prepare_empty_dir(save_dir, overwrite)
+    step_dir = save_dir / STEP_DIR_NAME
     padded = padded_vocab_size(cfg.vocab_size, cfg, 1)
     params_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     dims = mapping.Dims.of(cfg)
@@ -120,14 +121,3 @@ def import_hf(
     log.info("imported %s -> %s: %d tensors, padded vocab %d, %.1f s", hf_dir, step_dir, len(tensors), padded,
              time.perf_counter() - start)
     return step_dir
-
-
-def _prepare_save_dir(save_dir: Path, overwrite: bool) -> Path:
-    if save_dir.exists() and not save_dir.is_dir():
-        raise ConfigError(f"{save_dir} exists and is not a directory")
-    if save_dir.is_dir() and any(save_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{save_dir} exists and is not empty: pass --overwrite to replace its contents")
-        shutil.rmtree(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    return save_dir / STEP_DIR_NAME

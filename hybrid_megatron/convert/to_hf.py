@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +34,6 @@ class ExportOptions:
     keep_vocab_padding: bool = False
     max_shard_bytes: int = 2 * 1024**3
     progress: bool = True
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out_dir} exists and is not empty: pass --overwrite to replace its contents")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _load_tokenizer(path: str):
@@ -106,7 +95,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     by_key = {name: (i, dtype) for i, s in enumerate(shards) for name, _, dtype in s.entries}
 
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, opts.overwrite)
+    ckpt_io.prepare_empty_dir(out_dir, opts.overwrite)
     writers: dict[int, ShardWriter] = {}
     bar = tqdm(total=sum(s.num_bytes for s in shards), unit="B", unit_scale=True, disable=not opts.progress,
                desc="to-hf")
