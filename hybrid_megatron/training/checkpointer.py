@@ -47,12 +47,6 @@ def _async_strategy() -> str:
     return "nvrx" if importlib.util.find_spec("nvidia_resiliency_ext") else "mcore"
 
 
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
-
-
 def _unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
@@ -183,8 +177,7 @@ class Checkpointer:
         loaded = dist_checkpointing.load(state, str(step_dir))
         for i, chunk in enumerate(self.model):
             weights = loaded["model"] if len(self.model) == 1 else loaded[f"model{i}"]
-            # keys come back under the wrappers' "module." prefixes; load into the bare HybridModel
-            result = _unwrap(chunk).load_state_dict({_strip_module(k): v for k, v in weights.items()}, strict=False)
+            result = _unwrap(chunk).load_state_dict(weights, strict=False)  # saved from the bare model too
             unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
             if result.missing_keys or unexpected:
                 raise RuntimeError(f"checkpoint {step_dir} does not match the model: missing "
