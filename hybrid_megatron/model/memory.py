@@ -140,12 +140,12 @@ class StageMemory:
         return self.allocated + self.overhead
 
 
-def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    """DP = world / (TP x PP); ConfigError when that is not a whole number."""
+def data_parallel_size(cfg: RunConfig, world_size: int, what: str = "--gpus") -> int:
+    """DP = world / (TP x PP); ConfigError naming ``what`` set the world size when that is not whole."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     if world_size < 1 or world_size % (tp * pp):
         raise ConfigError(
-            f"--gpus {world_size}: must be a positive multiple of TP {tp} x PP {pp} = {tp * pp}"
+            f"{what} {world_size}: must be a positive multiple of TP {tp} x PP {pp} = {tp * pp}"
         )
     return world_size // (tp * pp)
 

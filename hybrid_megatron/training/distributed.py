@@ -35,16 +35,6 @@ def discover_ranks(env: dict[str, str] | None = None) -> Ranks:
     return Ranks(0, 1, 0)
 
 
-def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    mp = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-    if world_size % mp:
-        raise ConfigError(
-            f"{world_size} processes cannot be split into tensor_model_parallel_size x pipeline_model_parallel_size"
-            f" = {mp}"
-        )
-    return world_size // mp
-
-
 def require_gpu() -> None:
     """Fails with one line before megatron is imported (its import prints pages of warnings on a CPU)."""
     import torch
@@ -60,7 +50,9 @@ def initialize(cfg: RunConfig) -> Ranks:
 
     ranks = discover_ranks()
     require_gpu()
-    data_parallel_size(cfg, ranks.world_size)  # fail before any collective
+    from hybrid_megatron.model.memory import data_parallel_size
+
+    data_parallel_size(cfg, ranks.world_size, what="world size")  # fail before any collective
     torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
     if ranks.world_size > 1:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
