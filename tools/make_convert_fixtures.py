@@ -449,22 +449,12 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
         row.update(check_fixture(out_dir, args.max_fixture_bytes))
     except Exception as exc:
         return {**row, "status": "failed", "error": f"fixture check: {exc}"}
+    from benchmarks._common import versions  # the same version record the benchmarks write
+
     meta = {k: v for k, v in row.items() if k not in ("attempts",)}
-    meta.update(recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=_versions(), device=_device())
+    meta.update(recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=versions(), device=_device())
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return {**row, "status": "ok"}
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("torch", "megatron-core", "transformer-engine", "mamba-ssm", "causal-conv1d"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _device() -> str:
