@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _gpu_launch import device_name, launch, visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -383,24 +383,6 @@ def worker(args: argparse.Namespace) -> int:
 # driver (no CUDA here: every GPU step runs in a child process)
 
 
-def _launch(n: int, argv: list[str], timeout: float, log_path: Path, module: bool = False) -> tuple[int, str]:
-    """Runs ``argv`` (a script path or ``-m module ...``) in ``n`` processes; returns (exit code, output tail)."""
-    if n == 1:
-        cmd = [sys.executable, *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *argv]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    with open(log_path, "w") as log:
-        log.write(" ".join(cmd) + "\n")
-        log.flush()
-        try:
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    return code, log_path.read_text()[-2500:]
-
-
 def _worker_argv(mode: str, name: str, run_dir: Path, steps: int, layout: dict, dest: Path, info: Path,
                  source: Path | None = None) -> list[str]:
     argv = [str(Path(__file__).resolve()), "--worker", mode, "--fixture", name, "--run-dir", str(run_dir),
@@ -417,7 +399,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     source = None
     if args.train == "cli":
         cli = ["-m", "hybrid_megatron", "pretrain", "configs/tiny.yaml", *overrides(name, run_dir, args.steps)]
-        code, tail = _launch(n, cli, args.timeout_s, work / name / "train_cli.log")
+        code, tail = launch(n, cli, args.timeout_s, work / name / "train_cli.log")
         row["attempts"].append({"how": "pretrain CLI", "exit": code, **({"tail": tail} if code else {})})
         if code == 0:
             source, row["trained_by"] = run_dir / "checkpoints", "pretrain CLI"
@@ -429,7 +411,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     if source is None:
         dest, info = work / name / "trained", work / name / "train_info.json"
         argv = _worker_argv("train", name, run_dir, args.steps, layout, dest, info)
-        code, tail = _launch(n, argv, args.timeout_s, work / name / "train_worker.log")
+        code, tail = launch(n, argv, args.timeout_s, work / name / "train_worker.log")
         row["attempts"].append({"how": "in-process worker", "exit": code, **({"tail": tail} if code else {})})
         if code != 0:
             return {**row, "status": "failed", "error": f"training failed (exit {code}): {tail[-600:]}"}
@@ -441,7 +423,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     out_dir.mkdir(parents=True)
     info = work / name / "record_info.json"
     argv = _worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source)
-    code, tail = _launch(n, argv, args.timeout_s, work / name / "record.log")
+    code, tail = launch(n, argv, args.timeout_s, work / name / "record.log")
     if code != 0:
         return {**row, "status": "failed", "error": f"recording failed (exit {code}): {tail[-1200:]}"}
     row.update(json.loads(info.read_text()))
@@ -452,22 +434,9 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     from benchmarks._common import versions  # the same version record the benchmarks write
 
     meta = {k: v for k, v in row.items() if k not in ("attempts",)}
-    meta.update(recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=versions(), device=_device())
+    meta.update(recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=versions(), device=device_name())
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return {**row, "status": "ok"}
-
-
-def _device() -> str:
-    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else "unknown"
-
-
-def visible_gpus() -> int:
-    try:
-        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in proc.stdout.splitlines() if line.startswith("GPU ")) if proc.returncode == 0 else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
