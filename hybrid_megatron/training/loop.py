@@ -1,7 +1,7 @@
 """The pretraining loop: set-up on megatron-core, then steps until the data phases are done.
 
 Returns a process exit code: 0 done, 75 saved after a preemption signal, 4 stopped on non-finite
-loss/grad norm. Every step appends ``{"step", "loss", "grad_norm", "lr", "tokens", ...}`` to
+loss/grad norm. Every step appends ``{"step", "loss", "grad_norm", "lr", "tokens", ..., "time"}`` to
 ``<run_dir>/losses.jsonl`` (rank 0), which is what resume checks compare.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from data_pipeline.errors import ConfigError
@@ -200,7 +201,7 @@ def pretrain(cfg: RunConfig) -> int:
                 losses.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                                          "lr": scheduler.current_lr(), "tokens": result.tokens,
                                          "seq_len": batch.seq_len, "phase": batch.phase,
-                                         "skipped": result.skipped}) + "\n")
+                                         "skipped": result.skipped, "time": round(time.time(), 3)}) + "\n")
                 losses.flush()
             if result.skipped:
                 skipped_total += 1

@@ -1,0 +1,193 @@
+"""CPU checks of tools/loss_parity.py: every planned run is a valid config, and the comparison judges right.
+
+The runs themselves need GPUs; here the suites' configs are built and validated the way `pretrain`
+does it, and the comparison runs on loss records written the way the training loop writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import loss_parity as L  # noqa: E402
+
+from hybrid_megatron.config import load_run_config  # noqa: E402
+from hybrid_megatron.model.memory import data_parallel_size  # noqa: E402
+from hybrid_megatron.model.pattern import split_stages  # noqa: E402
+from hybrid_megatron.training.checkpoint import step_dir_name  # noqa: E402
+
+RUNS = [(suite, run) for suite in L.SUITES.values() for run in suite.runs]
+
+
+@pytest.mark.parametrize("suite,run", RUNS, ids=[f"{s.name}:{r.name}" for s, r in RUNS])
+def test_every_planned_run_is_a_valid_config(suite, run, tmp_path):
+    overrides = L.run_overrides(suite, run, suite.default_steps, tmp_path)
+    cfg = load_run_config(ROOT / suite.config, overrides)
+    assert data_parallel_size(cfg, run.gpus) >= 1
+    split_stages(cfg.model.hybrid_layer_pattern, cfg.parallel.pipeline_model_parallel_size)
+    assert cfg.train.train_steps == suite.default_steps
+    assert cfg.logging.run_dir == str(tmp_path / run.name)
+    if run.reference:
+        assert run.reference in {r.name for r in suite.runs}
+
+
+def test_parallel_suite_covers_the_layouts_recompute_and_cross_layout_resume(tmp_path):
+    suite = L.SUITES["parallel"]
+    cfgs = {r.name: load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 60, tmp_path)) for r in suite.runs}
+    layouts = {(c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size,
+                data_parallel_size(c, r.gpus), c.parallel.sequence_parallel, c.train.recompute)
+               for r, c in zip(suite.runs, cfgs.values())}
+    for tp, pp, dp, sp in ((2, 1, 1, True), (1, 2, 1, False), (1, 1, 2, False)):
+        for rc in ("none", "selective", "full"):
+            assert (tp, pp, dp, sp, rc) in layouts
+    stages = split_stages(cfgs["pp2"].model.hybrid_layer_pattern, 2)
+    assert [len(s.chunks[0]) for s in stages] == [7, 3]  # uneven on purpose
+    assert all(c.train.deterministic for c in cfgs.values())
+    # the resume runs start from tp2-sp's half-way checkpoint, at another layout, for a few steps
+    for name, (tp, pp) in {"tp2-sp>pp2": (1, 2), "tp2-sp>tp1": (1, 1)}.items():
+        c = cfgs[name]
+        assert Path(c.checkpoint.load) == tmp_path / "tp2-sp" / "checkpoints" / step_dir_name(30)
+        assert (c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size) == (tp, pp)
+        assert c.train.exit_after_steps == 5
+    assert cfgs["tp2-sp"].checkpoint.save_interval == 30  # the resume source saves half-way
+    assert cfgs["tp1"].checkpoint.save_interval == 60
+
+
+def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
+    suite = L.SUITES["fp8"]
+    cfgs = {r.name: load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 300, tmp_path)) for r in suite.runs}
+    assert cfgs["bf16"].precision.fp8 is None
+    assert cfgs["fp8-tensorwise"].precision.fp8_recipe == "tensorwise"
+    assert cfgs["fp8-delayed"].precision.fp8_recipe == "delayed"
+    ends = cfgs["fp8-tensorwise-bf16ends"].precision
+    assert (ends.fp8_bf16_layers_at_start, ends.fp8_bf16_layers_at_end) == (2, 2)
+    assert L.FP8_WARMUP == cfgs["bf16"].schedule.lr_warmup_steps
+    for run in suite.runs[1:]:
+        assert (run.reference, run.rel_tol, run.after_step) == ("bf16", 0.015, L.FP8_WARMUP)
+    assert all(c.data.global_batch_tokens == 32768 for c in cfgs.values())
+
+
+# ---- the comparison ------------------------------------------------------------------------------
+
+
+def _records(steps, loss=lambda s: 5.0 - 0.01 * s, tokens=1000, t0=100.0, dt=0.5):
+    return [{"step": s, "loss": loss(s), "tokens": tokens, "time": t0 + dt * s} for s in steps]
+
+
+def _ok(records):
+    return {"status": "ok", "losses": records}
+
+
+def test_identical_curves_pass_bitwise():
+    base, run = L.Run("a", 1, ()), L.Run("b", 2, (), reference="a")
+    results = {"a": _ok(_records(range(1, 11))), "b": _ok(_records(range(1, 11)))}
+    assert L.compare_run(base, 10, results)["verdict"] == "baseline"
+    row = L.compare_run(run, 10, results)
+    assert row["verdict"] == "pass" and row["bitwise"] and row["max_rel_diff"] == 0
+    assert row["tokens_per_s"] == pytest.approx(1000 / 0.5)
+
+
+def test_one_step_past_the_tolerance_fails_and_is_named():
+    run = L.Run("b", 2, (), reference="a", rel_tol=0.01)
+    bumped = _records(range(1, 11), loss=lambda s: (5.0 - 0.01 * s) * (1.02 if s == 7 else 1.0))
+    row = L.compare_run(run, 10, {"a": _ok(_records(range(1, 11))), "b": _ok(bumped)})
+    assert row["verdict"] == "FAIL" and row["worst_step"] == 7 and row["max_rel_diff"] == pytest.approx(0.02)
+    within = _records(range(1, 11), loss=lambda s: (5.0 - 0.01 * s) * 1.005)
+    row = L.compare_run(run, 10, {"a": _ok(_records(range(1, 11))), "b": _ok(within)})
+    assert row["verdict"] == "pass" and not row["bitwise"]
+
+
+def test_missing_repeated_steps_or_other_data_fail():
+    run = L.Run("b", 2, (), reference="a")
+    ref = _ok(_records(range(1, 11)))
+    missing = _records([s for s in range(1, 11) if s != 4])
+    assert L.compare_run(run, 10, {"a": ref, "b": _ok(missing)})["missing_steps"] == [4]
+    assert L.compare_run(run, 10, {"a": ref, "b": _ok(missing)})["verdict"] == "FAIL"
+    repeated = _records(range(1, 11)) + _records([5, 6])
+    row = L.compare_run(run, 10, {"a": ref, "b": _ok(repeated)})
+    assert row["repeated_steps"] == 2 and row["verdict"] == "FAIL"
+    other_data = _ok(_records(range(1, 11), tokens=999))
+    row = L.compare_run(run, 10, {"a": ref, "b": other_data})
+    assert not row["same_tokens"] and row["verdict"] == "FAIL"
+
+
+def test_warmup_steps_are_not_compared():
+    run = L.Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=3)
+    early_gap = _records(range(1, 11), loss=lambda s: (5.0 - 0.01 * s) * (1.5 if s <= 3 else 1.0))
+    row = L.compare_run(run, 10, {"bf16": _ok(_records(range(1, 11))), "fp8": _ok(early_gap)})
+    assert row["verdict"] == "pass" and row["compared_steps"] == [4, 10]
+
+
+def test_a_resume_run_is_compared_on_the_steps_after_the_checkpoint():
+    run = L.Run("x>y", 1, (), reference="x", resume_from="x", resume_steps=5)
+    assert L.expected_steps(run, 60) == [31, 32, 33, 34, 35]
+    results = {"x": _ok(_records(range(1, 61))), "x>y": _ok(_records(range(31, 36)))}
+    row = L.compare_run(run, 60, results)
+    assert row["verdict"] == "pass" and row["compared_steps"] == [31, 35] and row["first_step_rel_diff"] == 0
+    results["x>y"] = _ok(_records(range(30, 36)))  # a step before the checkpoint was trained again
+    assert L.compare_run(run, 60, results)["extra_steps"] == [30]
+
+
+def test_failed_or_absent_runs_and_references():
+    run = L.Run("b", 2, (), reference="a")
+    assert L.compare_run(run, 10, {})["verdict"] == "not run"
+    assert L.compare_run(run, 10, {"b": {"status": "failed", "losses": []}})["verdict"] == "failed"
+    assert L.compare_run(run, 10, {"b": _ok(_records(range(1, 11)))})["verdict"] == "no reference"
+    assert L.compare_run(L.Run("a", 1, ()), 10, {"a": _ok(_records(range(1, 9)))})["verdict"] == "incomplete"
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "loss_parity.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def _runs_file(path: Path, runs: dict, steps: int = 20) -> Path:
+    path.write_text(json.dumps({"suite": "fp8", "steps": steps, "runs": runs}))
+    return path
+
+
+def test_plan_lists_the_commands_and_bad_names_exit_2():
+    proc = _cli("plan", "parallel")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["name"] for r in rows] == [r.name for r in L.SUITES["parallel"].runs]
+    two = next(r for r in rows if r["name"] == "tp2-sp")
+    assert "--nproc-per-node=2" in two["command"] and "configs/tiny.yaml" in two["command"]
+    proc = _cli("plan", "parallel", "--runs", "tp1,tp9")
+    assert proc.returncode == 2 and "unknown ['tp9']" in proc.stderr
+
+
+def test_compare_merges_files_later_wins_and_sets_the_exit_code(tmp_path):
+    good = _records(range(1, 21))  # the fp8 suite compares after its 10 warm-up steps
+    first = _runs_file(tmp_path / "a.json", {"bf16": _ok(good), "fp8-tensorwise": _ok(_records(
+        range(1, 21), loss=lambda s: (5.0 - 0.01 * s) * 1.05))})
+    second = _runs_file(tmp_path / "b.json", {"fp8-tensorwise": _ok(good)})
+    proc = _cli("compare", "fp8", str(first), "--out", str(tmp_path / "o1"))
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+    proc = _cli("compare", "fp8", str(first), str(second), "--out", str(tmp_path / "o2"))
+    assert proc.returncode == 0, proc.stdout
+    rows = {r["run"]: r for r in json.loads((tmp_path / "o2" / "fp8_parity.json").read_text())["rows"]}
+    assert rows["fp8-tensorwise"]["verdict"] == "pass" and rows["fp8-delayed"]["verdict"] == "not run"
+    other = _runs_file(tmp_path / "c.json", {}, steps=30)
+    proc = _cli("compare", "fp8", str(first), str(other))
+    assert proc.returncode != 0 and "steps=30" in proc.stderr
+
+
+def test_run_without_gpus_records_skips_and_fails(tmp_path):
+    proc = _cli("run", "parallel", "--runs", "tp1,tp2-sp", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 1
+    runs = json.loads((tmp_path / "o" / "parallel_runs.json").read_text())["runs"]
+    assert runs["tp1"] == {"status": "skipped", "error": "needs 1 GPUs, 0 visible"}
+    assert runs["tp2-sp"]["error"] == "needs 2 GPUs, 0 visible"
+    rows = json.loads((tmp_path / "o" / "parallel_parity.json").read_text())["rows"]
+    assert {r["run"]: r["verdict"] for r in rows}["tp2-sp"] == "skipped"

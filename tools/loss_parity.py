@@ -1,0 +1,337 @@
+"""Loss-curve parity of real ``pretrain`` runs: parallel layouts against one GPU, FP8 against BF16.
+
+    python tools/loss_parity.py run parallel [--runs tp1,tp2-sp,...] [--steps 60]   # 2 GPUs (1 for tp1)
+    python tools/loss_parity.py run fp8 [--runs bf16,fp8-tensorwise,...] [--steps 300]   # 1 GPU
+    python tools/loss_parity.py compare parallel OUT/parallel_runs.json [MORE.json ...]  # anywhere
+    python tools/loss_parity.py plan parallel                                          # anywhere
+
+Every run is the real CLI (``python -m hybrid_megatron pretrain CONFIG overrides``, under
+``torch.distributed.run`` for 2 GPUs) in a child process with a timeout; its ``losses.jsonl`` (one
+record per step: loss, tokens, time) goes into ``<out>/<suite>_runs.json``, merged with the runs
+already there, so a suite can be spread over several calls and compared later on any machine.
+
+Suites (``plan SUITE`` prints the runs and their command lines):
+
+* ``parallel`` -- configs/tiny.yaml, deterministic kernels, the pattern cut unevenly for PP=2
+  (7 + 3 layers). TP=2 with sequence parallel, PP=2, DP=2 (distributed optimizer) follow TP=PP=DP=1
+  within 1% at every step; selective and full recompute at each layout follow that layout's run; the
+  TP=2 checkpoint at the half-way step resumes at PP=2 and at TP=1 with the same next-step loss.
+* ``fp8`` -- configs/1b.yaml at 32k tokens per step: FP8 recipes (tensorwise, tensorwise with the
+  first/last 2 layers in BF16, delayed) follow BF16 within 1.5% at every step after warm-up.
+
+A run passes when it has every step it should, saw the same tokens per step as its reference (the
+same data), and its loss stays within the tolerance. ``<out>/<suite>_parity.json`` holds the table.
+Exit 0 when every compared run passes, 1 otherwise, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from _gpu_launch import ROOT, device_name, launch, launch_command, visible_gpus
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    gpus: int
+    overrides: tuple[str, ...]
+    reference: str | None = None
+    """The run whose curve this one must follow (None: the suite's baseline)."""
+    rel_tol: float = 0.01
+    resume_from: str | None = None
+    """Start from this run's checkpoint at the suite's half-way step, then run ``resume_steps``."""
+    resume_steps: int = 5
+    after_step: int = 0
+    """Compare steps above this one only (warm-up)."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    config: str
+    common: tuple[str, ...]
+    runs: tuple[Run, ...]
+    default_steps: int
+
+
+PARALLEL_PATTERN = "M-M*-M-|M*-"  # the tiny model's 10 layers, cut 7 + 3 for PP=2
+LAYOUTS = {
+    "tp2-sp": ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"),
+    "pp2": ("parallel.pipeline_model_parallel_size=2",),
+    "dp2": (),  # two ranks, TP = PP = 1: data parallel with the distributed optimizer
+}
+
+
+def _parallel_runs() -> tuple[Run, ...]:
+    runs = [Run("tp1", 1, ())]
+    runs += [Run(name, 2, over, reference="tp1") for name, over in LAYOUTS.items()]
+    runs += [Run(f"{name}-{rc}", 2, (*over, f"train.recompute={rc}"), reference=name)
+             for name, over in LAYOUTS.items() for rc in ("selective", "full")]
+    runs += [Run("tp2-sp>pp2", 2, LAYOUTS["pp2"], reference="tp2-sp", resume_from="tp2-sp"),
+             Run("tp2-sp>tp1", 1, (), reference="tp2-sp", resume_from="tp2-sp")]
+    return tuple(runs)
+
+
+FP8_BASE = ("precision.fp8=hybrid",)
+FP8_WARMUP = 10  # configs/1b.yaml schedule.lr_warmup_steps
+
+
+def _fp8_runs() -> tuple[Run, ...]:
+    variants = {
+        "fp8-tensorwise": FP8_BASE,
+        "fp8-tensorwise-bf16ends": (*FP8_BASE, "precision.fp8_bf16_layers_at_start=2",
+                                    "precision.fp8_bf16_layers_at_end=2"),
+        "fp8-delayed": (*FP8_BASE, "precision.fp8_recipe=delayed"),
+    }
+    return (Run("bf16", 1, ()),) + tuple(
+        Run(name, 1, over, reference="bf16", rel_tol=0.015, after_step=FP8_WARMUP) for name, over in variants.items()
+    )
+
+
+SUITES = {
+    "parallel": Suite(
+        "parallel", "configs/tiny.yaml",
+        ("train.deterministic=true", f"model.hybrid_layer_pattern={PARALLEL_PATTERN}", "schedule.lr_warmup_steps=10",
+         "logging.log_interval=10", "logging.tensorboard=false"),
+        _parallel_runs(), default_steps=60),
+    "fp8": Suite(
+        "fp8", "configs/1b.yaml",
+        ("data.global_batch_tokens=32768", "logging.log_interval=10", "logging.tensorboard=false"),
+        _fp8_runs(), default_steps=300),
+}
+
+
+def half_step(steps: int) -> int:
+    return steps // 2
+
+
+def _needed_later(suite: Suite, run: Run) -> bool:
+    return any(r.resume_from == run.name for r in suite.runs)
+
+
+def run_overrides(suite: Suite, run: Run, steps: int, work: Path) -> list[str]:
+    """The CLI overrides of one run (after the config path)."""
+    save_at = half_step(steps) if _needed_later(suite, run) else steps  # a resume source saves half-way
+    out = [*suite.common, *run.overrides, f"train.train_steps={steps}", f"logging.run_dir={work / run.name}",
+           f"checkpoint.save_interval={save_at}"]
+    if run.resume_from:
+        source = work / run.resume_from / "checkpoints" / f"step-{half_step(steps):06d}"
+        out += [f"checkpoint.load={source}", f"train.exit_after_steps={run.resume_steps}"]
+    return out
+
+
+def expected_steps(run: Run, steps: int) -> list[int]:
+    if run.resume_from:
+        start = half_step(steps)
+        return list(range(start + 1, min(start + run.resume_steps, steps) + 1))
+    return list(range(1, steps + 1))
+
+
+# ---- comparison (pure: runs anywhere) ---------------------------------------------------------------
+
+
+def by_step(records: list[dict]) -> dict[int, dict]:
+    """Step -> record; a step logged twice (a repeated step) keeps its last record."""
+    return {int(r["step"]): r for r in records}
+
+
+def tokens_per_s(records: list[dict], skip: int = 5) -> float | None:
+    """Loss tokens per second over the steps after the first ``skip`` (start-up, compilation)."""
+    timed = [r for r in records if "time" in r][skip:]
+    if len(timed) < 2:
+        return None
+    return sum(r["tokens"] for r in timed[1:]) / max(timed[-1]["time"] - timed[0]["time"], 1e-9)
+
+
+def compare_run(run: Run, steps: int, results: dict[str, dict]) -> dict:
+    """One row of the parity table for ``run`` against its reference (both from ``results``)."""
+    row: dict = {"run": run.name, "reference": run.reference, "rel_tol": run.rel_tol}
+    mine = results.get(run.name)
+    if mine is None or mine.get("status") != "ok":
+        return {**row, "verdict": "not run" if mine is None else mine.get("status", "failed")}
+    got = by_step(mine["losses"])
+    want = expected_steps(run, steps)
+    row["missing_steps"] = [s for s in want if s not in got][:10]
+    row["extra_steps"] = sorted(set(got) - set(want))[:10]
+    row["repeated_steps"] = len(mine["losses"]) - len(got)
+    row["tokens_per_s"] = tokens_per_s(mine["losses"])
+    if run.reference is None:
+        complete = not (row["missing_steps"] or row["extra_steps"] or row["repeated_steps"])
+        return {**row, "verdict": "baseline" if complete else "incomplete"}
+    ref = results.get(run.reference)
+    if ref is None or ref.get("status") != "ok":
+        return {**row, "verdict": "no reference"}
+    ref_steps = by_step(ref["losses"])
+    compared = [s for s in want if s in got and s in ref_steps and s > run.after_step]
+    if not compared:
+        return {**row, "verdict": "nothing to compare"}
+    diffs = [abs(got[s]["loss"] - ref_steps[s]["loss"]) / max(abs(ref_steps[s]["loss"]), 1e-12) for s in compared]
+    worst = max(range(len(compared)), key=diffs.__getitem__)
+    row.update(
+        compared_steps=[compared[0], compared[-1]],
+        max_rel_diff=diffs[worst],
+        worst_step=compared[worst],
+        first_step_rel_diff=diffs[0],
+        bitwise=all(got[s]["loss"] == ref_steps[s]["loss"] for s in compared),
+        same_tokens=all(got[s]["tokens"] == ref_steps[s]["tokens"] for s in compared),
+    )
+    ok = (not row["missing_steps"] and not row["repeated_steps"] and row["same_tokens"]
+          and row["max_rel_diff"] <= run.rel_tol)
+    row["verdict"] = "pass" if ok else "FAIL"
+    return row
+
+
+def compare_suite(suite: Suite, steps: int, results: dict[str, dict]) -> list[dict]:
+    return [compare_run(run, steps, results) for run in suite.runs]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'run':<26}{'reference':<12}{'steps':>9}{'max rel diff':>14}{'at step':>9}{'bitwise':>9}"
+             f"{'tok/s':>11}  verdict"]
+    for r in rows:
+        span = "-".join(map(str, r["compared_steps"])) if "compared_steps" in r else "-"
+        diff = f"{r['max_rel_diff']:.2e}" if "max_rel_diff" in r else "-"
+        rate = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        lines.append(f"{r['run']:<26}{r['reference'] or '-':<12}{span:>9}{diff:>14}{r.get('worst_step', '-'):>9}"
+                     f"{str(r.get('bitwise', '-')):>9}{rate:>11}  {r['verdict']}")
+    return "\n".join(lines)
+
+
+def merge_results(paths: list[Path]) -> tuple[int | None, dict[str, dict]]:
+    """Runs from several ``<suite>_runs.json`` files (later files win); returns (steps, runs)."""
+    steps, runs = None, {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        if steps is not None and data["steps"] != steps:
+            raise SystemExit(f"error: {path} has steps={data['steps']}, an earlier file has {steps}")
+        steps = data["steps"]
+        runs.update(data["runs"])
+    return steps, runs
+
+
+# ---- running (GPU machine) ---------------------------------------------------------------------------
+
+
+def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, results: dict[str, dict]) -> dict:
+    run_dir = work / run.name
+    if run.resume_from and results.get(run.resume_from, {}).get("status") != "ok":
+        return {"status": "skipped", "error": f"needs a finished {run.resume_from} run first"}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    argv = ["-m", "hybrid_megatron", "pretrain", suite.config, *run_overrides(suite, run, steps, work)]
+    start = time.perf_counter()
+    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log")
+    losses_file = run_dir / "losses.jsonl"
+    losses = [json.loads(x) for x in losses_file.read_text().splitlines()] if losses_file.is_file() else []
+    row = {"status": "ok" if code == 0 else "failed", "exit": code, "seconds": round(time.perf_counter() - start, 1),
+           "gpus": run.gpus, "overrides": list(run.overrides), "losses": losses}
+    if code != 0:
+        row["log_tail"] = tail[-2000:]
+    if not _needed_later(suite, run):
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1B checkpoints would fill the disk
+    return row
+
+
+def cmd_run(args: argparse.Namespace, suite: Suite) -> int:
+    work, out = Path(args.work) / suite.name, Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = work / "runs.json"
+    previous = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+    results = previous.get("runs", {}) if previous.get("steps") == args.steps else {}
+    gpus = visible_gpus()
+    record = {"suite": suite.name, "config": suite.config, "common": list(suite.common), "steps": args.steps,
+              "device": device_name(), "gpus": gpus, "versions": _versions(), "runs": results}
+    started = time.perf_counter()
+    for run in args.selected:
+        left = args.budget_s - (time.perf_counter() - started)
+        if run.gpus > gpus:
+            results[run.name] = {"status": "skipped", "error": f"needs {run.gpus} GPUs, {gpus} visible"}
+        elif left < 30:
+            results[run.name] = {"status": "skipped", "error": f"--budget-s {args.budget_s} spent"}
+        else:
+            results[run.name] = execute(suite, run, args.steps, work, min(args.timeout_s, left), results)
+        r = results[run.name]
+        print(f"[{run.name}] {r['status']} exit={r.get('exit', '-')} {r.get('seconds', 0)} s "
+              f"{len(r.get('losses', []))} steps {r.get('error', '')}", flush=True)
+        for path in (runs_file, out / f"{suite.name}_runs.json"):
+            path.write_text(json.dumps(record, indent=None) + "\n")
+    return report(suite, args.steps, results, out)
+
+
+def report(suite: Suite, steps: int, results: dict[str, dict], out: Path | None) -> int:
+    rows = compare_suite(suite, steps, results)
+    print(format_table(rows))
+    if out is not None:
+        (out / f"{suite.name}_parity.json").write_text(json.dumps({"suite": suite.name, "steps": steps,
+                                                                   "rows": rows}, indent=1) + "\n")
+    ran = [r for r in rows if r["verdict"] not in ("not run",)]
+    return 0 if ran and all(r["verdict"] in ("pass", "baseline") for r in ran) else 1
+
+
+def _versions() -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import versions
+
+    return versions()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="verb", required=True)
+    run = sub.add_parser("run", help="launch the suite's runs (GPU machine), then compare")
+    plan = sub.add_parser("plan", help="print the runs and their command lines")
+    comp = sub.add_parser("compare", help="compare runs recorded in <suite>_runs.json files")
+    for p in (run, plan, comp):
+        p.add_argument("suite", choices=sorted(SUITES))
+    comp.add_argument("files", nargs="+", type=Path)
+    comp.add_argument("--out", default=None, help="write <suite>_parity.json here")
+    for p in (run, plan):
+        p.add_argument("--runs", default=None, help="comma list of run names (default: all, in suite order)")
+        p.add_argument("--steps", type=int, default=None, help="training steps per full run")
+        p.add_argument("--work", default="/tmp/loss_parity", help="run directories and logs")
+    run.add_argument("--out", default=str(ROOT / "gpu_out"), help="results JSON directory")
+    run.add_argument("--timeout-s", type=float, default=300.0, help="per run")
+    run.add_argument("--budget-s", type=float, default=540.0, help="start no run after this many seconds")
+    args = ap.parse_args(argv)
+    suite = SUITES[args.suite]
+    if args.verb in ("run", "plan"):
+        args.steps = args.steps or suite.default_steps
+        if args.steps < 4:
+            ap.error("--steps must be >= 4")
+        names = [n.strip() for n in (args.runs or "").split(",") if n.strip()] or [r.name for r in suite.runs]
+        known = {r.name: r for r in suite.runs}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            ap.error(f"--runs: unknown {unknown} (suite {suite.name} has {', '.join(known)})")
+        args.selected = [r for r in suite.runs if r.name in names]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suite = SUITES[args.suite]
+    if args.verb == "plan":
+        for run in args.selected:
+            argv_ = ["-m", "hybrid_megatron", "pretrain", suite.config,
+                     *run_overrides(suite, run, args.steps, Path(args.work) / suite.name)]
+            span = expected_steps(run, args.steps)
+            print(json.dumps({**asdict(run), "steps": [span[0], span[-1]], "command": launch_command(run.gpus, argv_)}))
+        return 0
+    if args.verb == "compare":
+        steps, results = merge_results(args.files)
+        out = Path(args.out) if args.out else None
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        return report(suite, steps, results, out)
+    return cmd_run(args, suite)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
