@@ -158,6 +158,8 @@ class PrecisionConfig:
     fp8_bf16_layers_at_start: int = 0
     """Pattern layers kept in BF16 at the start of the stack (0 = none)."""
     fp8_bf16_layers_at_end: int = 0
+    fp8_mamba_projections_bf16: bool = False
+    """Inside FP8 Mamba layers, run in_proj and out_proj in BF16 (tensorwise recipe only)."""
     fp32_ssm_params: bool = True
     """Keep A_log, D and dt_bias in fp32 through the bf16 wrap, the optimizer and checkpoints."""
 
@@ -172,6 +174,11 @@ class PrecisionConfig:
             raise ConfigError(
                 "precision.fp8_recipe=delayed cannot keep layers in BF16 (megatron-core forbids it): "
                 "set precision.fp8_bf16_layers_at_start/end to 0 or use fp8_recipe=tensorwise"
+            )
+        if self.fp8_recipe == "delayed" and self.fp8_mamba_projections_bf16:
+            raise ConfigError(
+                "precision.fp8_mamba_projections_bf16=true needs precision.fp8_recipe=tensorwise "
+                "(delayed scaling reduces amaxes per FP8 region; switching FP8 off inside one is not supported)"
             )
 
 

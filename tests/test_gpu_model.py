@@ -122,3 +122,37 @@ def test_te_and_local_specs_compute_the_same_loss(world):
             loss_sum, tokens, _ = loss_fn(out)
         losses[spec] = (loss_sum / tokens).item()
     assert losses["te"] == pytest.approx(losses["local"], rel=1e-3)
+
+
+def test_bf16_mamba_projections_skip_fp8_inside_an_fp8_region(world):
+    """With fp8_mamba_projections_bf16 the Mamba in_proj computes exactly its BF16 result under FP8
+    autocast; the default in_proj (and the attention/MLP linears) do not."""
+    import torch
+
+    te = pytest.importorskip("transformer_engine.pytorch", reason="needs Transformer Engine")
+    from transformer_engine.common.recipe import Float8CurrentScaling, Format
+
+    from hybrid_megatron.model.build import build_model_chunks
+
+    autocast = getattr(te, "autocast", None) or te.fp8_autocast
+    recipe_kw = "recipe" if hasattr(te, "autocast") else "fp8_recipe"
+    recipe = Float8CurrentScaling(fp8_format=Format.HYBRID)
+    x = torch.randn(SEQ, 2, 512, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for flag in (False, True):
+        cfg = tiny_config("precision.fp8=hybrid", f"precision.fp8_mamba_projections_bf16={str(flag).lower()}")
+        (model,) = build_model_chunks(cfg, VOCAB, SEQ)
+        layers = list(model.decoder.layers)
+        in_proj = next(layer for layer in layers if type(layer).__name__ == "MambaLayer").mixer.in_proj
+        mlp_fc1 = next(layer for layer in layers if type(layer).__name__ == "MLPLayer").mlp.linear_fc1
+        assert type(in_proj).__name__ == ("BF16TELayerNormColumnParallelLinear" if flag else
+                                          "TELayerNormColumnParallelLinear")
+        with torch.no_grad():
+            plain = in_proj(x)[0]
+            plain_fc1 = mlp_fc1(x)[0]
+            with autocast(enabled=True, **{recipe_kw: recipe}):
+                under_fp8 = in_proj(x)[0]
+                fc1_fp8 = mlp_fc1(x)[0]
+        results[flag] = torch.equal(plain, under_fp8)
+        assert not torch.equal(plain_fc1, fc1_fp8), "the MLP must still run FP8"
+    assert results == {False: False, True: True}

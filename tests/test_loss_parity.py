@@ -68,6 +68,7 @@ def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     assert cfgs["fp8-delayed"].precision.fp8_recipe == "delayed"
     ends = cfgs["fp8-tensorwise-bf16ends"].precision
     assert (ends.fp8_bf16_layers_at_start, ends.fp8_bf16_layers_at_end) == (2, 2)
+    assert cfgs["fp8-tensorwise-mamba-bf16"].precision.fp8_mamba_projections_bf16
     assert L.FP8_WARMUP == cfgs["bf16"].schedule.lr_warmup_steps
     for run in suite.runs[1:]:
         assert (run.reference, run.rel_tol, run.after_step) == ("bf16", 0.015, L.FP8_WARMUP)

@@ -44,6 +44,8 @@ def test_resolved_config_round_trips(tmp_path):
         (["optim.min_lr=1.0"], "optim.min_lr=1.0"),
         (["precision.fp8=e5m2"], "precision.fp8='e5m2': must be one of"),
         (["precision.fp8=hybrid", "precision.fp8_recipe=delayed", "precision.fp8_bf16_layers_at_start=1"], "delayed"),
+        (["precision.fp8=hybrid", "precision.fp8_recipe=delayed", "precision.fp8_mamba_projections_bf16=true"],
+         "precision.fp8_mamba_projections_bf16=true needs precision.fp8_recipe=tensorwise"),
         (["train.recompute=sometimes"], "train.recompute='sometimes'"),
         (["model.hidden_sise=12"], "unknown config key model.hidden_sise"),
         (["parallel.sequence_parallel=true"], "sequence_parallel=true needs"),

@@ -17,7 +17,8 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   within 1% at every step; selective and full recompute at each layout follow that layout's run; the
   TP=2 checkpoint at the half-way step resumes at PP=2 and at TP=1 with the same next-step loss.
 * ``fp8`` -- configs/1b.yaml at 32k tokens per step: FP8 recipes (tensorwise, tensorwise with the
-  first/last 2 layers in BF16, delayed) follow BF16 within 1.5% at every step after warm-up.
+  first/last 2 layers in BF16, delayed, tensorwise with the Mamba in/out projections in BF16) follow
+  BF16 within 1.5% at every step after warm-up.
 
 A run passes when it has every step it should, saw the same tokens per step as its reference (the
 same data), and its loss stays within the tolerance. ``<out>/<suite>_parity.json`` holds the table.
@@ -89,6 +90,7 @@ def _fp8_runs() -> tuple[Run, ...]:
         "fp8-tensorwise-bf16ends": (*FP8_BASE, "precision.fp8_bf16_layers_at_start=2",
                                     "precision.fp8_bf16_layers_at_end=2"),
         "fp8-delayed": (*FP8_BASE, "precision.fp8_recipe=delayed"),
+        "fp8-tensorwise-mamba-bf16": (*FP8_BASE, "precision.fp8_mamba_projections_bf16=true"),
     }
     return (Run("bf16", 1, ()),) + tuple(
         Run(name, 1, over, reference="bf16", rel_tol=0.015, after_step=FP8_WARMUP) for name, over in variants.items()

@@ -130,7 +130,7 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> lis
     vpp = config.virtual_pipeline_model_parallel_size
     # With pp == 1 megatron would read '|' cuts as virtual stages: hand it the uncut pattern.
     layer_pattern = cfg.model.hybrid_layer_pattern if pp > 1 else pat.layers(cfg.model.hybrid_layer_pattern)
-    spec = stack_spec(cfg.model)
+    spec = stack_spec(cfg)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None

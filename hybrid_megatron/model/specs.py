@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from hybrid_megatron.config import ModelConfig
+from hybrid_megatron.config import ModelConfig, RunConfig
 
 
 def _mixer_params(model: ModelConfig) -> dict:
@@ -33,8 +33,11 @@ def resolve_layer_spec(model: ModelConfig) -> str:
     return model.layer_spec
 
 
-def te_stack_spec(model: ModelConfig):
-    """The hybrid stack on Transformer Engine: fused norm+linear, cuDNN/flash attention, FP8-capable."""
+def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
+    """The hybrid stack on Transformer Engine: fused norm+linear, cuDNN/flash attention, FP8-capable.
+
+    ``bf16_mamba_projections``: Mamba in_proj/out_proj run in BF16 even inside FP8 layers (``fp8_scope``).
+    """
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
@@ -51,6 +54,11 @@ def te_stack_spec(model: ModelConfig):
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+    mamba_in_proj, mamba_out_proj = TELayerNormColumnParallelLinear, TERowParallelLinear
+    if bf16_mamba_projections:
+        from hybrid_megatron.model.fp8_scope import bf16_mamba_projections as bf16_classes
+
+        mamba_in_proj, mamba_out_proj = bf16_classes()
     return ModuleSpec(
         module=HybridStack,
         submodules=HybridStackSubmodules(
@@ -60,9 +68,7 @@ def te_stack_spec(model: ModelConfig):
                     mixer=ModuleSpec(
                         module=MambaMixer,
                         params=_mixer_params(model),
-                        submodules=MambaMixerSubmodules(
-                            in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear
-                        ),
+                        submodules=MambaMixerSubmodules(in_proj=mamba_in_proj, out_proj=mamba_out_proj),
                     ),
                     mamba_bda=get_bias_dropout_add,
                 ),
@@ -168,5 +174,8 @@ def local_stack_spec(model: ModelConfig):
     )
 
 
-def stack_spec(model: ModelConfig):
-    return te_stack_spec(model) if resolve_layer_spec(model) == "te" else local_stack_spec(model)
+def stack_spec(cfg: RunConfig):
+    if resolve_layer_spec(cfg.model) == "local":
+        return local_stack_spec(cfg.model)
+    p = cfg.precision
+    return te_stack_spec(cfg.model, bf16_mamba_projections=bool(p.fp8 and p.fp8_mamba_projections_bf16))
