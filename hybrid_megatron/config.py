@@ -337,12 +337,18 @@ class RunConfig:
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Loads a run YAML, applies ``a.b=c`` overrides, builds and validates the RunConfig.
 
-    The ``data`` section is either the data config itself or the path of a data config YAML.
+    The ``data`` section is either the data config itself or the path of a data config YAML
+    (relative to the working directory). A ``data=PATH`` override swaps in another data config
+    before the ``data.key=value`` overrides apply, whatever their order.
     """
     raw = load_yaml(path)
-    if isinstance(raw.get("data"), str):  # `data: path/to/mixture.yaml` (relative to the working directory)
+    overrides = list(overrides or [])
+    swaps = [o for o in overrides if o.partition("=")[0] == "data"]
+    if swaps:
+        raw["data"] = swaps[-1].partition("=")[2]
+    if isinstance(raw.get("data"), str):
         raw["data"] = load_yaml(raw["data"])
-    raw = apply_overrides(raw, list(overrides or []))
+    raw = apply_overrides(raw, [o for o in overrides if o not in swaps])
     return build(RunConfig, raw)
 
 

@@ -60,6 +60,14 @@ def test_mistakes_name_the_field(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_data_override_swaps_the_data_config_before_data_keys_apply():
+    cfg = load_run_config("configs/pretrain_7b.yaml", ["data.seq_len=4096", "data=configs/data/sample.yaml", "data.curriculum=null"])
+    assert sorted(cfg.data.sources) == ["code", "docs", "tests"]
+    assert cfg.data.seq_len == 4096 and cfg.data.curriculum is None
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(TINY, ["data=configs/data/nope.yaml"])
+
+
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "nope.yaml")

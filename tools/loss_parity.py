@@ -19,6 +19,8 @@ Suites (``plan SUITE`` prints the runs and their command lines):
 * ``fp8`` -- configs/1b.yaml at 32k tokens per step: FP8 recipes (tensorwise, tensorwise with the
   first/last 2 layers in BF16, delayed, tensorwise with the Mamba in/out projections in BF16) follow
   BF16 within 1.5% at every step after warm-up.
+* ``7b-layers`` -- configs/pretrain_7b.yaml's layer sizes and FP8 recipe at 4 layers (``M-*-``) on one
+  GPU and the sample data: FP8 against BF16, and tokens/s of each (the tok/s column).
 
 A run passes when it has every step it should, saw the same tokens per step as its reference (the
 same data), and its loss stays within the tolerance. ``<out>/<suite>_parity.json`` holds the table.
@@ -97,6 +99,15 @@ def _fp8_runs() -> tuple[Run, ...]:
     )
 
 
+SEVEN_B_LAYERS = (  # configs/pretrain_7b.yaml's layer sizes and FP8 recipe, 4 layers, one GPU, the sample data
+    "model.hybrid_layer_pattern=M-*-", "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
+    "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
+    "precision.fp8_bf16_layers_at_start=0", "precision.fp8_bf16_layers_at_end=0",  # else all 4 layers are BF16
+    "data=configs/data/sample.yaml", "build_sample_data=true", "data.curriculum=null", "data.seq_len=4096",
+    "schedule.lr_warmup_steps=5", "schedule.anneal_warmup_steps=5", "checkpoint.async_save=false",
+    "logging.wandb_project=null", "logging.log_interval=5", "logging.tensorboard=false",
+)
+
 SUITES = {
     "parallel": Suite(
         "parallel", "configs/tiny.yaml",
@@ -107,6 +118,10 @@ SUITES = {
         "fp8", "configs/1b.yaml",
         ("data.global_batch_tokens=32768", "logging.log_interval=10", "logging.tensorboard=false"),
         _fp8_runs(), default_steps=300),
+    "7b-layers": Suite(
+        "7b-layers", "configs/pretrain_7b.yaml", SEVEN_B_LAYERS,
+        (Run("bf16", 1, ("precision.fp8=null",)), Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=5)),
+        default_steps=30),
 }
 
 
