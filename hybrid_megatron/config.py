@@ -264,6 +264,10 @@ class CheckpointConfig:
     """A checkpoint to start from when <save_dir> has none yet; once this run has saved, <save_dir>/latest wins."""
     keep_last: int | None = None
     """Delete older step directories past this many; None keeps all."""
+    save_initial: bool = False
+    """A fresh run first saves its initialized weights as a weights-only ``step-000000``: runs at another
+    TP/PP layout (whose own init would differ: megatron seeds per TP/PP rank) or with another recipe
+    start from the very same weights with ``checkpoint.load=<save_dir>/step-000000``."""
 
     def __post_init__(self) -> None:
         _positive("checkpoint", save_interval=self.save_interval, keep_last=self.keep_last)

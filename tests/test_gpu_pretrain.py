@@ -110,3 +110,18 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     proc = run_pretrain(["configs/tiny.yaml", f"logging.run_dir={run_dir}", "train.exit_after_steps=3"])
     _ok(proc)
     assert "resumed from" in proc.stderr
+
+
+def test_saved_initial_weights_start_another_run_identically(tmp_path):
+    """checkpoint.save_initial writes the init as a weights-only step 0; a run with another seed that
+    loads it takes its first step on the same weights (same loss), unlike the same seed-999 run alone."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["configs/tiny.yaml", "train.train_steps=2", *DETERMINISTIC]
+    _ok(run_pretrain([*common, f"logging.run_dir={a}", "checkpoint.save_initial=true"]))
+    init = a / "checkpoints" / "step-000000"
+    assert json.loads((init / "train_state.json").read_text()) == {"step": 0, "weights_only": True}
+    _ok(run_pretrain([*common, f"logging.run_dir={b}", "train.seed=999", f"checkpoint.load={init}"]))
+    _ok(run_pretrain([*common, f"logging.run_dir={c}", "train.seed=999"]))
+    first = {name: _losses(d)[1]["loss"] for name, d in (("a", a), ("b", b), ("c", c))}
+    assert first["b"] == first["a"], first
+    assert first["c"] != first["a"], first

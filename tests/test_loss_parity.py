@@ -58,6 +58,10 @@ def test_parallel_suite_covers_the_layouts_recompute_and_cross_layout_resume(tmp
         assert c.train.exit_after_steps == 5
     assert cfgs["tp2-sp"].checkpoint.save_interval == 30  # the resume source saves half-way
     assert cfgs["tp1"].checkpoint.save_interval == 60
+    # every other layout starts from tp1's initial weights (megatron's own init differs per TP/PP rank)
+    assert cfgs["tp1"].checkpoint.save_initial and cfgs["tp1"].checkpoint.load is None
+    for name in ("tp2-sp", "pp2", "dp2", "tp2-sp-full", "pp2-selective", "dp2-full"):
+        assert Path(cfgs[name].checkpoint.load) == tmp_path / "tp1" / "checkpoints" / step_dir_name(0)
 
 
 def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):

@@ -13,8 +13,8 @@ already there, so a suite can be spread over several calls and compared later on
 Suites (``plan SUITE`` prints the runs and their command lines):
 
 * ``parallel`` -- configs/tiny.yaml, deterministic kernels, the pattern cut unevenly for PP=2
-  (7 + 3 layers). TP=2 with sequence parallel, PP=2, DP=2 (distributed optimizer) follow TP=PP=DP=1
-  within 1% at every step; selective and full recompute at each layout follow that layout's run; the
+  (7 + 3 layers). TP=2 with sequence parallel, PP=2, DP=2 (distributed optimizer), all starting from
+  the TP=PP=DP=1 run's saved initial weights, follow that run within 1% at every step; selective and full recompute at each layout follow that layout's run; the
   TP=2 checkpoint at the half-way step resumes at PP=2 and at TP=1 with the same next-step loss.
 * ``fp8`` -- configs/1b.yaml at 32k tokens per step: FP8 recipes (tensorwise, tensorwise with the
   first/last 2 layers in BF16, delayed, tensorwise with the Mamba in/out projections in BF16) follow
@@ -51,6 +51,8 @@ class Run:
     resume_from: str | None = None
     """Start from this run's checkpoint at the suite's half-way step, then run ``resume_steps``."""
     resume_steps: int = 5
+    init_from: str | None = None
+    """Start from this run's initial weights (its weights-only step 0), not from an init of our own."""
     after_step: int = 0
     """Compare steps above this one only (warm-up)."""
 
@@ -73,9 +75,11 @@ LAYOUTS = {
 
 
 def _parallel_runs() -> tuple[Run, ...]:
-    runs = [Run("tp1", 1, ())]
-    runs += [Run(name, 2, over, reference="tp1") for name, over in LAYOUTS.items()]
-    runs += [Run(f"{name}-{rc}", 2, (*over, f"train.recompute={rc}"), reference=name)
+    # megatron seeds its init per TP and PP rank, so every layout starts from tp1's saved initial weights:
+    # the curves then differ by the parallel numerics alone
+    runs = [Run("tp1", 1, ("checkpoint.save_initial=true",))]
+    runs += [Run(name, 2, over, reference="tp1", init_from="tp1") for name, over in LAYOUTS.items()]
+    runs += [Run(f"{name}-{rc}", 2, (*over, f"train.recompute={rc}"), reference=name, init_from="tp1")
              for name, over in LAYOUTS.items() for rc in ("selective", "full")]
     runs += [Run("tp2-sp>pp2", 2, LAYOUTS["pp2"], reference="tp2-sp", resume_from="tp2-sp"),
              Run("tp2-sp>tp1", 1, (), reference="tp2-sp", resume_from="tp2-sp")]
@@ -130,17 +134,23 @@ def half_step(steps: int) -> int:
 
 
 def _needed_later(suite: Suite, run: Run) -> bool:
+    return any(run.name in (r.resume_from, r.init_from) for r in suite.runs)
+
+
+def _is_resume_source(suite: Suite, run: Run) -> bool:
     return any(r.resume_from == run.name for r in suite.runs)
 
 
 def run_overrides(suite: Suite, run: Run, steps: int, work: Path) -> list[str]:
     """The CLI overrides of one run (after the config path)."""
-    save_at = half_step(steps) if _needed_later(suite, run) else steps  # a resume source saves half-way
+    save_at = half_step(steps) if _is_resume_source(suite, run) else steps  # a resume source saves half-way
     out = [*suite.common, *run.overrides, f"train.train_steps={steps}", f"logging.run_dir={work / run.name}",
            f"checkpoint.save_interval={save_at}"]
     if run.resume_from:
         source = work / run.resume_from / "checkpoints" / f"step-{half_step(steps):06d}"
         out += [f"checkpoint.load={source}", f"train.exit_after_steps={run.resume_steps}"]
+    elif run.init_from:
+        out += [f"checkpoint.load={work / run.init_from / 'checkpoints' / 'step-000000'}"]
     return out
 
 
@@ -238,8 +248,9 @@ def merge_results(paths: list[Path]) -> tuple[int | None, dict[str, dict]]:
 
 def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, results: dict[str, dict]) -> dict:
     run_dir = work / run.name
-    if run.resume_from and results.get(run.resume_from, {}).get("status") != "ok":
-        return {"status": "skipped", "error": f"needs a finished {run.resume_from} run first"}
+    source = run.resume_from or run.init_from
+    if source and results.get(source, {}).get("status") != "ok":
+        return {"status": "skipped", "error": f"needs a finished {source} run first"}
     shutil.rmtree(run_dir, ignore_errors=True)
     argv = ["-m", "hybrid_megatron", "pretrain", suite.config, *run_overrides(suite, run, steps, work)]
     start = time.perf_counter()

@@ -96,7 +96,12 @@ class Checkpointer:
             self._async_queue = AsyncCallsQueue()
 
     # ---- save -------------------------------------------------------------------------------------
-    def save(self, step: int, train_state: dict) -> None:
+    def save_weights(self, step: int) -> None:
+        """A weights-only checkpoint (what ``convert from-hf`` writes): loading it starts a fresh optimizer,
+        schedule and data position. Always synchronous."""
+        self.save(step, {"step": step, "weights_only": True}, weights_only=True)
+
+    def save(self, step: int, train_state: dict, weights_only: bool = False) -> None:
         """Saves at ``step``; async saves commit later, in ``maybe_finalize`` / ``finalize``."""
         import torch
         from megatron.core import dist_checkpointing
@@ -111,8 +116,10 @@ class Checkpointer:
         torch.distributed.barrier()
         torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
         state = _model_sharded_state_dict(self.model)
-        state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
-        train_state = {**train_state, "scheduler": self.scheduler.state_dict()}
+        if not weights_only:
+            state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
+            train_state = {**train_state, "scheduler": self.scheduler.state_dict()}
+        background = self._async_queue is not None and not weights_only
         files = {
             "run_config.yaml": dump_yaml(self.cfg),
             "train_state.json": json.dumps(train_state, indent=1, sort_keys=True),
@@ -120,7 +127,7 @@ class Checkpointer:
         request = dist_checkpointing.save(
             state,
             str(tmp),
-            async_sharded_save=self._async_queue is not None,
+            async_sharded_save=background,
             content_metadata=_OPTIM_METADATA,
             async_strategy=_async_strategy(),
         )
