@@ -241,7 +241,8 @@ class TrainConfig:
     """A non-finite loss or grad norm before the optimizer step: skip the step, or stop with exit code 4."""
     max_skipped_steps: int = 10
     deterministic: bool = False
-    """Deterministic kernels (NCCL algos, cuBLAS workspace, no non-deterministic attention backward)."""
+    """Deterministic kernels: NCCL ring, cuBLAS workspace, TE attention and Mamba-2 SSD backward without
+    atomics, fixed Triton tiles, torch's deterministic algorithms (``distributed.enable_determinism``)."""
 
     def __post_init__(self) -> None:
         _positive(

@@ -50,6 +50,8 @@ def initialize(cfg: RunConfig) -> Ranks:
 
     ranks = discover_ranks()
     require_gpu()
+    if cfg.train.deterministic:
+        enable_determinism()
     from hybrid_megatron.model.memory import data_parallel_size
 
     data_parallel_size(cfg, ranks.world_size, what="world size")  # fail before any collective
@@ -61,10 +63,6 @@ def initialize(cfg: RunConfig) -> Ranks:
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if cfg.train.deterministic:
-        os.environ.setdefault("NCCL_ALGO", "Ring")
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"  # TE attention: deterministic backward
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend="nccl",
@@ -85,6 +83,30 @@ def initialize(cfg: RunConfig) -> Ranks:
     )
     set_seeds(cfg.train.seed)
     return ranks
+
+
+def enable_determinism() -> None:
+    """``train.deterministic``: the same kernels and reduction orders in every process, so a resumed run
+    repeats a straight one bit for bit.
+
+    Mamba-2's SSD backward (mamba-ssm and megatron's varlen kernels) reduces with atomics and autotunes
+    its Triton tiles by timing unless ``MAMBA_DETERMINISTIC=1``; both kernel sets read that when their
+    modules are imported, so this runs before the model code is imported.
+    """
+    import sys
+
+    import torch
+
+    os.environ.setdefault("NCCL_ALGO", "Ring")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"  # TE attention: deterministic backward
+    os.environ["MAMBA_DETERMINISTIC"] = "1"  # SSD kernels: fixed tiles, ordered reductions
+    torch.use_deterministic_algorithms(True, warn_only=True)  # torch ops: deterministic variants where they exist
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every torch.empty (slow)
+    early = [m for m in ("mamba_ssm.ops.triton.ssd_combined", "megatron.core.ssm.ops.ssd_combined") if m in sys.modules]
+    if early:
+        log.warning("train.deterministic: %s was imported before determinism was enabled; its Triton "
+                    "autotuning stays timing-based in this process", ", ".join(early))
 
 
 def set_seeds(seed: int) -> None:
