@@ -196,3 +196,17 @@ def test_run_without_gpus_records_skips_and_fails(tmp_path):
     assert runs["tp2-sp"]["error"] == "needs 2 GPUs, 0 visible"
     rows = json.loads((tmp_path / "o" / "parallel_parity.json").read_text())["rows"]
     assert {r["run"]: r["verdict"] for r in rows}["tp2-sp"] == "skipped"
+
+
+def test_a_failing_run_is_recorded_with_its_log_and_its_dependents_skip(tmp_path, monkeypatch, capsys):
+    """The real CLI on this CPU machine exits 2 ('needs a CUDA GPU'): the driver records that, with the
+    log tail, and does not start runs that would start from the failed run's weights."""
+    monkeypatch.setattr(L, "visible_gpus", lambda: 2)
+    code = L.main(["run", "parallel", "--runs", "tp1,tp2-sp", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert code == 1
+    runs = json.loads((tmp_path / "o" / "parallel_runs.json").read_text())["runs"]
+    assert runs["tp1"]["status"] == "failed" and runs["tp1"]["exit"] == 2
+    assert "needs a CUDA GPU" in runs["tp1"]["log_tail"]
+    assert runs["tp2-sp"] == {"status": "skipped", "error": "needs a finished tp1 run first"}
+    log = (tmp_path / "w" / "parallel" / "tp1.log").read_text()
+    assert log.splitlines()[0].endswith("checkpoint.save_interval=60")  # the command line heads the log
