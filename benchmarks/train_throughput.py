@@ -41,11 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="default", help="comma list of MODEL-PRECISION-PATH or a preset "
                     f"({', '.join(sorted(C.PRESETS))}); default: {','.join(C.DEFAULT_CASES)}")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 8 with --scaling)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 3 with --scaling)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 15; 8 with --scaling)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 3 with --scaling)")
     ap.add_argument("--seq", type=int, default=4096, help="sequence length of the --cases runs")
     ap.add_argument("--micro-batch-size", type=int, default=2)
-    ap.add_argument("--global-batch", type=int, default=4, help="sequences per optimizer step")
+    ap.add_argument("--global-batch", type=int, default=8,
+                    help="sequences per optimizer step (4 micro-batches by default, so the optimizer step weighs "
+                         "about as little as in real runs)")
     ap.add_argument("--fp8-bf16-ends", type=int, default=0,
                     help="pattern layers kept BF16 at each end in FP8 cases (Nemotron-H used 2)")
     ap.add_argument("--scaling", action="store_true",
@@ -64,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps is None:
-        args.steps = 8 if args.scaling else 20
+        args.steps = 8 if args.scaling else 15
     if args.warmup is None:
-        args.warmup = 3 if args.scaling else 10
+        args.warmup = 3 if args.scaling else 5
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if args.out is None:

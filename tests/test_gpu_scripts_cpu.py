@@ -87,7 +87,7 @@ def test_scaling_plan_keeps_tokens_per_step_and_micro_batch():
 
 def test_default_args_and_list():
     args = T.parse_args([])
-    assert (args.steps, args.warmup, args.seq, args.micro_batch_size, args.global_batch) == (20, 10, 4096, 2, 4)
+    assert (args.steps, args.warmup, args.seq, args.micro_batch_size, args.global_batch) == (15, 5, 4096, 2, 8)
     assert args.out.endswith("benchmarks/results/train_throughput.json")
     assert T.main(["--list"]) == 0
     assert T.main(["--cases", "nope-bf16-ours"]) == 2
