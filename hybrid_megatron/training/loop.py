@@ -171,7 +171,8 @@ def pretrain(cfg: RunConfig) -> int:
         if state:
             step = int(state["step"])
             loader.load_state_dict(state["data"])
-    if step == 0 and cfg.checkpoint.save_initial:
+    resumed_own = resume is not None and resume.parent.resolve() == cfg.save_dir.resolve()
+    if step == 0 and cfg.checkpoint.save_initial and not resumed_own:  # not again after a requeue
         checkpointer.save_weights(0)
     padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
     metrics = MetricsLogger(
