@@ -20,7 +20,7 @@ import loss_parity as L  # noqa: E402
 
 from hybrid_megatron.config import load_run_config  # noqa: E402
 from hybrid_megatron.model.memory import data_parallel_size  # noqa: E402
-from hybrid_megatron.model.pattern import split_stages  # noqa: E402
+from hybrid_megatron.model.pattern import layers, split_stages  # noqa: E402
 from hybrid_megatron.training.checkpoint import step_dir_name  # noqa: E402
 
 RUNS = [(suite, run) for suite in L.SUITES.values() for run in suite.runs]
@@ -49,6 +49,9 @@ def test_parallel_suite_covers_the_layouts_recompute_and_cross_layout_resume(tmp
             assert (tp, pp, dp, sp, rc) in layouts
     stages = split_stages(cfgs["pp2"].model.hybrid_layer_pattern, 2)
     assert [len(s.chunks[0]) for s in stages] == [7, 3]  # uneven on purpose
+    interleaved = split_stages(cfgs["pp2-vpp2"].model.hybrid_layer_pattern, 2)
+    assert [len(s.chunks) for s in interleaved] == [2, 2]
+    assert layers(cfgs["pp2-vpp2"].model.hybrid_layer_pattern) == layers(cfgs["tp1"].model.hybrid_layer_pattern)
     assert all(c.train.deterministic for c in cfgs.values())
     # the resume runs start from tp2-sp's half-way checkpoint, at another layout, for a few steps
     for name, (tp, pp) in {"tp2-sp>pp2": (1, 2), "tp2-sp>tp1": (1, 1)}.items():
