@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="train a hybrid model (one process per GPU: torchrun or srun)",
-        description="Pretrain from a run config. Overrides are dotlists: optim.lr=3e-4 train.micro_batch_size=2.",
+        description="Pretrain from a run config. Overrides are dotlists: optim.lr=3e-4 train.micro_batch_size=2; "
+                    "data=PATH swaps in another data config.",
     )
     p.add_argument("config", help="run config YAML (e.g. configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
