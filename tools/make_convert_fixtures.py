@@ -23,8 +23,9 @@ each; skipped when fewer GPUs are visible) this driver, which never touches CUDA
 
    plus ``meta.json`` (layout, steps, losses, versions). See tests/test_convert_parity.py for the contract.
    The fixture's tensor keys carry no wrapper prefix (as ``convert from-hf`` writes and ``convert to-hf``
-   reads); a training save's keys start with ``module.`` (megatron's DDP child name): meta.json records
-   the prefix the trained checkpoint had (``source_key_prefix``).
+   reads), as do training saves (taken below the DDP wrapper). Checkpoints written before that carry
+   ``module.`` (megatron's DDP child name) and still load here; meta.json records the prefix the trained
+   checkpoint had (``source_key_prefix``, expected empty).
 3. checks each fixture (contract, ``latest``, size) and prints a table; ``--summary`` gets a JSON.
 """
 
@@ -201,8 +202,8 @@ EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
 def key_prefix(keys) -> str:
-    """The wrapper prefix of a checkpoint's model keys: '' (model-only saves, ``convert from-hf``) or
-    'module.' (a training save: megatron's DDP adds its child name to every sharded key)."""
+    """The wrapper prefix of a checkpoint's model keys: '' (training saves, model-only saves, ``convert
+    from-hf``) or 'module.' (training saves of earlier versions, taken through megatron's DDP wrapper)."""
     found = {k[: -len(EMBEDDING_KEY)] for k in keys if k.endswith(EMBEDDING_KEY) and not k.startswith("optimizer")}
     found &= {"", "module.", "module.module."}
     if len(found) != 1:
