@@ -5,8 +5,11 @@ them down: each launch has a timeout and leaves its full output in a log file.""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,22 +22,34 @@ def launch_command(n: int, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *argv]
 
 
-def launch(n: int, argv: list[str], timeout: float, log_path: Path) -> tuple[int, str]:
+def launch(n: int, argv: list[str], timeout: float, log_path: Path,
+           progress: Callable[[float], None] | None = None, every_s: float = 30.0) -> tuple[int, str]:
     """Runs ``argv`` in ``n`` processes from the repo root; returns (exit code, output tail).
 
-    The command line is the log's first line; exit code 124 means the timeout killed it.
+    The command line is the log's first line; exit code 124 means the timeout killed it (with its
+    children: torchrun's ranks). ``progress(elapsed_s)`` is called every ``every_s`` while it runs.
     """
     cmd = launch_command(n, argv)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    start = time.monotonic()
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        try:
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        code = None
+        while code is None:
+            left = timeout - (time.monotonic() - start)
+            if left <= 0:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = 124
+                break
+            try:
+                code = proc.wait(timeout=min(every_s, left))
+            except subprocess.TimeoutExpired:
+                if progress is not None:
+                    progress(time.monotonic() - start)
     return code, log_path.read_text()[-2500:]
 
 

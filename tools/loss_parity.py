@@ -258,8 +258,15 @@ def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, resu
     shutil.rmtree(run_dir, ignore_errors=True)
     argv = ["-m", "hybrid_megatron", "pretrain", suite.config, *run_overrides(suite, run, steps, work)]
     start = time.perf_counter()
-    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log")
     losses_file = run_dir / "losses.jsonl"
+    want = len(expected_steps(run, steps))
+
+    def progress(elapsed: float) -> None:
+        done = len(losses_file.read_text().splitlines()) if losses_file.is_file() else 0
+        eta = f", ETA {elapsed / done * (want - done):.0f} s" if done else " (starting)"
+        print(f"[{run.name}] {done}/{want} steps after {elapsed:.0f} s{eta}", flush=True)
+
+    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log", progress=progress)
     losses = [json.loads(x) for x in losses_file.read_text().splitlines()] if losses_file.is_file() else []
     row = {"status": "ok" if code == 0 else "failed", "exit": code, "seconds": round(time.perf_counter() - start, 1),
            "gpus": run.gpus, "overrides": list(run.overrides), "losses": losses}
