@@ -324,37 +324,16 @@ class RunConfig:
                 f"precision.fp8_bf16_layers_at_start + _at_end = "
                 f"{p.fp8_bf16_layers_at_start + p.fp8_bf16_layers_at_end} exceeds the {m.num_layers} pattern layers"
             )
-        if p.fp8 and counts["mamba"]:
-            width = 2 * m.mamba_d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.num_mamba_heads
-            if (width // tp) % 16:
-                raise ConfigError(
-                    f"precision.fp8 needs the Mamba in_proj width per TP rank to be a multiple of 16, "
-                    f"got {width} / tp {tp}"
-                )
-        if p.fp8 and m.hidden_size % 16:
-            raise ConfigError(f"precision.fp8 needs model.hidden_size to be a multiple of 16, got {m.hidden_size}")
         if p.fp8:
-            for name, value in _seq_len_settings(self.data):
-                if value % 8:
-                    raise ConfigError(
-                        f"precision.fp8 needs sequence lengths that are multiples of 8 (Transformer Engine's FP8 "
-                        f"GEMMs take row counts divisible by 8): {name}={value}"
-                    )
+            from hybrid_megatron.model.fp8_dims import first_problem
+
+            problem = first_problem(m, tp, self.data)
+            if problem:
+                raise ConfigError(problem)
 
     @property
     def save_dir(self) -> Path:
         return Path(self.checkpoint.save_dir or Path(self.logging.run_dir) / "checkpoints")
-
-
-def _seq_len_settings(data: DataConfig) -> list[tuple[str, int]]:
-    """The settings that decide every sequence length a run trains at."""
-    c = data.curriculum
-    if c is None:
-        return [("data.seq_len", data.seq_len)]
-    if c.schedule == "fixed_discrete":
-        return [(f"data.curriculum.seq_lens[{i}]", v) for i, v in enumerate(c.seq_lens)]
-    return [("data.curriculum.min_seq_len", c.min_seq_len), ("data.curriculum.max_seq_len", c.max_seq_len),
-            ("data.curriculum.step", c.step)]
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

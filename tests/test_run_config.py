@@ -46,10 +46,14 @@ def test_resolved_config_round_trips(tmp_path):
         (["precision.fp8=hybrid", "precision.fp8_recipe=delayed", "precision.fp8_bf16_layers_at_start=1"], "delayed"),
         (["precision.fp8=hybrid", "precision.fp8_recipe=delayed", "precision.fp8_mamba_projections_bf16=true"],
          "precision.fp8_mamba_projections_bf16=true needs precision.fp8_recipe=tensorwise"),
-        (["precision.fp8=hybrid", "data.curriculum=null", "data.seq_len=1004"],
-         "precision.fp8 needs sequence lengths that are multiples of 8 (Transformer Engine's FP8 GEMMs take row "
-         "counts divisible by 8): data.seq_len=1004"),
-        (["precision.fp8=hybrid", "data.curriculum.min_seq_len=252"], "data.curriculum.min_seq_len=252"),
+        (["precision.fp8=hybrid", "data.curriculum=null", "data.seq_len=1000"],
+         "precision.fp8 needs sequence lengths that are multiples of 16 (Transformer Engine's FP8 GEMMs): "
+         "data.seq_len=1000"),
+        (["precision.fp8=hybrid", "data.curriculum.min_seq_len=248"], "data.curriculum.min_seq_len=248"),
+        (["precision.fp8=hybrid", "model.ffn_hidden_size=1544"],
+         "precision.fp8 needs model.ffn_hidden_size 1544 / TP 1 to be a multiple of 16 (Transformer Engine's FP8 "
+         "GEMMs), got 1544"),
+        (["precision.fp8=hybrid", "model.kv_channels=33"], "the attention output width 264 / TP 1"),
         (["train.recompute=sometimes"], "train.recompute='sometimes'"),
         (["model.hidden_sise=12"], "unknown config key model.hidden_sise"),
         (["parallel.sequence_parallel=true"], "sequence_parallel=true needs"),
