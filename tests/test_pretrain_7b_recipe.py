@@ -92,3 +92,13 @@ def test_recipe_follows_the_hybrid_evidence():
     assert s.lr_decay_style == "WSD" and s.lr_warmup_steps >= 2000 and s.anneal_peak_lr_fraction == 0.75
     assert (o.adam_beta1, o.adam_beta2, o.weight_decay) == (0.9, 0.95, 0.1)
     assert cfg.parallel.sequence_parallel and cfg.parallel.use_distributed_optimizer
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_every_fp8_gemm_shape_works_at_tp_up_to_8(tp):
+    from hybrid_megatron.model.fp8_dims import MULTIPLE, first_problem, gemm_dims
+
+    cfg = load_run_config(ROOT / CONFIG, [f"parallel.tensor_model_parallel_size={tp}",
+                                          f"parallel.sequence_parallel={str(tp > 1).lower()}"])
+    assert first_problem(cfg.model, tp, cfg.data) is None
+    assert len(gemm_dims(cfg.model, tp)) == 6 and all(size % MULTIPLE == 0 for _, size in gemm_dims(cfg.model, tp))
