@@ -41,6 +41,7 @@ class PreemptionHandler:
         """True on every rank once any rank has received a signal (a collective: call on all ranks)."""
         import torch
 
-        flag = torch.tensor([1 if self.received is not None else 0], device="cuda", dtype=torch.int32)
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if self.received is not None else 0], device=device, dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
