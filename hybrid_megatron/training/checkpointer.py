@@ -58,13 +58,15 @@ def _rng_state() -> dict:
     import torch
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
+    if torch.cuda.is_available():  # training always has CUDA; the checkpoint logic is tested without it
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
@@ -75,7 +77,8 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
@@ -112,9 +115,7 @@ class Checkpointer:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale_tmp(self.save_dir)
             tmp.mkdir()
-            (tmp / "rng").mkdir()
         torch.distributed.barrier()
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
         state = _model_sharded_state_dict(self.model)
         if not weights_only:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
@@ -131,6 +132,9 @@ class Checkpointer:
             content_metadata=_OPTIM_METADATA,
             async_strategy=_async_strategy(),
         )
+        # after megatron's save has started (it expects an empty directory), before the commit
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
 
         def _commit():
             if self.rank == 0:

@@ -1,0 +1,159 @@
+"""The Checkpointer's torch_dist save and load on a CPU: gloo ranks, megatron's tensor-parallel linears.
+
+A weights-only checkpoint (what ``checkpoint.save_initial`` and ``convert from-hf`` write) saved by two
+TP ranks loads into one rank at TP=1 with every weight equal to the gathered shards (torch_dist
+reshards), below a DDP-style wrapper; a checkpoint of another architecture is refused before any
+tensor is read. The model is a two-linear stand-in (the hybrid forward needs CUDA); the checkpoint
+code, megatron's sharded state dicts and dist_checkpointing are the real ones (with the converter's
+no-op for the writer's ``torch.cuda.synchronize()``, as every CPU save here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hybrid_megatron.convert.ckpt_io import cpu_only_save_patches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(rank: int, world: int, port: int, tp: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tp, 1)
+
+
+def _teardown():
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _model(tp: int, seed: int):
+    """A DDP-like wrapper (``.module``) around a MegatronModule with a column- and a row-parallel linear."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(seed)
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
+                               tensor_model_parallel_size=tp)
+
+    class Stand(MegatronModule):
+        def __init__(self):
+            super().__init__(config)
+            self.fc1 = ColumnParallelLinear(16, 32, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                            gather_output=False)
+            self.fc2 = RowParallelLinear(32, 16, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                         input_is_parallel=True, skip_bias_add=True)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    return Wrapper(Stand())
+
+
+def _config(save_dir: Path, tp: int, *extra: str):
+    from hybrid_megatron.config import load_run_config
+
+    return load_run_config(ROOT / "configs" / "tiny.yaml", [f"checkpoint.save_dir={save_dir}",
+                                                            f"parallel.tensor_model_parallel_size={tp}", *extra])
+
+
+def _save_at_tp2(rank: int, port: int, save_dir: str) -> None:
+    from hybrid_megatron.training.checkpointer import Checkpointer
+
+    _setup(rank, 2, port, tp=2)
+    model = _model(tp=2, seed=0)
+    with cpu_only_save_patches():  # megatron's sync writer calls torch.cuda.synchronize()
+        Checkpointer(_config(Path(save_dir), 2), [model], optimizer=None, scheduler=None).save_weights(0)
+    full = {}
+    for name, dim in (("fc1", 0), ("fc2", 1)):
+        shard = getattr(model.module, name).weight.detach()
+        parts = [torch.empty_like(shard) for _ in range(2)]
+        dist.all_gather(parts, shard)
+        full[name] = torch.cat(parts, dim=dim)
+    if rank == 0:
+        torch.save(full, Path(save_dir) / "gathered.pt")
+    _teardown()
+
+
+def _load_at_tp1(rank: int, port: int, save_dir: str, extra: list[str], results) -> None:
+    from hybrid_megatron.training.checkpointer import Checkpointer
+
+    _setup(rank, 1, port, tp=1)
+    model = _model(tp=1, seed=1)  # another init: the load must overwrite it
+    checkpointer = Checkpointer(_config(Path(save_dir), 1, *extra), [model], optimizer=None, scheduler=None)
+    try:
+        step_dir = checkpointer.find_resume_point()
+        with cpu_only_save_patches():
+            state = checkpointer.load(step_dir)
+        results["state"] = state
+        results["step_dir"] = step_dir.name
+        results["weights"] = {n: getattr(model.module, n).weight.detach().clone() for n in ("fc1", "fc2")}
+    except Exception as exc:  # reported to the test
+        results["error"] = f"{type(exc).__name__}: {exc}"
+    _teardown()
+
+
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory) -> Path:
+    save_dir = tmp_path_factory.mktemp("ckpt")
+    mp.spawn(_save_at_tp2, args=(_free_port(), str(save_dir)), nprocs=2, join=True)
+    return save_dir
+
+
+def _load(save_dir: Path, *extra: str) -> dict:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_load_at_tp1, args=(_free_port(), str(save_dir), list(extra), results), nprocs=1, join=True)
+        return dict(results)
+
+
+def test_weights_only_save_is_committed_with_latest_and_no_training_state(tp2_checkpoint):
+    assert (tp2_checkpoint / "latest").read_text().strip() == "step-000000"
+    step = tp2_checkpoint / "step-000000"
+    assert json.loads((step / "train_state.json").read_text()) == {"step": 0, "weights_only": True}
+    assert sorted(p.name for p in (step / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    tensors = {k for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
+    assert tensors == {"fc1.weight", "fc2.weight"}  # no optimizer state, no wrapper prefix
+    assert not list(tp2_checkpoint.glob("*.tmp"))
+
+
+def test_tp2_weights_load_at_tp1_exactly(tp2_checkpoint):
+    got = _load(tp2_checkpoint)
+    assert "error" not in got, got.get("error")
+    assert got["state"] == {} and got["step_dir"] == "step-000000"  # weights only: step 0, fresh optimizer
+    gathered = torch.load(tp2_checkpoint / "gathered.pt")
+    for name in ("fc1", "fc2"):
+        assert torch.equal(got["weights"][name], gathered[name]), name
+
+
+def test_another_architecture_is_refused_by_name(tp2_checkpoint):
+    got = _load(tp2_checkpoint, "model.hidden_size=256", "model.ffn_hidden_size=768")
+    assert got["error"].startswith("ConfigError: checkpoint ")
+    assert "different architecture: model.hidden_size=512 there, 256 in this config" in got["error"]
