@@ -71,7 +71,7 @@ class MetricsLogger:
         rates = {"tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops}
         if self.peak:
             rates["mfu"] = tflops / self.peak
-        rates["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rates["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         self._window_start, self._window_tokens, self._window_flops = now, 0, 0.0
         if not self.enabled:
             return rates

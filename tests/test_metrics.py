@@ -1,0 +1,46 @@
+"""Training metrics (training/metrics.py): tokens/s, TFLOP/s/GPU and MFU from our FLOPs counter over a
+logging window, the console line and the TensorBoard scalars."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.training import metrics as M
+
+
+def test_peaks_by_device_name():
+    assert M.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert M.peak_tflops("NVIDIA H200") == 989.0
+    assert M.peak_tflops("Some other GPU") is None
+
+
+def test_window_rates_and_mfu(tmp_path, monkeypatch, caplog):
+    cfg = load_run_config("configs/tiny.yaml", [f"logging.run_dir={tmp_path}"])
+    now = [100.0]  # the window opens at 100 s ...
+    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    logger = M.MetricsLogger(cfg, enabled=True, flops_per_token_at=lambda seq: 1e9 * seq / 1024,
+                             world_size=4, device_name="NVIDIA H100 80GB HBM3")
+    logger.record(1, 1024, 300_000)  # 3e5 tokens at 1 GFLOP each
+    logger.record(2, 512, 200_000)  # shorter sequences: 0.5 GFLOP per token
+    now[0] = 102.0  # ... and closes at 102 s
+    with caplog.at_level(logging.INFO, logger="hybrid_megatron.train"):
+        rates = logger.log(2, 10, {"loss": 2.5, "window_steps": 2})
+    logger.close()
+    flops = 300_000 * 1e9 + 200_000 * 0.5e9
+    assert rates["tokens_per_s"] == pytest.approx(500_000 / 2.0)
+    assert rates["tflops_per_gpu"] == pytest.approx(flops / 2.0 / 4 / 1e12)
+    assert rates["mfu"] == pytest.approx(rates["tflops_per_gpu"] / 989.0)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("step 2/10 | loss 2.5 | tok/s 250,000 | TFLOP/s/GPU 50.0 | MFU 5.1%")
+    assert "ETA 0.1min" in line  # 8 steps left at 1 s per step
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert {"train/loss", "train/tokens_per_s", "train/mfu"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(2.5)
