@@ -194,6 +194,10 @@ class Checkpointer:
                 raise RuntimeError(f"checkpoint {step_dir} does not match the model: missing "
                                    f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}")
         if weights_only:
+            if self.optimizer is not None:
+                # the fp32 main params were copied from the initial weights when the optimizer was built;
+                # without this the first step would update (and write back) those, not the loaded ones
+                self.optimizer.reload_model_params()
             log.info("loaded weights from %s (fresh optimizer and schedule)", step_dir)
             return {}
         self.optimizer.load_state_dict(loaded["optimizer"])
