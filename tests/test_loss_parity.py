@@ -213,3 +213,12 @@ def test_a_failing_run_is_recorded_with_its_log_and_its_dependents_skip(tmp_path
     assert runs["tp2-sp"] == {"status": "skipped", "error": "needs a finished tp1 run first"}
     log = (tmp_path / "w" / "parallel" / "tp1.log").read_text()
     assert log.splitlines()[0].endswith("checkpoint.save_interval=60")  # the command line heads the log
+
+
+@pytest.mark.parametrize("suite", list(L.SUITES.values()), ids=list(L.SUITES))
+def test_every_run_comes_after_the_runs_it_starts_from_or_compares_with(suite):
+    order = {r.name: i for i, r in enumerate(suite.runs)}
+    for i, run in enumerate(suite.runs):
+        for source in (run.resume_from, run.init_from, run.reference):
+            if source:
+                assert order[source] < i, f"{run.name} needs {source} first"

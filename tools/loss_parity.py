@@ -13,10 +13,12 @@ already there, so a suite can be spread over several calls and compared later on
 Suites (``plan SUITE`` prints the runs and their command lines):
 
 * ``parallel`` -- configs/tiny.yaml, deterministic kernels, the pattern cut unevenly for PP=2
-  (7 + 3 layers). TP=2 with sequence parallel, PP=2, DP=2 (distributed optimizer), all starting from
-  the TP=PP=DP=1 run's saved initial weights, follow that run within 1% at every step, and so does
-  PP=2 with 2 interleaved model chunks per rank; selective and full recompute at each layout follow that layout's run; the
-  TP=2 checkpoint at the half-way step resumes at PP=2 and at TP=1 with the same next-step loss.
+  (7 + 3 layers). TP=2 with sequence parallel, PP=2, PP=2 with 2 interleaved chunks per rank, DP=2
+  (distributed optimizer) and DP=2 with overlapped grad reduce and param gather, all starting from the
+  TP=PP=DP=1 run's saved initial weights, follow that run within 1% at every step; selective and full
+  recompute at each layout follow that layout's run; the TP=2 checkpoint at the half-way step resumes
+  at PP=2 and at TP=1 with the same next-step loss, and the overlapped DP=2 run resumes at its own
+  layout within 1e-4 (bitwise expected).
 * ``fp8`` -- configs/1b.yaml at 32k tokens per step: FP8 recipes (tensorwise, tensorwise with the
   first/last 2 layers in BF16, delayed, tensorwise with the Mamba in/out projections in BF16) follow
   BF16 within 1.5% at every step after warm-up.
@@ -75,6 +77,8 @@ LAYOUTS = {
 }
 # the same 10 layers cut into 4 segments: 2 model chunks per PP rank (interleaved 1F1B schedule)
 INTERLEAVED = ("parallel.pipeline_model_parallel_size=2", "model.hybrid_layer_pattern=M-M|*-M|-M|*-")
+# gradient reduce-scatter and param all-gather overlapped with compute (the 7B recipe's setting)
+OVERLAP = ("parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
 
 
 def _parallel_runs() -> tuple[Run, ...]:
@@ -84,9 +88,13 @@ def _parallel_runs() -> tuple[Run, ...]:
     runs += [Run(name, 2, over, reference="tp1", init_from="tp1") for name, over in LAYOUTS.items()]
     runs += [Run(f"{name}-{rc}", 2, (*over, f"train.recompute={rc}"), reference=name, init_from="tp1")
              for name, over in LAYOUTS.items() for rc in ("selective", "full")]
-    runs += [Run("pp2-vpp2", 2, INTERLEAVED, reference="tp1", init_from="tp1")]
+    runs += [Run("pp2-vpp2", 2, INTERLEAVED, reference="tp1", init_from="tp1"),
+             Run("dp2-overlap", 2, OVERLAP, reference="tp1", init_from="tp1")]
     runs += [Run("tp2-sp>pp2", 2, LAYOUTS["pp2"], reference="tp2-sp", resume_from="tp2-sp"),
-             Run("tp2-sp>tp1", 1, (), reference="tp2-sp", resume_from="tp2-sp")]
+             Run("tp2-sp>tp1", 1, (), reference="tp2-sp", resume_from="tp2-sp"),
+             # same layout: the resumed steps repeat the straight run's (the saved weights must be the
+             # step's own on every DP rank, not the shard-local state the overlapped all-gather leaves)
+             Run("dp2-overlap>same", 2, OVERLAP, reference="dp2-overlap", resume_from="dp2-overlap", rel_tol=1e-4)]
     return tuple(runs)
 
 

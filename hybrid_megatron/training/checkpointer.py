@@ -110,6 +110,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         self.finalize()  # at most one save in flight
+        self._sync_params()
         tmp = self.save_dir / f"{ckpt.step_dir_name(step)}.tmp"
         if self.rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +150,16 @@ class Checkpointer:
             request.add_finalize_fn(_commit)  # runs after all ranks' writes are done
             self._async_queue.schedule_async_request(request)
             log.info("checkpoint of step %d is being written in the background", step)
+
+    def _sync_params(self) -> None:
+        """With ``overlap_param_gather`` each DP rank holds only its own shard of the last update until the
+        next forward all-gathers the rest: gather now, so the saved weights are this step's everywhere
+        (megatron's own loop does the same before a save)."""
+        if not self.cfg.parallel.overlap_param_gather or self.optimizer is None:
+            return
+        self.optimizer.prepare_model_params_for_param_sync()
+        for chunk in self.model:
+            chunk.start_param_sync(force_sync=True)
 
     def maybe_finalize(self) -> None:
         if self._async_queue is not None:

@@ -80,6 +80,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         bf16=cfg.precision.dtype == "bf16",
         params_dtype=torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,  # megatron: same value as the DDP config's
     )
     return get_megatron_optimizer(opt_config, model_chunks, config_overrides=_param_group_overrides(opt_config))
 
