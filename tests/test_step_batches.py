@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.errors import ConfigError
 from data_pipeline.loader import StepBatch
 from data_pipeline.packing import build_arrays
 from hybrid_megatron.training.step import _loss_func, micro_batch_size_for, split_micro_batches
@@ -33,6 +34,13 @@ def _batch(n: int, seq: int, eos_at: dict[int, list[int]] | None = None) -> Step
 def test_micro_batches_hold_a_constant_number_of_tokens(n_local, seq, mbs, max_seq, want):
     got = micro_batch_size_for(n_local, seq, mbs, max_seq)
     assert got == want and n_local % got == 0
+
+
+def test_interleaved_pipelines_get_a_multiple_of_pp_micro_batches():
+    assert micro_batch_size_for(12, 1024, 8, 1024, microbatches_multiple_of=4) == 3  # 4 micro-batches, not 2
+    assert micro_batch_size_for(32, 1024, 8, 1024, microbatches_multiple_of=2) == 8
+    with pytest.raises(ConfigError, match="cannot form a number of micro-batches divisible by 4"):
+        micro_batch_size_for(6, 1024, 8, 1024, microbatches_multiple_of=4)
 
 
 def test_packed_micro_batches_flatten_rows_and_mark_every_document_start():

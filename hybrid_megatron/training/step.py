@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from data_pipeline.errors import ConfigError
 from data_pipeline.loader import StepBatch
 from data_pipeline.packing import cu_seqlens
 
@@ -30,13 +31,20 @@ class MicroBatch:
     packed_seq_params: object | None
 
 
-def micro_batch_size_for(n_local: int, seq_len: int, micro_batch_size: int, max_seq_len: int) -> int:
-    """Largest divisor of ``n_local`` not above the token-constant target (at least 1)."""
+def micro_batch_size_for(n_local: int, seq_len: int, micro_batch_size: int, max_seq_len: int,
+                         microbatches_multiple_of: int = 1) -> int:
+    """Largest divisor of ``n_local`` not above the token-constant target (at least 1) that leaves a
+    number of micro-batches divisible by ``microbatches_multiple_of`` (the interleaved pipeline
+    schedule runs micro-batches in groups of PP)."""
     target = max(1, micro_batch_size * max_seq_len // seq_len)
     for mbs in range(min(target, n_local), 0, -1):
-        if n_local % mbs == 0:
+        if n_local % mbs == 0 and (n_local // mbs) % microbatches_multiple_of == 0:
             return mbs
-    return 1
+    raise ConfigError(
+        f"{n_local} sequences of {seq_len} tokens per data-parallel rank cannot form a number of micro-batches "
+        f"divisible by {microbatches_multiple_of} (the interleaved pipeline schedule needs a multiple of "
+        f"parallel.pipeline_model_parallel_size): change data.global_batch_tokens or data.batch_size_multiple"
+    )
 
 
 def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> list[MicroBatch]:
@@ -112,7 +120,9 @@ def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_se
 
     packed = cfg.data.reset_at_document_boundaries
     n_local, seq_len = batch.input_ids.shape
-    mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq_len)
+    interleaved = len(model_chunks) > 1
+    mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq_len,
+                               cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
     micro = split_micro_batches(batch, mbs, packed, torch.cuda.current_device())
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
