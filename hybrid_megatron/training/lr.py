@@ -94,6 +94,7 @@ class PhasedScheduler:
     def __init__(self, optimizer, segments: list[Segment], weight_decay: float):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        self.optimizer = optimizer
         self.segments = segments
         self.schedulers = [
             OptimizerParamScheduler(
@@ -125,8 +126,14 @@ class PhasedScheduler:
 
     def _apply(self) -> None:
         i = self._active()
+        seg = self.segments[i]
+        # megatron's param groups carry max_lr / min_lr (the optimizer config's), and its scheduler takes
+        # those over its own: the segment's must be on the groups, or the anneal would re-warm to the
+        # full peak and stop at min_lr instead of zero
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = seg.max_lr, seg.min_lr
         sched = self.schedulers[i]
-        sched.num_steps = self.num_steps - self.segments[i].start
+        sched.num_steps = self.num_steps - seg.start
         sched.step(0)  # sets lr / wd on every param group
 
     def step(self, increment: int = 1) -> None:
@@ -134,8 +141,8 @@ class PhasedScheduler:
         self._apply()
 
     def current_lr(self) -> float:
-        i = self._active()
-        return lr_at(self.segments[i], self.num_steps - self.segments[i].start)
+        """The LR the optimizer applies now (read back from it, not recomputed)."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
         return {"num_steps": self.num_steps, "segments": [_seg_dict(s) for s in self.segments]}
