@@ -121,6 +121,13 @@ def _wire_grad_sync(model_chunks: list) -> None:
 
 
 def pretrain(cfg: RunConfig) -> int:
+    """Trains until the data phases (or train.train_steps) are done; returns the process exit code."""
+    # handlers first: a signal while the model is built or a checkpoint loads is acted on at the first step
+    with signals.PreemptionHandler() as preempt:
+        return _train(cfg, preempt)
+
+
+def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     import torch
     from megatron.core import parallel_state
 
@@ -191,48 +198,47 @@ def pretrain(cfg: RunConfig) -> int:
         return {"step": step, "data": loader.state_dict(), "world_size": ranks.world_size,
                 "skipped_steps": skipped_total}
 
-    with signals.PreemptionHandler() as preempt:
-        for model_chunk in model:
-            model_chunk.train()
-        while step < total_steps:
-            batch = next(loader)
-            assert batch.step == step, f"loader at step {batch.step}, trainer at {step}"
-            result = train_step(batch, model, optimizer, scheduler, cfg, max_seq_len)
-            step += 1
-            window_steps += 1
-            metrics.record(step, batch.seq_len, result.tokens)
-            if losses is not None:
-                losses.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-                                         "lr": scheduler.current_lr(), "tokens": result.tokens,
-                                         "seq_len": batch.seq_len, "phase": batch.phase,
-                                         "skipped": result.skipped, "time": round(time.time(), 3)}) + "\n")
-                losses.flush()
-            if result.skipped:
-                skipped_total += 1
-                log.warning("step %d: non-finite loss %s / grad norm %s: update skipped", step, result.loss,
-                            result.grad_norm)
-                if cfg.train.nonfinite_policy == "stop" or skipped_total > cfg.train.max_skipped_steps:
-                    log.error("stopping on a non-finite loss or grad norm at step %d (train.nonfinite_policy=%s, "
-                              "%d skipped)", step, cfg.train.nonfinite_policy, skipped_total)
-                    code = signals.EXIT_NONFINITE
-                    break
-            if step % cfg.logging.log_interval == 0 or step == total_steps:
-                metrics.log(step, total_steps, {"phase": batch.phase, "loss": result.loss,
-                                                "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
-                                                "seq_len": batch.seq_len, "window_steps": window_steps})
-                window_steps = 0
-            checkpointer.maybe_finalize()
-            interval = cfg.checkpoint.save_interval
-            if preempt.agreed():
-                checkpointer.save(step, train_state())
-                code = signals.EXIT_PREEMPTED
+    for model_chunk in model:
+        model_chunk.train()
+    while step < total_steps:
+        batch = next(loader)
+        assert batch.step == step, f"loader at step {batch.step}, trainer at {step}"
+        result = train_step(batch, model, optimizer, scheduler, cfg, max_seq_len)
+        step += 1
+        window_steps += 1
+        metrics.record(step, batch.seq_len, result.tokens)
+        if losses is not None:
+            losses.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                                     "lr": scheduler.current_lr(), "tokens": result.tokens,
+                                     "seq_len": batch.seq_len, "phase": batch.phase,
+                                     "skipped": result.skipped, "time": round(time.time(), 3)}) + "\n")
+            losses.flush()
+        if result.skipped:
+            skipped_total += 1
+            log.warning("step %d: non-finite loss %s / grad norm %s: update skipped", step, result.loss,
+                        result.grad_norm)
+            if cfg.train.nonfinite_policy == "stop" or skipped_total > cfg.train.max_skipped_steps:
+                log.error("stopping on a non-finite loss or grad norm at step %d (train.nonfinite_policy=%s, "
+                          "%d skipped)", step, cfg.train.nonfinite_policy, skipped_total)
+                code = signals.EXIT_NONFINITE
                 break
-            if cfg.train.exit_after_steps and step - started_at >= cfg.train.exit_after_steps and step < total_steps:
-                checkpointer.save(step, train_state())
-                log.info("stopping after %d steps of this run (train.exit_after_steps)", step - started_at)
-                break
-            if (interval and step % interval == 0) or step == total_steps:
-                checkpointer.save(step, train_state())
+        if step % cfg.logging.log_interval == 0 or step == total_steps:
+            metrics.log(step, total_steps, {"phase": batch.phase, "loss": result.loss,
+                                            "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
+                                            "seq_len": batch.seq_len, "window_steps": window_steps})
+            window_steps = 0
+        checkpointer.maybe_finalize()
+        interval = cfg.checkpoint.save_interval
+        if preempt.agreed():
+            checkpointer.save(step, train_state())
+            code = signals.EXIT_PREEMPTED
+            break
+        if cfg.train.exit_after_steps and step - started_at >= cfg.train.exit_after_steps and step < total_steps:
+            checkpointer.save(step, train_state())
+            log.info("stopping after %d steps of this run (train.exit_after_steps)", step - started_at)
+            break
+        if (interval and step % interval == 0) or step == total_steps:
+            checkpointer.save(step, train_state())
     checkpointer.finalize()
     loader.close()
     metrics.close()
