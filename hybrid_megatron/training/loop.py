@@ -7,9 +7,7 @@ loss/grad norm. Every step appends ``{"step", "loss", "grad_norm", "lr", "tokens
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 from data_pipeline.errors import ConfigError
@@ -137,6 +135,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     from hybrid_megatron.model.flops import training_flops_per_token
     from hybrid_megatron.training import distributed
     from hybrid_megatron.training.checkpointer import Checkpointer
+    from hybrid_megatron.training.loss_log import LossLog
     from hybrid_megatron.training.lr import PhasedScheduler, plan_segments
     from hybrid_megatron.training.metrics import MetricsLogger
     from hybrid_megatron.training.step import train_step
@@ -190,7 +189,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
         world_size=ranks.world_size,
         device_name=torch.cuda.get_device_name(),
     )
-    losses = open(run_dir / "losses.jsonl", "a") if is_rank0 else None
+    losses = LossLog(run_dir / "losses.jsonl", resume_step=step) if is_rank0 else None
     skipped_total, window_steps, started_at = 0, 0, step
     code = 0
 
@@ -208,11 +207,9 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
         window_steps += 1
         metrics.record(step, batch.seq_len, result.tokens)
         if losses is not None:
-            losses.write(json.dumps({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-                                     "lr": scheduler.current_lr(), "tokens": result.tokens,
-                                     "seq_len": batch.seq_len, "phase": batch.phase,
-                                     "skipped": result.skipped, "time": round(time.time(), 3)}) + "\n")
-            losses.flush()
+            losses.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                          "lr": scheduler.current_lr(), "tokens": result.tokens, "seq_len": batch.seq_len,
+                          "phase": batch.phase, "skipped": result.skipped})
         if result.skipped:
             skipped_total += 1
             log.warning("step %d: non-finite loss %s / grad norm %s: update skipped", step, result.loss,
