@@ -44,3 +44,24 @@ def test_window_rates_and_mfu(tmp_path, monkeypatch, caplog):
     acc.Reload()
     assert {"train/loss", "train/tokens_per_s", "train/mfu"} <= set(acc.Tags()["scalars"])
     assert acc.Scalars("train/loss")[0].value == pytest.approx(2.5)
+
+
+def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_run_config("configs/tiny.yaml", [f"logging.run_dir={tmp_path}"])
+    first = M.MetricsLogger(cfg, enabled=True, flops_per_token_at=lambda s: 1.0, world_size=1, device_name="H100")
+    for step in range(1, 9):
+        first.record(step, 1024, 10)
+        first.log(step, 20, {"loss": float(step)})
+    first.close()
+    resumed = M.MetricsLogger(cfg, enabled=True, flops_per_token_at=lambda s: 1.0, world_size=1, device_name="H100",
+                              start_step=5)
+    for step in range(6, 11):
+        resumed.record(step, 1024, 10)
+        resumed.log(step, 20, {"loss": 100.0 + step})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 11)]

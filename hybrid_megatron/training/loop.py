@@ -188,6 +188,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
         flops_per_token_at=lambda s: training_flops_per_token(cfg.model, padded, s),
         world_size=ranks.world_size,
         device_name=torch.cuda.get_device_name(),
+        start_step=step,
     )
     losses = LossLog(run_dir / "losses.jsonl", resume_step=step) if is_rank0 else None
     skipped_total, window_steps, started_at = 0, 0, step

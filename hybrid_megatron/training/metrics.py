@@ -25,7 +25,8 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, cfg, enabled: bool, flops_per_token_at, world_size: int, device_name: str):
+    def __init__(self, cfg, enabled: bool, flops_per_token_at, world_size: int, device_name: str,
+                 start_step: int = 0):
         self.cfg = cfg
         self.enabled = enabled
         self.flops_per_token_at = flops_per_token_at  # seq_len -> training FLOPs per token
@@ -44,7 +45,9 @@ class MetricsLogger:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            # a resumed run drops the events a previous attempt logged past its checkpoint
+            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
         if cfg.logging.wandb_project:
             import wandb
 
