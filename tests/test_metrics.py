@@ -65,3 +65,16 @@ def test_a_resumed_run_purges_tensorboard_events_past_its_checkpoint(tmp_path):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 11)]
+
+
+def test_wandb_offline_continues_one_run_per_run_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = load_run_config("configs/tiny.yaml", [f"logging.run_dir={tmp_path}", "logging.wandb_project=hm-test",
+                                                "logging.tensorboard=false"])
+    ids = []
+    for _ in range(2):  # a first attempt, then the requeued one
+        logger = M.MetricsLogger(cfg, enabled=True, flops_per_token_at=lambda s: 1.0, world_size=1, device_name="H100")
+        assert logger._wandb.settings.mode == "offline"
+        ids.append(logger._wandb.id)
+        logger.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()

@@ -24,6 +24,18 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def _wandb_run_id(run_dir: str) -> str:
+    """One wandb run per run directory: a requeued or resumed job continues the same run."""
+    import secrets
+
+    path = os.path.join(run_dir, "wandb_run_id")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(secrets.token_hex(8) + "\n")
+    with open(path) as f:
+        return f.read().strip()
+
+
 class MetricsLogger:
     def __init__(self, cfg, enabled: bool, flops_per_token_at, world_size: int, device_name: str,
                  start_step: int = 0):
@@ -55,7 +67,8 @@ class MetricsLogger:
 
             mode = cfg.logging.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
             self._wandb = wandb.init(
-                project=cfg.logging.wandb_project, dir=run_dir, mode=mode, config=to_dict(cfg), resume="allow"
+                project=cfg.logging.wandb_project, dir=run_dir, mode=mode, config=to_dict(cfg),
+                id=_wandb_run_id(run_dir), resume="allow",
             )
 
     def record(self, step: int, seq_len: int, tokens: int) -> None:
