@@ -48,6 +48,9 @@ def test_resume_continues_the_same_curve(tmp_path):
     bitwise = all(a[s]["loss"] == b[s]["loss"] for s in range(STEPS // 2 + 1, STEPS + 1))
     (tmp_path / "resume_report.json").write_text(json.dumps({"bitwise": bitwise, "straight": a, "resumed": b}))
     print(f"resume bitwise equal: {bitwise}")
+    # train.deterministic pins every kernel family (NCCL, cuBLAS, TE attention, Mamba SSD): bit for bit
+    differing = [s for s in range(STEPS // 2 + 1, STEPS + 1) if a[s]["loss"] != b[s]["loss"]]
+    assert not differing, f"resumed losses differ from the straight run's at steps {differing[:5]}"
 
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
