@@ -3,7 +3,8 @@
 #
 #   tools/run_gpu_checks.sh [STAGE ...]        stages: tests fixtures parity (default: all three, in order)
 #
-#   tests     the GPU pytest files (tests/test_gpu_*.py but *_cpu.py)                  -> pytest_gpu.log/.xml
+#   tests     the GPU pytest files (tests/test_gpu_*.py but *_cpu.py; GPU_TESTS="a.py b.py"
+#             picks some)                                                              -> pytest_gpu.log/.xml
 #   fixtures  tools/make_convert_fixtures.py: tp1 on one GPU; tp2 and pp2 only when
 #             `nvidia-smi -L` lists two or more GPUs                                    -> convert_fixtures.tar,
 #                                                                                         fixtures_summary.json,
@@ -95,7 +96,11 @@ for s in "${STAGES[@]}"; do
   case "$s" in
     tests)
       files=()
-      for f in tests/test_gpu_*.py; do case "$f" in *_cpu.py) ;; *) files+=("$f") ;; esac; done
+      if [ -n "${GPU_TESTS:-}" ]; then
+        read -r -a files <<< "$GPU_TESTS"
+      else
+        for f in tests/test_gpu_*.py; do case "$f" in *_cpu.py) ;; *) files+=("$f") ;; esac; done
+      fi
       run_stage tests "${TESTS_TIMEOUT:-480}" "${files[*]}" \
         bash -c "\"$PY\" -m pytest -q -rA -p no:cacheprovider --junitxml=\"$OUT/pytest_gpu.xml\" ${files[*]} > \"$OUT/pytest_gpu.log\" 2>&1; rc=\$?; tail -n 40 \"$OUT/pytest_gpu.log\"; exit \$rc"
       ;;
