@@ -79,7 +79,7 @@ def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     assert L.FP8_WARMUP == cfgs["bf16"].schedule.lr_warmup_steps
     for run in suite.runs[1:]:
         assert (run.reference, run.rel_tol, run.after_step) == ("bf16", 0.015, L.FP8_WARMUP)
-    assert all(c.data.global_batch_tokens == 32768 for c in cfgs.values())
+    assert all(c.data.global_batch_tokens == 16384 for c in cfgs.values())
 
 
 # ---- the comparison ------------------------------------------------------------------------------
