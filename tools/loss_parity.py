@@ -19,9 +19,9 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   recompute at each layout follow that layout's run; the TP=2 checkpoint at the half-way step resumes
   at PP=2 and at TP=1 with the same next-step loss, and the overlapped DP=2 run resumes at its own
   layout within 1e-4 (bitwise expected).
-* ``fp8`` -- configs/1b.yaml at 16k tokens per step (4 x 4096, ~3 min a run on an H100): FP8 recipes (tensorwise, tensorwise with the
-  first/last 2 layers in BF16, delayed, tensorwise with the Mamba in/out projections in BF16) follow
-  BF16 within 1.5% at every step after warm-up.
+* ``fp8`` -- configs/1b.yaml at 16k tokens per step (4 x 4096, ~3 min a run on an H100): FP8 recipes
+  (tensorwise, tensorwise with the first/last 2 layers in BF16, delayed, tensorwise with the Mamba
+  in/out projections in BF16) follow BF16 within 1.5% at every step after warm-up.
 * ``7b-layers`` -- configs/pretrain_7b.yaml's layer sizes and FP8 recipe at 4 layers (``M-*-``) on one
   GPU and the sample data: FP8 against BF16, and tokens/s of each (the tok/s column).
 
