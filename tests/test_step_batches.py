@@ -75,3 +75,22 @@ def test_loss_is_a_masked_token_sum_with_its_token_count():
     assert loss_sum.item() == 1 + 3 + 4 + 5 and loss_sum.dtype == torch.float32
     assert tokens.item() == 4 and tokens.dtype == torch.int32
     assert report["lm loss"].tolist() == [13.0, 4.0]
+
+
+def test_micro_batch_plan_covers_every_sequence_length_and_fails_early():
+    from data_pipeline.schedule import build_schedule
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.training.step import micro_batch_plan
+
+    cfg = load_run_config("configs/tiny.yaml")
+    schedule = build_schedule(cfg.data)
+    plan = micro_batch_plan(cfg, schedule, dp_size=1)
+    assert sorted(plan) == sorted(set(schedule.seq_len.tolist()))
+    for seq, (mbs, n) in plan.items():
+        assert mbs * seq <= cfg.train.micro_batch_size * 1024  # never more tokens than the configured micro-batch
+    assert plan[1024] == (8, 4)
+    bad = load_run_config("configs/tiny.yaml", ["model.hybrid_layer_pattern=M-M|*-M|-M|*-",
+                                                "parallel.pipeline_model_parallel_size=2", "data.curriculum=null",
+                                                "data.global_batch_tokens=3072", "data.batch_size_multiple=1"])
+    with pytest.raises(ConfigError, match="3 sequences of 1024 tokens per data-parallel rank cannot form"):
+        micro_batch_plan(bad, build_schedule(bad.data), dp_size=1)

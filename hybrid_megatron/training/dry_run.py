@@ -11,6 +11,7 @@ from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.build import padded_vocab_size
 from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
 from hybrid_megatron.model.memory import data_parallel_size, estimate_lines
+from hybrid_megatron.training.step import micro_batch_plan
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
         f"training {training_flops_per_token(m, padded, max_seq):,}",
         f"run: {schedule.total_steps} steps, {schedule.total_tokens:,} tokens "
         f"({cfg.data.global_batch_tokens:,} per step), phases {', '.join(p.name for p in cfg.data.phases)}",
+        "micro-batches per DP rank: " + ", ".join(
+            f"seq {seq} -> {n} x {mbs}" for seq, (mbs, n) in micro_batch_plan(cfg, schedule, dp).items()),
     ]
     lines += ["", "# memory per GPU (estimate)"] + estimate_lines(cfg, padded, max_seq, world_size=world_size)
     if notes:

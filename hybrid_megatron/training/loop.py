@@ -138,7 +138,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     from hybrid_megatron.training.loss_log import LossLog
     from hybrid_megatron.training.lr import PhasedScheduler, plan_segments
     from hybrid_megatron.training.metrics import MetricsLogger
-    from hybrid_megatron.training.step import train_step
+    from hybrid_megatron.training.step import micro_batch_plan, train_step
 
     ranks = distributed.initialize(cfg)
     is_rank0 = ranks.rank == 0
@@ -160,6 +160,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
             f"train.train_steps={total_steps} exceeds the {schedule.total_steps} steps the data phases define"
         )
 
+    micro_batch_plan(cfg, schedule, parallel_state.get_data_parallel_world_size())  # fails before the build
     chunks = build_model_chunks(cfg, vocab, max_seq_len)
     model = _wrap(cfg, chunks)
     _wire_grad_sync(model)

@@ -47,6 +47,23 @@ def micro_batch_size_for(n_local: int, seq_len: int, micro_batch_size: int, max_
     )
 
 
+def micro_batch_plan(cfg, schedule, dp_size: int) -> dict[int, tuple[int, int]]:
+    """seq_len -> (sequences per micro-batch, micro-batches per step) on each DP rank, for every sequence
+    length the run trains at; raises ConfigError before any GPU work when a step cannot be split
+    (the interleaved pipeline schedule needs a multiple of PP micro-batches)."""
+    from hybrid_megatron.model import pattern as pat
+
+    pp = cfg.parallel.pipeline_model_parallel_size
+    interleaved = pat.virtual_pipeline_size(cfg.model.hybrid_layer_pattern, pp) is not None
+    max_seq = int(schedule.seq_len.max())
+    plan = {}
+    for seq_len, n_global in sorted(set(zip(schedule.seq_len.tolist(), schedule.num_sequences.tolist()))):
+        n_local = n_global // dp_size
+        mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq, pp if interleaved else 1)
+        plan[seq_len] = (mbs, n_local // mbs)
+    return plan
+
+
 def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> list[MicroBatch]:
     from megatron.core.packed_seq_params import PackedSeqParams
 
