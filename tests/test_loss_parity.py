@@ -18,10 +18,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import loss_parity as L  # noqa: E402
 
+from data_pipeline.schedule import build_schedule  # noqa: E402
 from hybrid_megatron.config import load_run_config  # noqa: E402
 from hybrid_megatron.model.memory import data_parallel_size  # noqa: E402
 from hybrid_megatron.model.pattern import layers, split_stages  # noqa: E402
 from hybrid_megatron.training.checkpoint import step_dir_name  # noqa: E402
+from hybrid_megatron.training.step import micro_batch_plan  # noqa: E402
 
 RUNS = [(suite, run) for suite in L.SUITES.values() for run in suite.runs]
 
@@ -31,6 +33,7 @@ def test_every_planned_run_is_a_valid_config(suite, run, tmp_path):
     overrides = L.run_overrides(suite, run, suite.default_steps, tmp_path)
     cfg = load_run_config(ROOT / suite.config, overrides)
     assert data_parallel_size(cfg, run.gpus) >= 1
+    micro_batch_plan(cfg, build_schedule(cfg.data), data_parallel_size(cfg, run.gpus))  # every step splits
     split_stages(cfg.model.hybrid_layer_pattern, cfg.parallel.pipeline_model_parallel_size)
     assert cfg.train.train_steps == suite.default_steps
     assert cfg.logging.run_dir == str(tmp_path / run.name)
