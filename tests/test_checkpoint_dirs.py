@@ -43,6 +43,14 @@ def test_keep_last_prunes_old_steps_but_never_latest(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000004"]
 
 
+def test_keep_last_spares_the_saved_initial_weights(tmp_path):
+    files = {"train_state.json": json.dumps({"step": 0, "weights_only": True}), "run_config.yaml": "model: {}\n"}
+    ckpt.commit(tmp_path, _tmp_step(tmp_path, 0), 0, files, keep_last=2)
+    for step in (1, 2, 3, 4):
+        ckpt.commit(tmp_path, _tmp_step(tmp_path, step), step, _files(step), keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000", "step-000003", "step-000004"]
+
+
 def test_latest_naming_an_incomplete_dir_is_refused(tmp_path):
     (tmp_path / "step-000007").mkdir()
     (tmp_path / "latest").write_text("step-000007\n")

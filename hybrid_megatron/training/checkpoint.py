@@ -86,11 +86,20 @@ def commit(save_dir: Path, tmp_dir: Path, step: int, files: dict[str, str], keep
     return final
 
 
+def _weights_only(step_dir: Path) -> bool:
+    try:
+        return bool(read_train_state(step_dir).get("weights_only"))
+    except (OSError, ValueError):
+        return False
+
+
 def prune(save_dir: Path, keep_last: int) -> list[Path]:
-    """Deletes complete step dirs beyond the newest ``keep_last``; never the one ``latest`` names."""
+    """Deletes training checkpoints beyond the newest ``keep_last``; never the one ``latest`` names, and
+    never a weights-only one (``checkpoint.save_initial``'s initial weights: other runs start from it)."""
     latest = read_latest(save_dir)
     steps = sorted(
-        (int(m.group(1)), p) for p in save_dir.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()
+        (int(m.group(1)), p) for p in save_dir.iterdir()
+        if (m := _STEP_RE.match(p.name)) and p.is_dir() and not _weights_only(p)
     )
     removed = []
     for _, path in steps[:-keep_last]:
