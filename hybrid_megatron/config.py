@@ -264,7 +264,7 @@ class CheckpointConfig:
     load: str | None = None
     """A checkpoint to start from when <save_dir> has none yet; once this run has saved, <save_dir>/latest wins."""
     keep_last: int | None = None
-    """Delete older step directories past this many; None keeps all."""
+    """Delete older training checkpoints past this many (weights-only ones stay); None keeps all."""
     save_initial: bool = False
     """A fresh run first saves its initialized weights as a weights-only ``step-000000``: runs at another
     TP/PP layout (whose own init would differ: megatron seeds per TP/PP rank) or with another recipe
