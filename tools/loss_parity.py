@@ -21,7 +21,8 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   layout within 1e-4 (bitwise expected).
 * ``fp8`` -- configs/1b.yaml at 16k tokens per step (4 x 4096, ~3 min a run on an H100): FP8 recipes
   (tensorwise, tensorwise with the first/last 2 layers in BF16, delayed, tensorwise with the Mamba
-  in/out projections in BF16) follow BF16 within 1.5% at every step after warm-up.
+  in/out projections in BF16, and both BF16 measures together) follow BF16 within 1.5% at every step
+  after warm-up.
 * ``7b-layers`` -- configs/pretrain_7b.yaml's layer sizes and FP8 recipe at 4 layers (``M-*-``) on one
   GPU and the sample data: FP8 against BF16, and tokens/s of each (the tok/s column).
 
@@ -109,6 +110,9 @@ def _fp8_runs() -> tuple[Run, ...]:
                                     "precision.fp8_bf16_layers_at_end=2"),
         "fp8-delayed": (*FP8_BASE, "precision.fp8_recipe=delayed"),
         "fp8-tensorwise-mamba-bf16": (*FP8_BASE, "precision.fp8_mamba_projections_bf16=true"),
+        "fp8-tensorwise-bf16ends-mamba-bf16": (*FP8_BASE, "precision.fp8_bf16_layers_at_start=2",
+                                               "precision.fp8_bf16_layers_at_end=2",
+                                               "precision.fp8_mamba_projections_bf16=true"),
     }
     return (Run("bf16", 1, ()),) + tuple(
         Run(name, 1, over, reference="bf16", rel_tol=0.015, after_step=FP8_WARMUP) for name, over in variants.items()
