@@ -5,44 +5,13 @@ state with the wrong parameter)."""
 
 from __future__ import annotations
 
-import torch
-
-from hybrid_megatron.convert.ckpt_io import single_process_group
-from hybrid_megatron.training.loop import _param_group_overrides
-
-
-class Mixer(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.A_log = torch.nn.Parameter(torch.zeros(4))
-        self.D = torch.nn.Parameter(torch.ones(4))
-        self.dt_bias = torch.nn.Parameter(torch.zeros(4))
-        self.in_proj = torch.nn.Linear(8, 8, bias=False).bfloat16()
-        self.norm = torch.nn.LayerNorm(8, bias=False).bfloat16()
-
-
-class Layer(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mixer = Mixer()
-
-
-class Stack(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList([Layer(), Layer()])
-        self.fc = torch.nn.Linear(8, 8).bfloat16()  # a 2-D weight (decayed) and a bias (not decayed)
+from megatron_groups import Stack, megatron_param_groups
 
 
 def test_ssm_params_get_their_own_undecayed_groups():
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
-
     model = Stack()
     names = {id(p): n for n, p in model.named_parameters()}
-    config = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-4, weight_decay=0.1, bf16=True,
-                             params_dtype=torch.bfloat16)
-    with single_process_group():
-        groups = _get_param_groups([model], config, _param_group_overrides(config))
+    groups = megatron_param_groups(model, lr=1e-3, min_lr=1e-4, weight_decay=0.1)
     ssm = {f"layers.{i}.mixer.{n}" for i in range(2) for n in ("A_log", "D", "dt_bias")}
     seen = set()
     for g in groups:
