@@ -25,6 +25,8 @@ for extra in (ROOT, ROOT / "tools", ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
+from loss_parity import tokens_per_s  # noqa: E402  (tools/loss_parity.py)
+
 CONFIG = "configs/tiny.yaml"
 
 
@@ -68,10 +70,9 @@ def summarize(records: list[dict], cfg) -> dict:
     for s in steps:
         phases.setdefault(by_step[s].get("phase", "?"), []).append(by_step[s]["loss"])
     out["mean_loss_by_phase_last_20"] = {k: sum(v[-20:]) / len(v[-20:]) for k, v in phases.items()}
-    timed = [by_step[s] for s in steps if "time" in by_step[s]][10:]
-    if len(timed) > 1:
-        span = timed[-1]["time"] - timed[0]["time"]
-        out["tokens_per_s_steady"] = sum(r["tokens"] for r in timed[1:]) / max(span, 1e-9)
+    rate = tokens_per_s([by_step[s] for s in steps], skip=10)
+    if rate is not None:
+        out["tokens_per_s_steady"] = rate
     anneal = [by_step[s] for s in steps if by_step[s].get("phase") == cfg.data.phases[-1].name]
     if anneal and cfg.data.phases[-1].replay > 0:
         peak_at = anneal[0]["step"] - 1 + cfg.schedule.anneal_warmup_steps
