@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hybrid_megatron.convert.ckpt_io import cpu_only_save_patches
+from hybrid_megatron.convert.ckpt_io import cpu_only_save_patches, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(rank: int, world: int, port: int, tp: int):
@@ -118,14 +112,14 @@ def _load_at_tp1(rank: int, port: int, save_dir: str, extra: list[str], results)
 @pytest.fixture(scope="module")
 def tp2_checkpoint(tmp_path_factory) -> Path:
     save_dir = tmp_path_factory.mktemp("ckpt")
-    mp.spawn(_save_at_tp2, args=(_free_port(), str(save_dir)), nprocs=2, join=True)
+    mp.spawn(_save_at_tp2, args=(free_port(), str(save_dir)), nprocs=2, join=True)
     return save_dir
 
 
 def _load(save_dir: Path, *extra: str) -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_load_at_tp1, args=(_free_port(), str(save_dir), list(extra), results), nprocs=1, join=True)
+        mp.spawn(_load_at_tp1, args=(free_port(), str(save_dir), list(extra), results), nprocs=1, join=True)
         return dict(results)
 
 

@@ -8,7 +8,6 @@ reader never sees ranks: this proves it, and that the per-component layout is re
 from __future__ import annotations
 
 import shutil
-import socket
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -18,11 +17,6 @@ from hybrid_megatron.cli import main
 from hybrid_megatron.convert import ckpt_io, mapping
 from hybrid_megatron.convert.testing import random_nemotron_h, tp_save_worker
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tp2_save_exports_identically_to_tp1(tmp_path):
@@ -36,7 +30,7 @@ def test_tp2_save_exports_identically_to_tp1(tmp_path):
 
     tp2_step = tmp_path / "tp2" / "step-000007"
     tp2_step.mkdir(parents=True)
-    args = (2, _free_port(), str(tp2_step), str(tmp_path / "tensors.pt"), mapping.Dims.of(cfg))
+    args = (2, ckpt_io.free_port(), str(tp2_step), str(tmp_path / "tensors.pt"), mapping.Dims.of(cfg))
     mp.start_processes(tp_save_worker, args=args, nprocs=2, join=True, start_method="fork")
     for name in ("run_config.yaml", "train_state.json"):
         shutil.copy(tp1_step / name, tp2_step / name)

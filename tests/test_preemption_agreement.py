@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from hybrid_megatron.convert.ckpt_io import free_port
 
 from hybrid_megatron.training.signals import PreemptionHandler
 
 WORLD = 3
 SIGNALLED_RANK, SIGNAL_AT_STEP = 1, 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, results) -> None:
@@ -41,7 +37,7 @@ def _rank(rank: int, port: int, results) -> None:
 def test_one_signalled_rank_stops_every_rank_at_the_same_step():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), results), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(free_port(), results), nprocs=WORLD, join=True)
         got = dict(results)
     assert {r: got[r][0] for r in range(WORLD)} == {r: SIGNAL_AT_STEP for r in range(WORLD)}
     assert got[SIGNALLED_RANK][1] == signal.SIGUSR1 and got[0][1] is None and got[2][1] is None
