@@ -9,11 +9,22 @@ tiny training run, with its run_config.yaml) and ``reference.pt`` from megatron'
                                              first model.vocab_size columns)
     prompt_len  int                          P
 
-With no fixture present this module fails (it does not skip): parity with megatron is the point.
+``meta.json``'s ``reference_precision`` says how the logits were computed:
+
+* ``fp32`` (tools/make_convert_fixtures.py now): strict fp32, megatron's local-spec layers with TF32 off
+  in torch, cuDNN and Triton. The bars: max |logit error| < 1e-4 of the logit scale; bf16 export mean
+  KL < 1e-3 and top-1 agreement > 99%.
+* ``tf32`` (fixtures recorded through the TE model; the default for meta.json without the field):
+  Transformer Engine runs fp32 GEMMs as TF32 and Triton's ``tl.dot`` defaults to TF32, so megatron's
+  logits carry ~5e-4 of the logit scale of TF32 rounding (10 mantissa bits: unit roundoff 2^-11 = 4.9e-4).
+  The fp32 bound is 1e-3 of the scale and top-1 must agree everywhere. These fixtures were also trained
+  only 60 steps: their logits hold near-ties that bf16 rounding flips (98.3% top-1 on ``tp1``), so the
+  bf16 export is held to the KL bar and to flipping near-ties only (below).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,6 +36,7 @@ from hybrid_megatron.convert.to_hf import ExportOptions, export
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
 NAMES = sorted(p.name for p in FIXTURES.glob("*") if (p / "reference.pt").is_file()) if FIXTURES.is_dir() else []
 NEW_TOKENS = 20
+FP32_BOUND = {"fp32": 1e-4, "tf32": 1e-3}  # max |HF fp32 - megatron| logit error, relative to the logit scale
 
 
 pytestmark = pytest.mark.skipif(
@@ -44,10 +56,13 @@ def fixture(request, tmp_path_factory):
     seq = ref["input_ids"].shape[1]
     chunk = cfg.mamba_chunk_size
     assert seq > chunk and seq % chunk, f"{root}: S={seq} must exceed and not be a multiple of chunk_size={chunk}"
+    meta_path = root / "meta.json"
+    precision = json.loads(meta_path.read_text()).get("reference_precision", "tf32") if meta_path.is_file() else "tf32"
+    assert precision in FP32_BOUND, f"{root}/meta.json: unknown reference_precision {precision!r}"
     out = tmp_path_factory.mktemp(request.param)
     for name, dtype, pad in (("fp32", "fp32", False), ("fp32-padded", "fp32", True), ("bf16", "bf16", False)):
         export(root / "ckpt", out / name, ExportOptions(dtype=dtype, keep_vocab_padding=pad, progress=False))
-    return {"ref": ref, "cfg": cfg, "out": out}
+    return {"ref": ref, "cfg": cfg, "out": out, "precision": precision}
 
 
 def _load(path, dtype):
@@ -66,11 +81,14 @@ def test_fp32_logits_match_megatron(fixture):
     want = ref["logits"].float()
     got = _logits(_load(fixture["out"] / "fp32", torch.float32), ref["input_ids"])
     assert got.shape == (*ref["input_ids"].shape, vocab)
-    scale = want.abs().max()
+    scale, bound = want.abs().max(), FP32_BOUND[fixture["precision"]]
     err = (got - want[..., :vocab]).abs().max()
-    assert err < 1e-4 * scale, f"max abs logit error {err:.3e} vs logit scale {scale:.3e}"
+    print(f"fp32 export ({fixture['precision']} reference): max abs logit error {err:.3e} = {err / scale:.2e} of the "
+          f"logit scale {scale:.3f}")
+    assert err < bound * scale, f"max abs logit error {err:.3e} vs logit scale {scale:.3e} (bound {bound:g})"
+    assert torch.equal(got.argmax(-1), want[..., :vocab].argmax(-1)), "fp32 export changes a top-1 token"
     padded = _logits(_load(fixture["out"] / "fp32-padded", torch.float32), ref["input_ids"])
-    assert padded.shape == want.shape and (padded - want).abs().max() < 1e-4 * scale
+    assert padded.shape == want.shape and (padded - want).abs().max() < bound * scale
 
 
 def test_bf16_export_kl_and_top1(fixture):
@@ -78,9 +96,18 @@ def test_bf16_export_kl_and_top1(fixture):
     want = torch.log_softmax(ref["logits"].float()[..., :vocab], dim=-1)
     got = torch.log_softmax(_logits(_load(fixture["out"] / "bf16", torch.bfloat16), ref["input_ids"]), dim=-1)
     kl = (want.exp() * (want - got)).sum(-1).mean()
-    top1 = (want.argmax(-1) == got.argmax(-1)).float().mean()
+    same = want.argmax(-1) == got.argmax(-1)
+    print(f"bf16 export: mean KL {kl:.3e}, top-1 agreement {same.float().mean():.4f}")
     assert kl < 1e-3, f"mean KL(megatron || hf bf16) = {kl:.3e}"
-    assert top1 > 0.99, f"top-1 agreement {top1:.4f}"
+    # a conversion error flips confident tokens; bf16 rounding flips only near-ties: every disagreement must
+    # sit where megatron's top-2 logit gap is within the bf16 export's deviation from the exact fp32 export
+    exact = _logits(_load(fixture["out"] / "fp32", torch.float32), ref["input_ids"])
+    noise = (_logits(_load(fixture["out"] / "bf16", torch.bfloat16), ref["input_ids"]) - exact).abs().max()
+    top2 = ref["logits"].float()[..., :vocab].topk(2, dim=-1).values
+    gaps = (top2[..., 0] - top2[..., 1])[~same]
+    assert (gaps <= 2 * noise).all(), f"top-1 flips at confident positions: gaps {gaps.tolist()} vs bf16 noise {noise:.3e}"
+    if fixture["precision"] == "fp32":  # the current recorder's fixtures: 200 training steps, confident logits
+        assert same.float().mean() > 0.99, f"top-1 agreement {same.float().mean():.4f}"
 
 
 def test_greedy_generate_matches_megatron(fixture):

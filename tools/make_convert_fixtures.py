@@ -13,7 +13,7 @@ each; skipped when fewer GPUs are visible) this driver, which never touches CUDA
    (dist_checkpointing, model part only), saves them as a model-only torch_dist checkpoint
    ``<out>/<name>/ckpt/`` (``step-000000`` + ``latest``, ``run_config.yaml`` with the model section,
    ``train_state.json`` = ``{"weights_only": true, "step": 0}``: what ``convert from-hf`` writes), builds
-   another fresh model from that checkpoint and records, in eval mode and fp32, ``reference.pt``:
+   another fresh model from that checkpoint and records, in eval mode and strict fp32, ``reference.pt``:
 
        input_ids   LongTensor [2, 150]        two windows of the sample ``docs`` source (150 > 2 chunks of 64)
        logits      float32    [2, 150, 264]   megatron's logits, gathered over TP, padded vocab included
@@ -22,6 +22,16 @@ each; skipped when fewer GPUs are visible) this driver, which never touches CUDA
        prompt_len  int                        70
 
    plus ``meta.json`` (layout, steps, losses, versions). See tests/test_convert_parity.py for the contract.
+
+   Strict fp32 (``reference_precision: "fp32"``): Transformer Engine runs every fp32 GEMM as TF32
+   (cuBLASLt ``CUBLAS_COMPUTE_32F_FAST_TF32``, not configurable) and Triton's ``tl.dot`` defaults to TF32
+   (the Mamba-2 SSD kernels), which puts ~5e-4 of the logit scale between megatron's "fp32" logits and a
+   true fp32 forward. The reference therefore comes from the same checkpoint loaded into megatron's
+   local-spec model (its norms map onto the TE keys), with TF32 off in torch and cuDNN,
+   ``TRITON_F32_DEFAULT=ieee`` (and a fresh Triton cache, whose key ignores that setting), and SDPA's
+   math kernel. The TE model's logits are compared with it and recorded in meta.json
+   (``te_tf32_max_abs_diff``). ``--reference te`` records the TE logits instead
+   (``reference_precision: "tf32"``).
    The fixture's tensor keys carry no wrapper prefix (as ``convert from-hf`` writes and ``convert to-hf``
    reads), as do training saves (taken below the DDP wrapper). Checkpoints written before that carry
    ``module.`` (megatron's DDP child name) and still load here; meta.json records the prefix the trained
@@ -331,7 +341,33 @@ def worker_train(cfg, dest: Path) -> dict:
     return {"losses": losses}
 
 
-def worker_record(cfg, source: Path, out_dir: Path) -> dict:
+def strict_fp32_env(triton_cache: Path) -> None:
+    """Triton's fp32 ``tl.dot`` in IEEE fp32 (not TF32), compiled afresh: the cache key ignores the setting."""
+    import os
+
+    shutil.rmtree(triton_cache, ignore_errors=True)
+    triton_cache.mkdir(parents=True)
+    os.environ["TRITON_F32_DEFAULT"] = "ieee"
+    os.environ["TRITON_CACHE_DIR"] = str(triton_cache)
+
+
+def strict_fp32_torch() -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def _spec_config(cfg, layer_spec: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_spec=layer_spec))
+
+
+def worker_record(cfg, source: Path, out_dir: Path, reference: str = "fp32") -> dict:
+    import contextlib
+
     import torch
 
     from hybrid_megatron.model.build import padded_vocab_size
@@ -342,19 +378,34 @@ def worker_record(cfg, source: Path, out_dir: Path) -> dict:
     src_model = _fresh_model(cfg)
     source_prefix = _load_weights(src_model, source_step)
     step_dir = _save_model_only(src_model, cfg, out_dir / "ckpt")
-    model = _fresh_model(cfg)  # the reference comes from exactly the fixture's checkpoint
-    _load_weights(model, step_dir)
+    te_model = _fresh_model(cfg)  # the reference comes from exactly the fixture's checkpoint
+    _load_weights(te_model, step_dir)
 
     docs = cfg.data.source_paths().get("docs") or next(iter(cfg.data.source_paths().values()))
     tokens = sample_tokens(docs, (BATCH - 1) * WINDOW_STRIDE + SEQ)
     ids = windows_from_tokens(tokens).cuda()
-    logits = forward_logits(model, ids, padded)
+    te_logits = forward_logits(te_model, ids, padded)
     src_logits = forward_logits(src_model, ids, padded)
-    greedy_ids = greedy(model, ids[:, :PROMPT_LEN], NEW_TOKENS, vocab, padded)
+    info = {"source": str(source_step), "source_key_prefix": source_prefix,
+            "reload_max_abs_diff": float((te_logits - src_logits).abs().max())}
+    model, logits, math_attention = te_model, te_logits, contextlib.nullcontext
+    if reference == "fp32":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        strict_fp32_torch()
+        model = _fresh_model(_spec_config(cfg, "local"))  # megatron's local layers: no TE GEMMs
+        _load_weights(model, step_dir)
+        math_attention = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731
+        with math_attention():
+            logits = forward_logits(model, ids, padded)
+        info["te_tf32_max_abs_diff"] = float((te_logits - logits).abs().max())
+    with math_attention():
+        greedy_ids = greedy(model, ids[:, :PROMPT_LEN], NEW_TOKENS, vocab, padded)
     if _rank0():
         write_reference(out_dir / "reference.pt", ids, logits, greedy_ids, PROMPT_LEN)
     torch.distributed.barrier()
-    return {"source": str(source_step), "source_key_prefix": source_prefix, "reload_max_abs_diff": float((logits - src_logits).abs().max()),
+    return {**info, "reference_precision": "fp32" if reference == "fp32" else "tf32",
+            "reference_model": "local spec, strict fp32" if reference == "fp32" else "TE spec (TF32 GEMMs)",
             "logit_scale": float(logits.abs().max()), "padded_vocab": padded}
 
 
@@ -369,11 +420,13 @@ def worker(args: argparse.Namespace) -> int:
 
     layout = json.loads(args.layout)
     cfg = load_config(args.fixture, Path(args.run_dir), args.steps, layout)
+    if args.worker == "record" and args.reference == "fp32":
+        strict_fp32_env(Path(args.run_dir).parent / "triton_cache_ieee")  # before anything compiles
     distributed.initialize(cfg)
     if args.worker == "train":
         info = worker_train(cfg, Path(args.dest))
     else:
-        info = worker_record(cfg, Path(args.source), Path(args.dest))
+        info = worker_record(cfg, Path(args.source), Path(args.dest), args.reference)
     if _rank0() and args.info:
         Path(args.info).write_text(json.dumps(info))
     distributed.shutdown()
@@ -385,9 +438,10 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _worker_argv(mode: str, name: str, run_dir: Path, steps: int, layout: dict, dest: Path, info: Path,
-                 source: Path | None = None) -> list[str]:
+                 source: Path | None = None, reference: str = "fp32") -> list[str]:
     argv = [str(Path(__file__).resolve()), "--worker", mode, "--fixture", name, "--run-dir", str(run_dir),
-            "--steps", str(steps), "--layout", json.dumps(layout), "--dest", str(dest), "--info", str(info)]
+            "--steps", str(steps), "--layout", json.dumps(layout), "--dest", str(dest), "--info", str(info),
+            "--reference", reference]
     return argv + (["--source", str(source)] if source else [])
 
 
@@ -423,7 +477,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     info = work / name / "record_info.json"
-    argv = _worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source)
+    argv = _worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source, args.reference)
     code, tail = launch(n, argv, args.timeout_s, work / name / "record.log")
     if code != 0:
         return {**row, "status": "failed", "error": f"recording failed (exit {code}): {tail[-1200:]}"}
@@ -445,7 +499,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fixtures", default="tp1,tp2,pp2", help=f"comma list of {', '.join(FIXTURES)}")
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "convert"), help="fixture root (<out>/<name>/)")
     ap.add_argument("--work", default="/tmp/convert_fixtures_work", help="training runs and logs")
-    ap.add_argument("--steps", type=int, default=60, help="training steps (32k tokens each)")
+    ap.add_argument("--steps", type=int, default=200,
+                    help="training steps (32k tokens each): enough for logits whose top-1 bf16 rounding rarely flips")
+    ap.add_argument("--reference", choices=("fp32", "te"), default="fp32",
+                    help="fp32: strict fp32 logits (local spec, no TF32); te: the TE model's logits (TF32 GEMMs)")
     ap.add_argument("--train", choices=("cli", "worker"), default="cli",
                     help="cli: the pretrain CLI (falls back to the worker on failure); worker: components directly")
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per launched process")
@@ -492,13 +549,15 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r.get("bytes", 0) for r in summary["fixtures"])
     summary["total_bytes"] = total
     summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    print(f"\n{'fixture':<8}{'status':<9}{'tp':>3}{'pp':>3}{'loss':>14}{'reload diff':>13}{'logit max':>11}{'bytes':>11}  trained by")
+    print(f"\n{'fixture':<8}{'status':<9}{'tp':>3}{'pp':>3}{'loss':>14}{'reload diff':>13}{'TE-TF32 diff':>14}"
+          f"{'logit max':>11}{'bytes':>11}  trained by")
     for r in summary["fixtures"]:
         loss = f"{r['loss_first']:.2f}->{r['loss_last']:.2f}" if "loss_last" in r else "-"
         diff = f"{r['reload_max_abs_diff']:.1e}" if "reload_max_abs_diff" in r else "-"
+        tf32 = f"{r['te_tf32_max_abs_diff']:.1e}" if "te_tf32_max_abs_diff" in r else "-"
         scale = f"{r['logit_scale']:.2f}" if "logit_scale" in r else "-"
-        print(f"{r['name']:<8}{r['status']:<9}{r.get('tp', '-'):>3}{r.get('pp', '-'):>3}{loss:>14}{diff:>13}{scale:>11}"
-              f"{r.get('bytes', 0):>11,}  {r.get('trained_by', r.get('error', ''))[:60]}")
+        print(f"{r['name']:<8}{r['status']:<9}{r.get('tp', '-'):>3}{r.get('pp', '-'):>3}{loss:>14}{diff:>13}{tf32:>14}"
+              f"{scale:>11}{r.get('bytes', 0):>11,}  {r.get('trained_by', r.get('error', ''))[:60]}")
     print(f"total {total:,} bytes in {args.out}; summary {summary_path}")
     return 0 if all(r["status"] in ("ok", "skipped") for r in summary["fixtures"]) else 1
 
