@@ -265,6 +265,9 @@ class CheckpointConfig:
     """A checkpoint to start from when <save_dir> has none yet; once this run has saved, <save_dir>/latest wins."""
     keep_last: int | None = None
     """Delete older training checkpoints past this many (weights-only ones stay); None keeps all."""
+    save_final: bool = True
+    """False: no checkpoint when training ends (benchmark and comparison runs); interval, signal and
+    ``train.exit_after_steps`` saves still happen."""
     save_initial: bool = False
     """A fresh run first saves its initialized weights as a weights-only ``step-000000``: runs at another
     TP/PP layout (whose own init would differ: megatron seeds per TP/PP rank) or with another recipe

@@ -160,9 +160,11 @@ def _is_resume_source(suite: Suite, run: Run) -> bool:
 
 def run_overrides(suite: Suite, run: Run, steps: int, work: Path) -> list[str]:
     """The CLI overrides of one run (after the config path)."""
-    save_at = half_step(steps) if _is_resume_source(suite, run) else steps  # a resume source saves half-way
+    save_at = half_step(steps) if _is_resume_source(suite, run) else "null"  # a resume source saves half-way
+    # no final save: only a resume source's half-way checkpoint (and tp1's initial weights) are read later,
+    # and writing a 1-8B model's optimizer state at the end would cost more than the run
     out = [*suite.common, *run.overrides, f"train.train_steps={steps}", f"logging.run_dir={work / run.name}",
-           f"checkpoint.save_interval={save_at}"]
+           f"checkpoint.save_interval={save_at}", "checkpoint.save_final=false"]
     if run.resume_from:
         source = work / run.resume_from / "checkpoints" / f"step-{half_step(steps):06d}"
         out += [f"checkpoint.load={source}", f"train.exit_after_steps={run.resume_steps}"]

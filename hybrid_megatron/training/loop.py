@@ -236,7 +236,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
             checkpointer.save(step, train_state())
             log.info("stopping after %d steps of this run (train.exit_after_steps)", step - started_at)
             break
-        if (interval and step % interval == 0) or step == total_steps:
+        if (interval and step % interval == 0) or (step == total_steps and cfg.checkpoint.save_final):
             checkpointer.save(step, train_state())
     checkpointer.finalize()
     loader.close()
