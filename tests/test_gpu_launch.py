@@ -41,6 +41,28 @@ def test_timeout_kills_the_process_group_and_reports_progress(tmp_path):
     assert not Path(f"/proc/{grandchild}").exists() or state == "Z"
 
 
+def _gone(pid: int, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().split()[2] == "Z":  # a zombie is dead already
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_workers_left_behind_by_a_finished_child_are_killed_and_env_is_passed(tmp_path):
+    # a compile pool or loader worker that outlives its parent keeps the GPU's memory: it must not survive
+    pid_file = tmp_path / "orphan.pid"
+    script = ("import os, subprocess, sys\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+              "print('knob', os.environ['EXTRA_KNOB'])\n")
+    code, tail = G.launch(1, ["-c", script], 30, tmp_path / "c.log", env={"EXTRA_KNOB": "on"})
+    assert code == 0 and "knob on" in tail
+    assert _gone(int(pid_file.read_text()))
+
+
 def test_command_for_several_gpus_uses_torchrun():
     cmd = G.launch_command(2, ["-m", "hybrid_megatron", "pretrain", "x.yaml"])
     assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

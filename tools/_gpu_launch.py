@@ -23,14 +23,18 @@ def launch_command(n: int, argv: list[str]) -> list[str]:
 
 
 def launch(n: int, argv: list[str], timeout: float, log_path: Path,
-           progress: Callable[[float], None] | None = None, every_s: float = 30.0) -> tuple[int, str]:
+           progress: Callable[[float], None] | None = None, every_s: float = 30.0,
+           env: dict[str, str] | None = None) -> tuple[int, str]:
     """Runs ``argv`` in ``n`` processes from the repo root; returns (exit code, output tail).
 
-    The command line is the log's first line; exit code 124 means the timeout killed it (with its
-    children: torchrun's ranks). ``progress(elapsed_s)`` is called every ``every_s`` while it runs.
+    The command line is the log's first line; exit code 124 means the timeout killed it. The processes
+    run in their own session, which is killed as a whole on a timeout or when this process is interrupted:
+    torchrun's ranks and any worker they forked (compile pools, loader workers) would otherwise hold the
+    GPU's memory after the parent is gone. ``progress(elapsed_s)`` is called every ``every_s`` while it
+    runs; ``env`` adds variables.
     """
     cmd = launch_command(n, argv)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -38,19 +42,29 @@ def launch(n: int, argv: list[str], timeout: float, log_path: Path,
         log.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         code = None
-        while code is None:
-            left = timeout - (time.monotonic() - start)
-            if left <= 0:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                code = 124
-                break
-            try:
-                code = proc.wait(timeout=min(every_s, left))
-            except subprocess.TimeoutExpired:
-                if progress is not None:
-                    progress(time.monotonic() - start)
+        try:
+            while code is None:
+                left = timeout - (time.monotonic() - start)
+                if left <= 0:
+                    code = 124
+                    break
+                try:
+                    code = proc.wait(timeout=min(every_s, left))
+                except subprocess.TimeoutExpired:
+                    if progress is not None:
+                        progress(time.monotonic() - start)
+        finally:
+            kill_session(proc)
     return code, log_path.read_text()[-2500:]
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL to the session ``proc`` leads (started with ``start_new_session``), then reaps ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def device_name() -> str:
