@@ -78,7 +78,9 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None
             raise AssertionError(f"process exited early ({proc.returncode}):\n{_output(proc)}")
         if time.time() > deadline:
             proc.kill()
-            raise AssertionError("timed out")
+            proc.wait()
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {predicate.__doc__ or 'the run'}:\n"
+                                 f"{_output(proc)}")
         time.sleep(0.05)
 
 
@@ -88,7 +90,12 @@ def test_sigusr1_checkpoints_and_exits_75(tmp_path):
     losses = run_dir / "losses.jsonl"
     _wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 5, proc)
     proc.send_signal(signal.SIGUSR1)
-    proc.wait(timeout=300)
+    try:
+        proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"no exit within 180 s of SIGUSR1:\n{_output(proc)}") from None
     assert proc.returncode == 75, _output(proc)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     state = json.loads((run_dir / "checkpoints" / latest / "train_state.json").read_text())

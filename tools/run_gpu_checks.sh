@@ -11,7 +11,7 @@
 #                                                                                         fixtures_logs.tar
 #   parity    tests/test_convert_parity.py against the fresh fixtures (needs transformers) -> parity.log
 #
-# Every stage is bounded (seconds, overridable): TESTS_TIMEOUT=480 FIXTURES_TIMEOUT=270 PARITY_TIMEOUT=60:
+# Every stage is bounded (seconds, overridable): TESTS_TIMEOUT=480 FIXTURES_TIMEOUT=420 PARITY_TIMEOUT=60:
 # run `tests` on its own and `fixtures parity` together to stay inside 10 minutes each.
 # gpu_checks_summary.json is rewritten after every stage. At most 7 files land in $OUT, none in folders.
 # Run from the project root with the GPU extra importable (installed, or on PYTHONPATH).
@@ -73,7 +73,9 @@ run_stage() {  # run_stage NAME TIMEOUT_S NOTE CMD...
   shift 3
   echo "=== $name (limit ${limit}s): $*"
   start=$(date +%s)
-  timeout --kill-after=15 "$limit" "$@"
+  # SIGINT first: pytest then prints its failure reports and writes the junit XML, and the Python drivers
+  # kill the process sessions they started; SIGKILL 30 s later if that hangs
+  timeout -s INT --kill-after=30 "$limit" "$@"
   rc=$?
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$note" >> "$RECORD"
   echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
@@ -103,7 +105,7 @@ for s in "${STAGES[@]}"; do
         for f in tests/test_gpu_*.py; do case "$f" in *_cpu.py) ;; *) files+=("$f") ;; esac; done
       fi
       run_stage tests "${TESTS_TIMEOUT:-480}" "${files[*]}" \
-        bash -c "\"$PY\" -m pytest -q -rA -p no:cacheprovider --junitxml=\"$OUT/pytest_gpu.xml\" ${files[*]} > \"$OUT/pytest_gpu.log\" 2>&1; rc=\$?; tail -n 40 \"$OUT/pytest_gpu.log\"; exit \$rc"
+        bash -c "\"$PY\" -m pytest -v -rA --durations=0 -p no:cacheprovider --junitxml=\"$OUT/pytest_gpu.xml\" ${files[*]} > \"$OUT/pytest_gpu.log\" 2>&1; rc=\$?; tail -n 40 \"$OUT/pytest_gpu.log\"; exit \$rc"
       ;;
     fixtures)
       names=tp1
@@ -114,9 +116,9 @@ for s in "${STAGES[@]}"; do
       run_stage sample_data "${DATA_TIMEOUT:-180}" "data/sample" \
         "$PY" -c "from data_pipeline.sample_data import ensure_sample_data; ensure_sample_data(progress=False)"
       # the worker budget per process keeps three fixtures inside the stage limit
-      run_stage fixtures "${FIXTURES_TIMEOUT:-270}" "$names" \
+      run_stage fixtures "${FIXTURES_TIMEOUT:-420}" "$names" \
         "$PY" tools/make_convert_fixtures.py --fixtures "$names" --out "$fixtures_dir" --work "$WORK/fixture_runs" \
-          --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-150}"
+          --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-300}"
       # also the parity stage reads them from the test tree
       if [ -d "$fixtures_dir" ]; then
         for d in "$fixtures_dir"/*/; do
