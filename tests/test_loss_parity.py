@@ -226,3 +226,9 @@ def test_every_run_comes_after_the_runs_it_starts_from_or_compares_with(suite):
         for source in (run.resume_from, run.init_from, run.reference):
             if source:
                 assert order[source] < i, f"{run.name} needs {source} first"
+
+
+def test_only_suites_without_deterministic_kernels_cache_autotuning():
+    assert L.launch_env(L.SUITES["fp8"]) == {"TRITON_CACHE_AUTOTUNING": "1"}
+    assert L.launch_env(L.SUITES["7b-layers"]) == {"TRITON_CACHE_AUTOTUNING": "1"}
+    assert L.launch_env(L.SUITES["parallel"]) == {}

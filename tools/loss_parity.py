@@ -265,6 +265,13 @@ def merge_results(paths: list[Path]) -> tuple[int | None, dict[str, dict]]:
 # ---- running (GPU machine) ---------------------------------------------------------------------------
 
 
+def launch_env(suite: Suite) -> dict[str, str]:
+    """Cached Triton autotuning: the runs of a suite share shapes, so only the first searches Mamba's tile
+    configs (~2 min on a cold machine). Deterministic suites are left alone: there mamba-ssm fixes one
+    config per kernel unless autotuning is cached, and the fixed config compiles fastest."""
+    return {} if "train.deterministic=true" in suite.common else {"TRITON_CACHE_AUTOTUNING": "1"}
+
+
 def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, results: dict[str, dict]) -> dict:
     run_dir = work / run.name
     source = run.resume_from or run.init_from
@@ -281,7 +288,7 @@ def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, resu
         eta = f", ETA {elapsed / done * (want - done):.0f} s" if done else " (starting)"
         print(f"[{run.name}] {done}/{want} steps after {elapsed:.0f} s{eta}", flush=True)
 
-    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log", progress=progress)
+    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log", progress=progress, env=launch_env(suite))
     losses = [json.loads(x) for x in losses_file.read_text().splitlines()] if losses_file.is_file() else []
     row = {"status": "ok" if code == 0 else "failed", "exit": code, "seconds": round(time.perf_counter() - start, 1),
            "gpus": run.gpus, "overrides": list(run.overrides), "losses": losses}
