@@ -291,3 +291,17 @@ def test_gpu_check_script_is_clean_shell():
         assert result.returncode == 0, result.stdout
     bad = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+def test_strict_fp32_env_compiles_triton_dots_in_ieee_into_an_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
+    cache = tmp_path / "cache"
+    (cache / "stale").mkdir(parents=True)  # a kernel compiled with TF32 dots must not be reused
+    F.strict_fp32_env(cache)
+    import os
+
+    assert os.environ["TRITON_F32_DEFAULT"] == "ieee" and os.environ["TRITON_CACHE_DIR"] == str(cache)
+    assert cache.is_dir() and not any(cache.iterdir())
+    argv = F._worker_argv("record", "tp1", Path("/tmp/run"), 200, F.FIXTURES["tp1"], Path("/o"), Path("/i"), Path("/s"))
+    assert argv[argv.index("--reference") + 1] == "fp32" and F.parse_args(["--fixtures", "tp1"]).steps == 200

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -343,8 +344,6 @@ def worker_train(cfg, dest: Path) -> dict:
 
 def strict_fp32_env(triton_cache: Path) -> None:
     """Triton's fp32 ``tl.dot`` in IEEE fp32 (not TF32), compiled afresh: the cache key ignores the setting."""
-    import os
-
     shutil.rmtree(triton_cache, ignore_errors=True)
     triton_cache.mkdir(parents=True)
     os.environ["TRITON_F32_DEFAULT"] = "ieee"
@@ -421,7 +420,8 @@ def worker(args: argparse.Namespace) -> int:
     layout = json.loads(args.layout)
     cfg = load_config(args.fixture, Path(args.run_dir), args.steps, layout)
     if args.worker == "record" and args.reference == "fp32":
-        strict_fp32_env(Path(args.run_dir).parent / "triton_cache_ieee")  # before anything compiles
+        # before anything compiles; one cache per rank (each empties its own)
+        strict_fp32_env(Path(args.run_dir).parent / f"triton_cache_ieee_rank{os.environ.get('RANK', '0')}")
     distributed.initialize(cfg)
     if args.worker == "train":
         info = worker_train(cfg, Path(args.dest))
