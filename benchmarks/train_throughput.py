@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,10 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import _common as C  # noqa: E402
+from _gpu_launch import kill_session  # noqa: E402  (tools/_gpu_launch.py)
 
 RESULTS = C.ROOT / "benchmarks" / "results"
 
@@ -313,10 +314,7 @@ def _run_subprocess(spec: dict, args: argparse.Namespace, timeout: float) -> dic
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_session(proc)
         if timed_out:
             _, stderr = proc.communicate()
             return {**spec, "error": f"timed out after {timeout:.0f} s", "stderr_tail": stderr[-3000:]}
