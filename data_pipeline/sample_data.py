@@ -16,6 +16,7 @@ output). Files that are not UTF-8 or do not parse are skipped and counted in the
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import logging
 import sysconfig
@@ -98,14 +99,39 @@ def _extract(raw: Path) -> None:
 
 def ensure_sample_data(root: str | Path = "data/sample", workers: int = 2, progress: bool = True) -> dict[str, str]:
     """Build the sample sources under ``root`` when missing; returns ``{source name: directory}``."""
-    from data_pipeline.prepare import PrepareOptions, prepare_data
-
     root = Path(root)
     out = {name: str(root / name) for name in SOURCES}
-    missing = [n for n in SOURCES if not (root / n / "index.json").is_file()]
-    if not missing:
+    if not _missing(root):
         log.info("sample data: %s is complete (%s)", root, ", ".join(SOURCES))
         return out
+    # two jobs started at once on a fresh machine: the second waits for the first's build, then finds
+    # it complete (an exclusive lock on <root>/.build.lock; released by the OS if the builder dies)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as lock:
+        if not _try_lock(lock):
+            log.info("sample data: another process is building %s; waiting for it", root)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _build(root, _missing(root), workers, progress)
+    return out
+
+
+def _missing(root: Path) -> list[str]:
+    return [n for n in SOURCES if not (root / n / "index.json").is_file()]
+
+
+def _try_lock(lock) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _build(root: Path, missing: list[str], workers: int, progress: bool) -> None:
+    from data_pipeline.prepare import PrepareOptions, prepare_data
+
+    if not missing:
+        return
     raw = root / "raw"
     if not all((raw / f"{n}-{RAW_PARTS - 1:02d}.jsonl").is_file() for n in SOURCES):
         log.info("sample data: extracting documents from the standard library into %s", raw)
@@ -114,4 +140,3 @@ def ensure_sample_data(root: str | Path = "data/sample", workers: int = 2, progr
         log.info("sample data: preparing source %s", name)
         prepare_data(PrepareOptions(inputs=[str(raw / f"{name}-*.jsonl")], output=str(root / name), source=name,
                                     tokenizer="bytes", workers=workers, overwrite=True, progress=progress))
-    return out

@@ -156,3 +156,22 @@ def test_cli_prepare_and_audit_resume(corpus, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(json.dumps(cfg))
     assert main(["data", "audit", str(tmp_path / "bad.yaml"), "--steps", "1"]) == 2
     assert "error: data.phases[1].replay=1.2: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_sample_data_built_once_by_concurrent_jobs(tmp_path):
+    """Two jobs started together on a fresh machine: one builds the sample corpus, the other waits for
+    it and uses it (without the lock both would write the same shards at once)."""
+    import sys
+    from pathlib import Path
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+            "from data_pipeline.sample_data import ensure_sample_data\n"
+            f"ensure_sample_data({str(tmp_path / 'sample')!r}, progress=False)")
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum(log.count("extracting documents") for log in logs) == 1, logs
+    for name in ("code", "tests", "docs"):
+        assert SourceIndex.open(tmp_path / "sample" / name).num_tokens > 0
