@@ -110,9 +110,16 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     # wait for the first commit, then kill -9 as soon as the second save has started writing
     _wait_for(lambda: (ckpts / "latest").exists(), proc)
     first = (ckpts / "latest").read_text().strip()
-    _wait_for(lambda: any(p.name.endswith(".tmp") for p in ckpts.iterdir()), proc)
+    def second_save_started_or_done():
+        """the second save to start writing"""
+        return (any(p.name.startswith("step-") and p.name.endswith(".tmp") for p in ckpts.iterdir())
+                or (ckpts / "latest").read_text().strip() != first)
+
+    _wait_for(second_save_started_or_done, proc)
     proc.kill()
     proc.wait()
+    caught = [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert caught, f"the second save finished before the kill (polled every 50 ms): {sorted(os.listdir(ckpts))}"
     assert (ckpts / "latest").read_text().strip() in {first, "step-000010"}
     target = ckpts / (ckpts / "latest").read_text().strip()
     assert (target / "train_state.json").is_file() and (target / "run_config.yaml").is_file()

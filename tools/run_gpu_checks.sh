@@ -13,7 +13,9 @@
 #   transformers would pick the installed mamba-ssm/causal-conv1d CUDA kernels for its CPU tensors)
 #
 # Every stage is bounded (seconds, overridable): TESTS_TIMEOUT=480 FIXTURES_TIMEOUT=420:
-# run `tests` and `fixtures` as separate calls to stay inside 10 minutes each.
+# run `tests` and `fixtures` as separate calls to stay inside 10 minutes each, or PARALLEL=1 runs the
+# stages at the same time (the tiny models leave the GPU mostly idle). TESTS_WORKERS=N runs the tests
+# in N pytest-xdist workers when xdist is importable.
 # gpu_checks_summary.json is rewritten after every stage. At most 7 files land in $OUT, none in folders.
 # Run from the project root with the GPU extra importable (installed, or on PYTHONPATH).
 set -uo pipefail
@@ -96,44 +98,50 @@ import torch
 print(f"preflight: cuda {torch.cuda.is_available()}, {torch.cuda.device_count()} GPU(s)")
 EOF
 
+stage_tests() {
+  local files=() xdist=()
+  if [ -n "${GPU_TESTS:-}" ]; then
+    read -r -a files <<< "$GPU_TESTS"
+  else
+    for f in tests/test_gpu_*.py; do case "$f" in *_cpu.py) ;; *) files+=("$f") ;; esac; done
+  fi
+  if [ "${TESTS_WORKERS:-1}" -gt 1 ]; then
+    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "$TESTS_WORKERS" --dist load)
+    else echo "TESTS_WORKERS=$TESTS_WORKERS: pytest-xdist is not importable; running the tests one by one"; fi
+  fi
+  # the tests start many short pretrain processes: one Triton autotune per kernel shape, not one per process
+  run_stage tests "${TESTS_TIMEOUT:-480}" "${files[*]}" env TRITON_CACHE_AUTOTUNING=1 \
+    bash -c "\"$PY\" -m pytest -v -rA --durations=0 -p no:cacheprovider ${xdist[*]} --junitxml=\"$OUT/pytest_gpu.xml\" ${files[*]} > \"$OUT/pytest_gpu.log\" 2>&1; rc=\$?; tail -n 40 \"$OUT/pytest_gpu.log\"; exit \$rc"
+}
+
+stage_fixtures() {
+  local names=tp1 fixtures_dir="$WORK/fixtures" d
+  [ "$NGPU" -ge 2 ] && names=tp1,tp2,pp2
+  rm -rf "$fixtures_dir" "$WORK/fixture_runs"
+  # the worker budget per process keeps three fixtures inside the stage limit
+  run_stage fixtures "${FIXTURES_TIMEOUT:-420}" "$names" \
+    "$PY" tools/make_convert_fixtures.py --fixtures "$names" --out "$fixtures_dir" --work "$WORK/fixture_runs" \
+      --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-300}"
+  # into the test tree too, for a CPU pytest run of this checkout
+  if [ -d "$fixtures_dir" ]; then
+    for d in "$fixtures_dir"/*/; do
+      [ -f "$d/reference.pt" ] || continue
+      rm -rf "tests/fixtures/convert/$(basename "$d")"
+      mkdir -p tests/fixtures/convert && cp -r "$d" "tests/fixtures/convert/$(basename "$d")"
+    done
+    tar -C "$fixtures_dir" -cf "$OUT/convert_fixtures.tar" .
+  fi
+  [ -d "$WORK/fixture_runs" ] && tar -C "$WORK/fixture_runs" -cf "$OUT/fixtures_logs.tar" \
+    --exclude='*/checkpoints' --exclude='*/trained' --exclude='*/tensorboard' .
+  summarize > /dev/null
+}
+
+# the sample shards first, once (both stages train on them), so training starts at once
+run_stage sample_data "${DATA_TIMEOUT:-180}" "data/sample" \
+  "$PY" -c "from data_pipeline.sample_data import ensure_sample_data; ensure_sample_data(progress=False)"
 for s in "${STAGES[@]}"; do
-  case "$s" in
-    tests)
-      files=()
-      if [ -n "${GPU_TESTS:-}" ]; then
-        read -r -a files <<< "$GPU_TESTS"
-      else
-        for f in tests/test_gpu_*.py; do case "$f" in *_cpu.py) ;; *) files+=("$f") ;; esac; done
-      fi
-      run_stage tests "${TESTS_TIMEOUT:-480}" "${files[*]}" \
-        bash -c "\"$PY\" -m pytest -v -rA --durations=0 -p no:cacheprovider --junitxml=\"$OUT/pytest_gpu.xml\" ${files[*]} > \"$OUT/pytest_gpu.log\" 2>&1; rc=\$?; tail -n 40 \"$OUT/pytest_gpu.log\"; exit \$rc"
-      ;;
-    fixtures)
-      names=tp1
-      [ "$NGPU" -ge 2 ] && names=tp1,tp2,pp2
-      fixtures_dir="$WORK/fixtures"
-      rm -rf "$fixtures_dir" "$WORK/fixture_runs"
-      # the sample shards first (no-op when the tests stage built them), so training starts at once
-      run_stage sample_data "${DATA_TIMEOUT:-180}" "data/sample" \
-        "$PY" -c "from data_pipeline.sample_data import ensure_sample_data; ensure_sample_data(progress=False)"
-      # the worker budget per process keeps three fixtures inside the stage limit
-      run_stage fixtures "${FIXTURES_TIMEOUT:-420}" "$names" \
-        "$PY" tools/make_convert_fixtures.py --fixtures "$names" --out "$fixtures_dir" --work "$WORK/fixture_runs" \
-          --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-300}"
-      # into the test tree too, for a CPU pytest run of this checkout
-      if [ -d "$fixtures_dir" ]; then
-        for d in "$fixtures_dir"/*/; do
-          [ -f "$d/reference.pt" ] || continue
-          rm -rf "tests/fixtures/convert/$(basename "$d")"
-          mkdir -p tests/fixtures/convert && cp -r "$d" "tests/fixtures/convert/$(basename "$d")"
-        done
-        tar -C "$fixtures_dir" -cf "$OUT/convert_fixtures.tar" .
-      fi
-      [ -d "$WORK/fixture_runs" ] && tar -C "$WORK/fixture_runs" -cf "$OUT/fixtures_logs.tar" \
-        --exclude='*/checkpoints' --exclude='*/trained' --exclude='*/tensorboard' .
-      summarize > /dev/null
-      ;;
-  esac
+  if [ "${PARALLEL:-0}" = 1 ]; then "stage_$s" & else "stage_$s"; fi
 done
+wait
 summarize
 ls -la "$OUT"
