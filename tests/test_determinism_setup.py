@@ -35,3 +35,19 @@ def test_a_users_nccl_and_cublas_choices_are_kept():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["Tree", ":16:8"]
+
+
+def _fused_attn_after(packed: bool, env: dict) -> str:
+    code = ("import os\nfrom hybrid_megatron.training.distributed import enable_determinism\n"
+            f"enable_determinism(packed_documents={packed})\nprint(os.environ.get('NVTE_FUSED_ATTN', 'unset'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_packed_documents_turn_off_cudnn_thd_attention_unless_the_user_chose():
+    """cuDNN's deterministic thd backward wants ~128*B*H*S^2 bytes (64 GiB at the tiny config's batches)."""
+    env = {k: v for k, v in os.environ.items() if k != "NVTE_FUSED_ATTN"}
+    assert _fused_attn_after(True, env) == "0"
+    assert _fused_attn_after(False, env) == "unset"
+    assert _fused_attn_after(True, {**env, "NVTE_FUSED_ATTN": "1"}) == "1"

@@ -71,6 +71,19 @@ def _output(proc: subprocess.Popen) -> str:
     return proc.log_path.read_text()[-4000:]
 
 
+def _signal_state(pid: int) -> str:
+    """The signal masks of the process and its threads (/proc), for a failure message."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        lines.append(f"{status.get('Name', '?').strip()}[{task.name}] " + " ".join(
+            f"{k}={status.get(k, '?').strip()}" for k in ("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd")))
+    return "\n".join(lines)
+
+
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -93,10 +106,12 @@ def test_sigusr1_checkpoints_and_exits_75(tmp_path):
     try:
         proc.wait(timeout=180)
     except subprocess.TimeoutExpired:
+        masks = _signal_state(proc.pid)
         proc.kill()
         proc.wait()
-        raise AssertionError(f"no exit within 180 s of SIGUSR1:\n{_output(proc)}") from None
+        raise AssertionError(f"no exit within 180 s of SIGUSR1 (SIGUSR1 is bit 10):\n{masks}\n{_output(proc)}") from None
     assert proc.returncode == 75, _output(proc)
+    assert "received SIGUSR1" in proc.log_path.read_text()
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     state = json.loads((run_dir / "checkpoints" / latest / "train_state.json").read_text())
     assert state["step"] == len(losses.read_text().splitlines())
@@ -134,7 +149,7 @@ def test_saved_initial_weights_start_another_run_identically(tmp_path):
     loads it trains the same curve (the optimizer's fp32 main params must follow the loaded weights, or
     every step after the first trains the discarded init), unlike the same seed-999 run alone."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    common = ["configs/tiny.yaml", "train.train_steps=4", *DETERMINISTIC]
+    common = ["configs/tiny.yaml", "train.train_steps=4", *DETERMINISTIC, "schedule.lr_warmup_steps=2"]
     _ok(run_pretrain([*common, f"logging.run_dir={a}", "checkpoint.save_initial=true"]))
     init = a / "checkpoints" / "step-000000"
     assert json.loads((init / "train_state.json").read_text()) == {"step": 0, "weights_only": True}

@@ -42,3 +42,29 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step():
     assert {r: got[r][0] for r in range(WORLD)} == {r: SIGNAL_AT_STEP for r in range(WORLD)}
     assert got[SIGNALLED_RANK][1] == signal.SIGUSR1 and got[0][1] is None and got[2][1] is None
     assert all(got[r][2] for r in range(WORLD)), "the previous SIGUSR1 handler was not restored"
+
+
+def test_signals_blocked_by_the_launcher_still_reach_training(tmp_path):
+    """A blocked mask survives fork and exec: with SIGUSR1 blocked by the parent, a notice would stay
+    pending forever. The handler unblocks it on entry (and blocks it again on exit)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import os, signal\n"
+        "from hybrid_megatron.training.signals import PreemptionHandler\n"
+        "with PreemptionHandler() as h:\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    got = h.received\n"
+        "print(got == signal.SIGUSR1, signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, []))\n"
+    )
+
+    def block_usr1():
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, preexec_fn=block_usr1, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr
+    assert "SIGUSR1 arrived blocked" in proc.stderr

@@ -114,6 +114,7 @@ def build_transformer_config(cfg: RunConfig):
 
 def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> list:
     """Builds this rank's HybridModel chunk(s) on the current CUDA device (bf16 or fp32, not yet wrapped)."""
+    import torch
     from megatron.core import parallel_state
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
@@ -147,6 +148,10 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> lis
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
         )
+        # megatron's layers allocate on the current CUDA device, torch norms (the local spec) on the default
+        # one: move what is left behind, as megatron's own get_model does
+        if not config.use_cpu_initialization:
+            model.cuda(torch.cuda.current_device())
         chunks.append(model)
     log.info("built %d model chunk(s) with the %s layer spec", len(chunks), spec_name)
     return chunks

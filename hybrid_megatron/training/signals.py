@@ -22,15 +22,25 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {}
+        self._unblocked: list[signal.Signals] = []
 
     def __enter__(self) -> "PreemptionHandler":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        # a blocked signal mask is inherited through fork and exec: a launcher (or a test harness) that
+        # blocks these signals would leave the notice pending forever and the job would train on until killed
+        self._unblocked = sorted(set(self.SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        if self._unblocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._unblocked)
+            log.warning("%s arrived blocked from the launching process: unblocked, so a preemption notice "
+                        "reaches training", "/".join(s.name for s in self._unblocked))
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._unblocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self._unblocked)
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
