@@ -117,9 +117,10 @@ def test_te_and_local_specs_compute_the_same_loss(world):
         if state is None:
             state = {k: v.data.clone() for k, v in sd.items() if hasattr(v, "data") and torch.is_tensor(v.data)}
         else:
-            for k, v in sd.items():
-                if k in state:
-                    v.data.copy_(state[k])
+            with torch.no_grad():  # ShardedTensor.data is the parameter itself
+                for k, v in sd.items():
+                    if k in state:
+                        v.data.copy_(state[k])
         model.eval()
         # unpacked: TE's fp32 attention has no fused kernel for packed (thd) input
         (mb,) = split_micro_batches(_batch(cfg, n=2), 2, False, "cuda")

@@ -109,7 +109,9 @@ def test_sigusr1_checkpoints_and_exits_75(tmp_path):
         masks = _signal_state(proc.pid)
         proc.kill()
         proc.wait()
-        raise AssertionError(f"no exit within 180 s of SIGUSR1 (SIGUSR1 is bit 10):\n{masks}\n{_output(proc)}") from None
+        noted = [line for line in proc.log_path.read_text().splitlines() if "SIGUSR1" in line]
+        raise AssertionError(f"no exit within 180 s of SIGUSR1 (SIGUSR1 is bit 10); log lines naming it: {noted}\n"
+                             f"{masks}\n{_output(proc)}") from None
     assert proc.returncode == 75, _output(proc)
     assert "received SIGUSR1" in proc.log_path.read_text()
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()

@@ -68,3 +68,20 @@ def test_signals_blocked_by_the_launcher_still_reach_training(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr
     assert "SIGUSR1 arrived blocked" in proc.stderr
+
+
+def test_a_handler_replaced_by_native_code_is_reinstalled():
+    """Native code calling sigaction() (here libc's signal(), setting SIG_IGN) replaces Python's handler
+    without signal.getsignal noticing: rearm() sees the kernel's handler change and re-installs ours."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with PreemptionHandler() as handler:
+        libc.signal(int(signal.SIGUSR1), 1)  # SIG_IGN, behind Python's back
+        assert signal.getsignal(signal.SIGUSR1) == handler._handle  # Python cannot tell
+        assert handler.rearm() == ["SIGUSR1"]
+        assert handler.rearm() == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.received == signal.SIGUSR1

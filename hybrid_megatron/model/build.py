@@ -83,6 +83,8 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
         deterministic_mode=train.deterministic,
         **_activation(m),
     )
+    if train.deterministic and cfg.data.reset_at_document_boundaries:
+        kwargs.update(attention_backend=deterministic_attention_backend())
     if train.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     elif train.recompute == "full":
@@ -101,6 +103,27 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
             num_layers_at_end_in_bf16=prec.fp8_bf16_layers_at_end,
         )
     return kwargs
+
+
+def deterministic_attention_backend():
+    """Attention for ``train.deterministic`` with packed documents (TE's ``thd`` layout).
+
+    cuDNN's deterministic thd backward (TE FusedAttention) asks for about 128 * B * H * S^2 bytes of
+    workspace, B being the documents in a micro-batch: configs/tiny.yaml's deterministic runs (8 x 1024
+    tokens of source files per micro-batch, 8 heads) asked for 64 GiB on an H100, and TE itself only
+    avoids it above B * H * S^2 = 2^30. So FusedAttention is not used there: FlashAttention-2 (its
+    deterministic backward) where flash-attn is installed (the NGC image), else TE's unfused attention.
+    Both cost more than cuDNN; deterministic runs are for verification. Megatron sets TE's NVTE_*_ATTN
+    switches from this choice.
+    """
+    import importlib.util
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    backend = AttnBackend.flash if importlib.util.find_spec("flash_attn") is not None else AttnBackend.unfused
+    log.info("train.deterministic with packed documents: %s attention (cuDNN's deterministic thd backward "
+             "needs ~128*B*H*S^2 bytes of workspace)", backend.name)
+    return backend
 
 
 def build_transformer_config(cfg: RunConfig):

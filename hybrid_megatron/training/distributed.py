@@ -51,7 +51,7 @@ def initialize(cfg: RunConfig) -> Ranks:
     ranks = discover_ranks()
     require_gpu()
     if cfg.train.deterministic:
-        enable_determinism(packed_documents=cfg.data.reset_at_document_boundaries)
+        enable_determinism()
     from hybrid_megatron.model.memory import data_parallel_size
 
     data_parallel_size(cfg, ranks.world_size, what="world size")  # fail before any collective
@@ -85,7 +85,7 @@ def initialize(cfg: RunConfig) -> Ranks:
     return ranks
 
 
-def enable_determinism(packed_documents: bool = False) -> None:
+def enable_determinism() -> None:
     """``train.deterministic``: the same kernels and reduction orders in every process, so a resumed run
     repeats a straight one bit for bit.
 
@@ -93,14 +93,7 @@ def enable_determinism(packed_documents: bool = False) -> None:
     its Triton tiles by timing unless ``MAMBA_DETERMINISTIC=1``; both kernel sets read that when their
     modules are imported, so this runs before the model code is imported.
 
-    With packed documents attention runs in TE's ``thd`` layout, where cuDNN's deterministic backward
-    (FusedAttention) asks for about 128 * B * H * S^2 bytes of workspace, B being the documents in a
-    micro-batch: configs/tiny.yaml's deterministic runs (8 x 1024 tokens of source files per micro-batch,
-    8 heads) asked for 64 GiB in that backward on an H100 (TE itself only turns it off above
-    B * H * S^2 = 2^30). So FusedAttention is off there (``NVTE_FUSED_ATTN=0``, unless
-    the user set it): TE takes FlashAttention-2's deterministic backward where flash-attn is installed (the
-    NGC image), else its unfused attention. Both cost more than cuDNN; deterministic runs are for
-    verification.
+    Attention with packed documents: see ``model.build.deterministic_attention_backend``.
     """
     import sys
 
@@ -110,10 +103,6 @@ def enable_determinism(packed_documents: bool = False) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"  # TE attention: deterministic backward
     os.environ["MAMBA_DETERMINISTIC"] = "1"  # SSD kernels: fixed tiles, ordered reductions
-    if packed_documents and "NVTE_FUSED_ATTN" not in os.environ:
-        os.environ["NVTE_FUSED_ATTN"] = "0"
-        log.info("train.deterministic with packed documents: TE FusedAttention off (its deterministic thd "
-                 "backward needs ~128*B*H*S^2 bytes of workspace); FlashAttention-2 or unfused attention instead")
     torch.use_deterministic_algorithms(True, warn_only=True)  # torch ops: deterministic variants where they exist
     torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every torch.empty (slow)
     early = [m for m in ("mamba_ssm.ops.triton.ssd_combined", "megatron.core.ssm.ops.ssd_combined") if m in sys.modules]

@@ -7,6 +7,7 @@ acted on, so every rank saves at the same step.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 
@@ -16,6 +17,23 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved after a signal, requeue me
 EXIT_NONFINITE = 4  # stopped on a non-finite loss or grad norm
 
 
+def kernel_handler(sig: int) -> int | None:
+    """Address of the handler the kernel runs for ``sig`` (None where it cannot be read).
+
+    ``signal.getsignal`` only knows what Python installed; native code (a CUDA, NCCL or TE component)
+    that calls sigaction() itself replaces Python's handler without Python noticing. glibc's
+    ``struct sigaction`` starts with the handler pointer, so the first word of the old action is it.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        old = ctypes.create_string_buffer(512)  # larger than struct sigaction on every Linux ABI
+        if libc.sigaction(int(sig), None, old) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return ctypes.c_void_p.from_buffer(old).value or 0
+
+
 class PreemptionHandler:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -23,10 +41,12 @@ class PreemptionHandler:
         self.received: int | None = None
         self._previous = {}
         self._unblocked: list[signal.Signals] = []
+        self._installed: dict[signal.Signals, int | None] = {}
 
     def __enter__(self) -> "PreemptionHandler":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+            self._installed[sig] = kernel_handler(sig)
         # a blocked signal mask is inherited through fork and exec: a launcher (or a test harness) that
         # blocks these signals would leave the notice pending forever and the job would train on until killed
         self._unblocked = sorted(set(self.SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, []))
@@ -42,6 +62,18 @@ class PreemptionHandler:
         if self._unblocked:
             signal.pthread_sigmask(signal.SIG_BLOCK, self._unblocked)
 
+    def rearm(self) -> list[str]:
+        """Re-installs a handler that native code replaced since (called at every step boundary, before
+        the agreement: lazily initialized libraries install theirs during the first steps). Returns
+        the names of the signals it re-installed."""
+        replaced = [sig for sig, addr in self._installed.items() if addr is not None and kernel_handler(sig) != addr]
+        for sig in replaced:
+            log.warning("%s: another library replaced this process's handler (native sigaction); re-installed "
+                        "so a preemption notice still reaches training", sig.name)
+            signal.signal(sig, self._handle)
+            self._installed[sig] = kernel_handler(sig)
+        return [sig.name for sig in replaced]
+
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             log.warning("received %s: will checkpoint and exit at the end of this step", signal.Signals(signum).name)
@@ -51,6 +83,7 @@ class PreemptionHandler:
         """True on every rank once any rank has received a signal (a collective: call on all ranks)."""
         import torch
 
+        self.rearm()
         device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([1 if self.received is not None else 0], device=device, dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
