@@ -74,7 +74,7 @@ def test_parallel_suite_covers_the_layouts_recompute_and_cross_layout_resume(tmp
 def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     suite = L.SUITES["fp8"]
     cfgs = {r.name: load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 300, tmp_path)) for r in suite.runs}
-    assert cfgs["bf16"].precision.fp8 is None
+    assert cfgs["bf16"].precision.fp8 is None and cfgs["bf16-repeat"].precision.fp8 is None
     assert cfgs["fp8-tensorwise"].precision.fp8_recipe == "tensorwise"
     assert cfgs["fp8-delayed"].precision.fp8_recipe == "delayed"
     ends = cfgs["fp8-tensorwise-bf16ends"].precision
@@ -114,6 +114,16 @@ def test_one_step_past_the_tolerance_fails_and_is_named():
     within = _records(range(1, 11), loss=lambda s: (5.0 - 0.01 * s) * 1.005)
     row = L.compare_run(run, 10, {"a": _ok(_records(range(1, 11))), "b": _ok(within)})
     assert row["verdict"] == "pass" and not row["bitwise"]
+
+
+def test_mean_diff_tells_a_drift_from_noise():
+    run = L.Run("b", 2, (), reference="a", rel_tol=0.05)
+    ref = _ok(_records(range(1, 11)))
+    drift = _records(range(1, 11), loss=lambda s: (5.0 - 0.01 * s) * 1.01)
+    noise = _records(range(1, 11), loss=lambda s: (5.0 - 0.01 * s) * (1.02 if s % 2 else 0.98))
+    assert L.compare_run(run, 10, {"a": ref, "b": _ok(drift)})["mean_rel_diff"] == pytest.approx(0.01)
+    row = L.compare_run(run, 10, {"a": ref, "b": _ok(noise)})
+    assert row["mean_rel_diff"] == pytest.approx(0.0, abs=1e-12) and row["max_rel_diff"] == pytest.approx(0.02)
 
 
 def test_missing_repeated_steps_or_other_data_fail():
