@@ -42,6 +42,7 @@ class PreemptionHandler:
         self._previous = {}
         self._unblocked: list[signal.Signals] = []
         self._installed: dict[signal.Signals, int | None] = {}
+        self._announced = False
 
     def __enter__(self) -> "PreemptionHandler":
         for sig in self.SIGNALS:
@@ -75,8 +76,7 @@ class PreemptionHandler:
         return [sig.name for sig in replaced]
 
     def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            log.warning("received %s: will checkpoint and exit at the end of this step", signal.Signals(signum).name)
+        # only a flag here: a handler that logs can re-enter a stream the interrupted code is writing
         self.received = signum
 
     def agreed(self) -> bool:
@@ -84,6 +84,9 @@ class PreemptionHandler:
         import torch
 
         self.rearm()
+        if self.received is not None and not self._announced:
+            self._announced = True
+            log.warning("received %s: checkpointing and exiting at this step", signal.Signals(self.received).name)
         device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([1 if self.received is not None else 0], device=device, dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
