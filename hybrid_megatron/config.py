@@ -60,6 +60,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     layer_spec: Literal["auto", "te", "local"] = "auto"
     """te: Transformer Engine layers; local: megatron parallel layers + torch SDPA attention; auto: te if it imports."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused"] = "auto"
+    """TE's attention kernel family (megatron's ``--attention-backend``): auto lets TE pick per call (cuDNN
+    fused attention on Hopper); deterministic runs with packed documents pick flash/unfused themselves.
+    Megatron sets TE's NVTE_*_ATTN switches from it: leave those unset in the environment."""
 
     def __post_init__(self) -> None:
         pat.validate_pattern(self.hybrid_layer_pattern)

@@ -38,6 +38,14 @@ def test_a_users_nccl_and_cublas_choices_are_kept():
 
 
 
+
+def _backend(*overrides):
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.model.build import transformer_config_kwargs
+
+    return transformer_config_kwargs(load_run_config(ROOT / "configs" / "tiny.yaml", list(overrides)))["attention_backend"]
+
+
 def test_packed_deterministic_runs_leave_cudnn_thd_attention():
     """cuDNN's deterministic thd backward wants ~128*B*H*S^2 bytes (64 GiB at the tiny config's batches):
     megatron gets FlashAttention-2 where flash-attn is installed, else TE's unfused attention."""
@@ -45,11 +53,29 @@ def test_packed_deterministic_runs_leave_cudnn_thd_attention():
 
     from megatron.core.transformer.enums import AttnBackend
 
-    from hybrid_megatron.config import load_run_config
-    from hybrid_megatron.model.build import transformer_config_kwargs
-
     expected = AttnBackend.flash if importlib.util.find_spec("flash_attn") else AttnBackend.unfused
-    tiny = ROOT / "configs" / "tiny.yaml"
-    assert transformer_config_kwargs(load_run_config(tiny, ["train.deterministic=true"]))["attention_backend"] == expected
-    for overrides in ([], ["train.deterministic=true", "data.reset_at_document_boundaries=false"]):
-        assert "attention_backend" not in transformer_config_kwargs(load_run_config(tiny, overrides)), overrides
+    assert _backend("train.deterministic=true") == expected
+    assert _backend() == AttnBackend.auto
+    assert _backend("train.deterministic=true", "data.reset_at_document_boundaries=false") == AttnBackend.auto
+    assert _backend("train.deterministic=true", "model.attention_backend=fused") == AttnBackend.fused  # the user's choice
+
+
+def test_attention_switches_in_the_environment_that_megatron_would_refuse_are_named(monkeypatch):
+    import pytest
+    from megatron.core.transformer.enums import AttnBackend
+
+    from data_pipeline.errors import ConfigError
+    from hybrid_megatron.model.build import check_attention_env
+
+    for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(var, raising=False)
+    check_attention_env(AttnBackend.auto)
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "1")
+    check_attention_env(AttnBackend.fused)  # agrees: fine
+    with pytest.raises(ConfigError, match=r"NVTE_FUSED_ATTN=1 in the environment conflicts with attention backend unfused"):
+        check_attention_env(AttnBackend.unfused)
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "0")
+    with pytest.raises(ConfigError, match="NVTE_FUSED_ATTN=0 .* backend auto"):
+        check_attention_env(AttnBackend.auto)
+    with pytest.raises(ConfigError, match="model.attention_backend"):
+        _backend("model.attention_backend=cudnn")

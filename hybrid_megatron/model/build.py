@@ -8,6 +8,7 @@ are pure and run anywhere.
 from __future__ import annotations
 
 import logging
+import os
 
 from data_pipeline.errors import ConfigError
 from hybrid_megatron.config import ModelConfig, RunConfig
@@ -83,8 +84,7 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
         deterministic_mode=train.deterministic,
         **_activation(m),
     )
-    if train.deterministic and cfg.data.reset_at_document_boundaries:
-        kwargs.update(attention_backend=deterministic_attention_backend())
+    kwargs.update(attention_backend=attention_backend(cfg))
     if train.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     elif train.recompute == "full":
@@ -103,6 +103,36 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
             num_layers_at_end_in_bf16=prec.fp8_bf16_layers_at_end,
         )
     return kwargs
+
+
+# megatron's LanguageModule sets TE's switches (NVTE_FLASH_ATTN, NVTE_FUSED_ATTN, NVTE_UNFUSED_ATTN) from
+# config.attention_backend and asserts deep in the model build when the environment already holds another value
+ATTENTION_SWITCHES = {"auto": (1, 1, 1), "flash": (1, 0, 0), "fused": (0, 1, 0), "unfused": (0, 0, 1)}
+
+
+def attention_backend(cfg: RunConfig):
+    """megatron's AttnBackend for this run: model.attention_backend, except that ``auto`` in a deterministic
+    run with packed documents becomes :func:`deterministic_attention_backend`'s choice."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    name = cfg.model.attention_backend
+    if name == "auto" and cfg.train.deterministic and cfg.data.reset_at_document_boundaries:
+        return deterministic_attention_backend()
+    if name == "fused" and cfg.train.deterministic and cfg.data.reset_at_document_boundaries:
+        log.warning("model.attention_backend=fused with train.deterministic and packed documents: cuDNN's "
+                    "deterministic thd backward needs ~128*B*H*S^2 bytes of workspace (B: documents per micro-batch)")
+    return AttnBackend[name]
+
+
+def check_attention_env(backend) -> None:
+    """ConfigError naming an NVTE_*_ATTN variable of the environment that megatron would refuse."""
+    for var, want in zip(("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"), ATTENTION_SWITCHES[backend.name]):
+        have = os.environ.get(var)
+        if have is not None and have != str(want):
+            raise ConfigError(
+                f"{var}={have} in the environment conflicts with attention backend {backend.name} (megatron-core "
+                f"sets it to {want}): unset it and choose model.attention_backend=auto|flash|fused|unfused instead"
+            )
 
 
 def deterministic_attention_backend():
@@ -149,6 +179,7 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> lis
     if spec_name == "local" and cfg.precision.fp8:
         raise ConfigError("precision.fp8 needs Transformer Engine: model.layer_spec=local cannot run FP8")
     config = build_transformer_config(cfg)
+    check_attention_env(config.attention_backend)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     vpp = config.virtual_pipeline_model_parallel_size
