@@ -246,7 +246,10 @@ class TrainConfig:
     max_skipped_steps: int = 10
     deterministic: bool = False
     """Deterministic kernels: NCCL ring, cuBLAS workspace, TE attention and Mamba-2 SSD backward without
-    atomics, fixed Triton tiles, torch's deterministic algorithms (``distributed.enable_determinism``)."""
+    atomics, fixed Triton tiles, torch's deterministic algorithms (``distributed.enable_determinism``);
+    the Mamba conv1d weight/bias gradients by ordered reductions (``model.deterministic_conv``); with
+    packed documents, FlashAttention-2 or unfused attention (``model.build.deterministic_attention_backend``).
+    Slower: for verifying resume and layouts bit for bit."""
 
     def __post_init__(self) -> None:
         _positive(

@@ -163,3 +163,30 @@ def test_bf16_mamba_projections_skip_fp8_inside_an_fp8_region(world):
         results[flag] = torch.equal(plain, under_fp8)
         assert not torch.equal(plain_fc1, fc1_fp8), "the MLP must still run FP8"
     assert results == {False: False, True: True}
+
+
+def test_deterministic_conv1d_grads_match_the_cuda_kernel():
+    """model/deterministic_conv.py against causal-conv1d's own backward on the layout mamba-ssm uses
+    (channel-last [B, D, L] views, bf16, packed documents): same sums up to fp32 order, repeatable bitwise."""
+    import torch
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+
+    from hybrid_megatron.model import deterministic_conv
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bsz, length, dim, width = 2, 1000, 1280, 4
+    x = torch.randn(bsz, length, dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    dout = torch.randn(bsz, length, dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    weight = torch.randn(dim, width, device="cuda", dtype=torch.bfloat16, generator=g) * 0.3
+    bias = torch.randn(dim, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    seq_idx = (torch.arange(length, device="cuda") // 137).to(torch.int32).expand(bsz, length).contiguous()
+    _, k_w, k_b, *_ = causal_conv1d_bwd_function(x, weight, bias, dout, seq_idx, None, None, None, False, True)
+    d_w, d_b = deterministic_conv.conv1d_param_grads(x, weight, bias, dout, seq_idx, True)
+    torch.testing.assert_close(d_w, k_w, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(d_b, k_b, rtol=1e-4, atol=1e-3)
+    again_w, again_b = deterministic_conv.conv1d_param_grads(x, weight, bias, dout, seq_idx, True)
+    assert torch.equal(again_w, d_w) and torch.equal(again_b, d_b)
+    assert deterministic_conv.install()
+    import mamba_ssm.ops.triton.ssd_combined as fused
+
+    assert fused.causal_conv1d_bwd_function.wrapped is not None

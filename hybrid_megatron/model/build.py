@@ -180,6 +180,10 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> lis
         raise ConfigError("precision.fp8 needs Transformer Engine: model.layer_spec=local cannot run FP8")
     config = build_transformer_config(cfg)
     check_attention_env(config.attention_backend)
+    if cfg.train.deterministic:
+        from hybrid_megatron.model import deterministic_conv
+
+        deterministic_conv.install()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     vpp = config.virtual_pipeline_model_parallel_size
