@@ -82,7 +82,8 @@ def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     assert cfgs["fp8-tensorwise-mamba-bf16"].precision.fp8_mamba_projections_bf16
     assert L.FP8_WARMUP == cfgs["bf16"].schedule.lr_warmup_steps
     for run in suite.runs[1:]:
-        assert (run.reference, run.rel_tol, run.after_step) == ("bf16", 0.015, L.FP8_WARMUP)
+        assert (run.reference, run.rel_tol, run.after_step, run.window) == ("bf16", 0.015, L.FP8_WARMUP, 10)
+    assert all(c.logging.log_interval == L.FP8_LOG_INTERVAL for c in cfgs.values())
     assert all(c.data.global_batch_tokens == 16384 for c in cfgs.values())
 
 
@@ -124,6 +125,18 @@ def test_mean_diff_tells_a_drift_from_noise():
     assert L.compare_run(run, 10, {"a": ref, "b": _ok(drift)})["mean_rel_diff"] == pytest.approx(0.01)
     row = L.compare_run(run, 10, {"a": ref, "b": _ok(noise)})
     assert row["mean_rel_diff"] == pytest.approx(0.0, abs=1e-12) and row["max_rel_diff"] == pytest.approx(0.02)
+
+
+def test_a_windowed_run_is_judged_on_its_logged_means():
+    run = L.Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=10, window=10)
+    ref = _ok(_records(range(1, 31)))
+    spike = _records(range(1, 31), loss=lambda s: (5.0 - 0.01 * s) * (1.03 if s == 15 else 1.0))
+    row = L.compare_run(run, 30, {"bf16": ref, "fp8": _ok(spike)})
+    assert row["verdict"] == "pass" and row["compared_steps"] == [20, 30]
+    assert row["max_step_rel_diff"] == pytest.approx(0.03) and row["max_rel_diff"] == pytest.approx(0.003, rel=0.05)
+    offset = _records(range(1, 31), loss=lambda s: (5.0 - 0.01 * s) * (1.02 if 21 <= s <= 30 else 1.0))
+    row = L.compare_run(run, 30, {"bf16": ref, "fp8": _ok(offset)})
+    assert row["verdict"] == "FAIL" and row["worst_step"] == 30 and row["max_rel_diff"] == pytest.approx(0.02)
 
 
 def test_missing_repeated_steps_or_other_data_fail():

@@ -78,3 +78,19 @@ def test_wandb_offline_continues_one_run_per_run_directory(tmp_path, monkeypatch
         ids.append(logger._wandb.id)
         logger.close()
     assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+
+
+def test_logged_loss_is_the_token_weighted_mean_of_the_window():
+    import math
+
+    from hybrid_megatron.training.metrics import LossWindow
+
+    window = LossWindow()
+    window.add(2.0, 100)
+    window.add(4.0, 300)
+    window.add(float("nan"), 100, skipped=True)  # a skipped step does not count
+    window.add(float("inf"), 100)
+    assert window.close() == 3.5
+    assert math.isnan(window.close())  # the next window starts empty
+    window.add(1.0, 10)
+    assert window.close() == 1.0

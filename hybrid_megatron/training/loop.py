@@ -137,7 +137,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     from hybrid_megatron.training.checkpointer import Checkpointer
     from hybrid_megatron.training.loss_log import LossLog
     from hybrid_megatron.training.lr import PhasedScheduler, plan_segments
-    from hybrid_megatron.training.metrics import MetricsLogger
+    from hybrid_megatron.training.metrics import LossWindow, MetricsLogger
     from hybrid_megatron.training.step import micro_batch_plan, train_step
 
     ranks = distributed.initialize(cfg)
@@ -193,6 +193,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     )
     losses = LossLog(run_dir / "losses.jsonl", resume_step=step) if is_rank0 else None
     skipped_total, window_steps, started_at = 0, 0, step
+    window_loss = LossWindow()
     code = 0
 
     def train_state() -> dict:
@@ -207,6 +208,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
         result = train_step(batch, model, optimizer, scheduler, cfg, max_seq_len)
         step += 1
         window_steps += 1
+        window_loss.add(result.loss, result.tokens, result.skipped)
         metrics.record(step, batch.seq_len, result.tokens)
         if losses is not None:
             losses.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
@@ -222,7 +224,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
                 code = signals.EXIT_NONFINITE
                 break
         if step % cfg.logging.log_interval == 0 or step == total_steps:
-            metrics.log(step, total_steps, {"phase": batch.phase, "loss": result.loss,
+            metrics.log(step, total_steps, {"phase": batch.phase, "loss": window_loss.close(),
                                             "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
                                             "seq_len": batch.seq_len, "window_steps": window_steps})
             window_steps = 0

@@ -1,5 +1,6 @@
 """Console, TensorBoard and wandb logging of training metrics (rank 0 only).
 
+loss is the token-weighted mean over the logging window (``LossWindow``, as Megatron-LM logs it);
 tokens/s counts loss tokens of the global batch over the wall time of the logging window;
 TFLOP/s/GPU = tokens/s x model FLOPs per token (``model.flops``, recompute excluded) / GPUs;
 MFU = that over the GPU's dense BF16 peak.
@@ -8,6 +9,7 @@ MFU = that over the GPU's dense BF16 peak.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -15,6 +17,26 @@ log = logging.getLogger("hybrid_megatron.train")
 
 # Dense BF16 tensor-core peaks (TFLOP/s) from the vendors' data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0}
+
+
+class LossWindow:
+    """The loss a log line shows: the token-weighted mean over the steps since the previous line, as
+    Megatron-LM logs it (one step's loss is noisy at small batches; ``losses.jsonl`` keeps every step).
+    Skipped (non-finite) steps do not count."""
+
+    def __init__(self) -> None:
+        self._sum, self._tokens = 0.0, 0
+
+    def add(self, loss: float, tokens: int, skipped: bool = False) -> None:
+        if not skipped and math.isfinite(loss) and tokens > 0:
+            self._sum += loss * tokens
+            self._tokens += tokens
+
+    def close(self) -> float:
+        """The window's mean (NaN when every step of it was skipped); starts the next window."""
+        mean = self._sum / self._tokens if self._tokens else float("nan")
+        self._sum, self._tokens = 0.0, 0
+        return mean
 
 
 def peak_tflops(device_name: str) -> float | None:
