@@ -8,6 +8,7 @@ acted on, so every rank saves at the same step.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import signal
 
@@ -24,14 +25,23 @@ def kernel_handler(sig: int) -> int | None:
     that calls sigaction() itself replaces Python's handler without Python noticing. glibc's
     ``struct sigaction`` starts with the handler pointer, so the first word of the old action is it.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        old = ctypes.create_string_buffer(512)  # larger than struct sigaction on every Linux ABI
-        if libc.sigaction(int(sig), None, old) != 0:
-            return None
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
+        return None
+    old = ctypes.create_string_buffer(512)  # larger than struct sigaction on every Linux ABI
+    if libc.sigaction(int(sig), None, old) != 0:
         return None
     return ctypes.c_void_p.from_buffer(old).value or 0
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sigaction  # noqa: B018  (absent outside glibc/musl: no check then)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 class PreemptionHandler:
