@@ -1,0 +1,150 @@
+"""The loss-parity suites (tools/loss_parity.py): which runs, their overrides, what each is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    gpus: int
+    overrides: tuple[str, ...]
+    reference: str | None = None
+    """The run whose curve this one must follow (None: the suite's baseline)."""
+    rel_tol: float = 0.01
+    resume_from: str | None = None
+    """Start from this run's checkpoint at the suite's half-way step, then run ``resume_steps``."""
+    resume_steps: int = 5
+    init_from: str | None = None
+    """Start from this run's initial weights (its weights-only step 0), not from an init of our own."""
+    after_step: int = 0
+    """Compare steps above this one only (warm-up)."""
+    window: int = 1
+    """Compare the logged losses: token-weighted means over ``window`` steps, at the steps a log line
+    ends (multiples of ``window``), as the console and Megatron-LM log them. 1: every step's loss."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    config: str
+    common: tuple[str, ...]
+    runs: tuple[Run, ...]
+    default_steps: int
+
+
+PARALLEL_PATTERN = "M-M*-M-|M*-"  # the tiny model's 10 layers, cut 7 + 3 for PP=2
+LAYOUTS = {
+    "tp2-sp": ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"),
+    "pp2": ("parallel.pipeline_model_parallel_size=2",),
+    "dp2": (),  # two ranks, TP = PP = 1: data parallel with the distributed optimizer
+}
+# the same 10 layers cut into 4 segments: 2 model chunks per PP rank (interleaved 1F1B schedule)
+INTERLEAVED = ("parallel.pipeline_model_parallel_size=2", "model.hybrid_layer_pattern=M-M|*-M|-M|*-")
+# gradient reduce-scatter and param all-gather overlapped with compute (the 7B recipe's setting)
+OVERLAP = ("parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
+
+
+def _parallel_runs() -> tuple[Run, ...]:
+    # megatron seeds its init per TP and PP rank, so every layout starts from tp1's saved initial weights:
+    # the curves then differ by the parallel numerics alone
+    runs = [Run("tp1", 1, ("checkpoint.save_initial=true",))]
+    runs += [Run(name, 2, over, reference="tp1", init_from="tp1") for name, over in LAYOUTS.items()]
+    runs += [Run(f"{name}-{rc}", 2, (*over, f"train.recompute={rc}"), reference=name, init_from="tp1")
+             for name, over in LAYOUTS.items() for rc in ("selective", "full")]
+    runs += [Run("pp2-vpp2", 2, INTERLEAVED, reference="tp1", init_from="tp1"),
+             Run("dp2-overlap", 2, OVERLAP, reference="tp1", init_from="tp1")]
+    runs += [Run("tp2-sp>pp2", 2, LAYOUTS["pp2"], reference="tp2-sp", resume_from="tp2-sp"),
+             Run("tp2-sp>tp1", 1, (), reference="tp2-sp", resume_from="tp2-sp"),
+             # same layout: the resumed steps repeat the straight run's (the saved weights must be the
+             # step's own on every DP rank, not the shard-local state the overlapped all-gather leaves)
+             Run("dp2-overlap>same", 2, OVERLAP, reference="dp2-overlap", resume_from="dp2-overlap", rel_tol=1e-4)]
+    return tuple(runs)
+
+
+FP8_BASE = ("precision.fp8=hybrid",)
+FP8_WARMUP = 10  # configs/1b.yaml schedule.lr_warmup_steps
+FP8_LOG_INTERVAL = 10  # the bar is "within 1.5% at every logged step": log lines show the interval's mean loss
+
+
+def _fp8_runs() -> tuple[Run, ...]:
+    variants = {
+        "fp8-tensorwise": FP8_BASE,
+        "fp8-tensorwise-bf16ends": (*FP8_BASE, "precision.fp8_bf16_layers_at_start=2",
+                                    "precision.fp8_bf16_layers_at_end=2"),
+        "fp8-delayed": (*FP8_BASE, "precision.fp8_recipe=delayed"),
+        "fp8-tensorwise-mamba-bf16": (*FP8_BASE, "precision.fp8_mamba_projections_bf16=true"),
+        "fp8-tensorwise-bf16ends-mamba-bf16": (*FP8_BASE, "precision.fp8_bf16_layers_at_start=2",
+                                               "precision.fp8_bf16_layers_at_end=2",
+                                               "precision.fp8_mamba_projections_bf16=true"),
+    }
+    # bf16-repeat: the same BF16 run again. Its kernels are not bitwise reproducible (Mamba's atomics, TE's
+    # attention backward), so it measures the run-to-run spread that an FP8 curve is judged against
+    variants = {"bf16-repeat": (), **variants}
+    return (Run("bf16", 1, ()),) + tuple(
+        Run(name, 1, over, reference="bf16", rel_tol=0.015, after_step=FP8_WARMUP, window=FP8_LOG_INTERVAL)
+        for name, over in variants.items()
+    )
+
+
+SEVEN_B_LAYERS = (  # configs/pretrain_7b.yaml's layer sizes and FP8 recipe, 4 layers, one GPU, the sample data
+    "model.hybrid_layer_pattern=M-*-", "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
+    "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
+    "precision.fp8_bf16_layers_at_start=0", "precision.fp8_bf16_layers_at_end=0",  # else all 4 layers are BF16
+    "data=configs/data/sample.yaml", "build_sample_data=true", "data.curriculum=null", "data.seq_len=4096",
+    "schedule.lr_warmup_steps=5", "schedule.anneal_warmup_steps=5", "checkpoint.async_save=false",
+    "logging.wandb_project=null", "logging.log_interval=5", "logging.tensorboard=false",
+)
+
+SUITES = {
+    "parallel": Suite(
+        "parallel", "configs/tiny.yaml",
+        ("train.deterministic=true", f"model.hybrid_layer_pattern={PARALLEL_PATTERN}", "schedule.lr_warmup_steps=10",
+         "logging.log_interval=10", "logging.tensorboard=false"),
+        _parallel_runs(), default_steps=60),
+    "fp8": Suite(
+        "fp8", "configs/1b.yaml",
+        ("data.global_batch_tokens=16384", "data.batch_size_multiple=4", f"logging.log_interval={FP8_LOG_INTERVAL}",
+         "logging.tensorboard=false"),
+        _fp8_runs(), default_steps=300),
+    "7b-layers": Suite(
+        "7b-layers", "configs/pretrain_7b.yaml", SEVEN_B_LAYERS,
+        (Run("bf16", 1, ("precision.fp8=null",)), Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=5)),
+        default_steps=30),
+}
+
+
+def half_step(steps: int) -> int:
+    return steps // 2
+
+
+def _needed_later(suite: Suite, run: Run) -> bool:
+    return any(run.name in (r.resume_from, r.init_from) for r in suite.runs)
+
+
+def _is_resume_source(suite: Suite, run: Run) -> bool:
+    return any(r.resume_from == run.name for r in suite.runs)
+
+
+def run_overrides(suite: Suite, run: Run, steps: int, work: Path) -> list[str]:
+    """The CLI overrides of one run (after the config path)."""
+    save_at = half_step(steps) if _is_resume_source(suite, run) else "null"  # a resume source saves half-way
+    # no final save: only a resume source's half-way checkpoint (and tp1's initial weights) are read later,
+    # and writing a 1-8B model's optimizer state at the end would cost more than the run
+    out = [*suite.common, *run.overrides, f"train.train_steps={steps}", f"logging.run_dir={work / run.name}",
+           f"checkpoint.save_interval={save_at}", "checkpoint.save_final=false"]
+    if run.resume_from:
+        source = work / run.resume_from / "checkpoints" / f"step-{half_step(steps):06d}"
+        out += [f"checkpoint.load={source}", f"train.exit_after_steps={run.resume_steps}"]
+    elif run.init_from:
+        out += [f"checkpoint.load={work / run.init_from / 'checkpoints' / 'step-000000'}"]
+    return out
+
+
+def expected_steps(run: Run, steps: int) -> list[int]:
+    if run.resume_from:
+        start = half_step(steps)
+        return list(range(start + 1, min(start + run.resume_steps, steps) + 1))
+    return list(range(1, steps + 1))
