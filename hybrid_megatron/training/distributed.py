@@ -62,7 +62,10 @@ def initialize(cfg: RunConfig) -> Ranks:
                 raise ConfigError(f"{var} is not set: needed to connect {ranks.world_size} processes")
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if "MASTER_PORT" not in os.environ:  # a port nothing listens on: several single-GPU jobs share a node
+            from hybrid_megatron.convert.ckpt_io import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend="nccl",
