@@ -116,9 +116,10 @@ def attention_backend(cfg: RunConfig):
     from megatron.core.transformer.enums import AttnBackend
 
     name = cfg.model.attention_backend
-    if name == "auto" and cfg.train.deterministic and cfg.data.reset_at_document_boundaries:
+    packed_deterministic = cfg.train.deterministic and cfg.data.reset_at_document_boundaries
+    if name == "auto" and packed_deterministic:
         return deterministic_attention_backend()
-    if name == "fused" and cfg.train.deterministic and cfg.data.reset_at_document_boundaries:
+    if name == "fused" and packed_deterministic:
         log.warning("model.attention_backend=fused with train.deterministic and packed documents: cuDNN's "
                     "deterministic thd backward needs ~128*B*H*S^2 bytes of workspace (B: documents per micro-batch)")
     return AttnBackend[name]

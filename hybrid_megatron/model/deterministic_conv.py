@@ -36,10 +36,11 @@ def conv1d_param_grads(x, weight, bias, dout, seq_idx, silu: bool):
     w = weight.float()
     shifted = []  # shifted[k][b, d, t] = x[b, d, t - k] inside the same document, else 0
     for k in range(width):
-        s = torch.zeros_like(xf)
         if k == 0:
-            s.copy_(xf)
-        elif k < xf.shape[-1]:
+            shifted.append(xf)
+            continue
+        s = torch.zeros_like(xf)
+        if k < xf.shape[-1]:
             s[..., k:] = xf[..., :-k]
             if seq_idx is not None:
                 same = torch.zeros_like(seq_idx, dtype=torch.bool)
