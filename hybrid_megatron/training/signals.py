@@ -21,7 +21,7 @@ EXIT_NONFINITE = 4  # stopped on a non-finite loss or grad norm
 def kernel_handler(sig: int) -> int | None:
     """Address of the handler the kernel runs for ``sig`` (None where it cannot be read).
 
-    ``signal.getsignal`` only knows what Python installed; native code (a CUDA, NCCL or TE component)
+    ``signal.getsignal`` only knows what Python installed; native code (any C/C++ library loaded later)
     that calls sigaction() itself replaces Python's handler without Python noticing. glibc's
     ``struct sigaction`` starts with the handler pointer, so the first word of the old action is it.
     """
