@@ -28,6 +28,16 @@ def test_enable_determinism_sets_every_switch():
     assert proc.stdout.split() == ["1", "0", "Ring", ":4096:8", "True", "True", "False"]
 
 
+def test_cached_autotuning_is_dropped_so_every_process_runs_the_fixed_tiles():
+    code = ("import os\nfrom hybrid_megatron.training.distributed import enable_determinism\nenable_determinism()\n"
+            "print(os.environ.get('TRITON_CACHE_AUTOTUNING', 'unset'))\n")
+    env = {**os.environ, "TRITON_CACHE_AUTOTUNING": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["unset"]
+    assert "TRITON_CACHE_AUTOTUNING=1 ignored" in proc.stderr
+
+
 def test_a_users_nccl_and_cublas_choices_are_kept():
     code = ("import os\nfrom hybrid_megatron.training.distributed import enable_determinism\nenable_determinism()\n"
             "print(os.environ['NCCL_ALGO'], os.environ['CUBLAS_WORKSPACE_CONFIG'])\n")

@@ -65,6 +65,12 @@ def test_the_wrapper_keeps_dx_and_replaces_the_atomic_sums():
     want_w, want_b = conv1d_param_grads(x, weight, bias, dout, None, True)
     assert torch.equal(dweight, want_w) and torch.equal(dbias, want_b)
     assert wrapped.wrapped is kernel
+    # bf16 parameters get bf16 gradients, as from the kernel (the sums stay fp32 until the cast)
+    wb, bb = weight.bfloat16(), bias.bfloat16()
+    _, dweight16, dbias16, _ = wrapped(x.bfloat16(), wb, bb, dout.bfloat16(), None, None, None, None, False, True)
+    want_w16, want_b16 = conv1d_param_grads(x.bfloat16(), wb, bb, dout.bfloat16(), None, True)
+    assert dweight16.dtype == dbias16.dtype == torch.bfloat16 and want_w16.dtype == torch.float32
+    assert torch.equal(dweight16, want_w16.bfloat16()) and torch.equal(dbias16, want_b16.bfloat16())
     with pytest.raises(RuntimeError, match="initial_states"):
         wrapped(x, weight, bias, dout, None, torch.zeros(1, 3, 3), None, None, False, True)
 

@@ -67,6 +67,9 @@ def _wrap(original):
         if initial_states is not None:  # never in training: taps into the initial state would be missing here
             raise RuntimeError("deterministic conv1d backward: initial_states are not supported")
         dweight, dbias = conv1d_param_grads(x, weight, bias, dout, seq_idx, silu_activation)
+        # the kernel's contract: gradients in the parameters' dtype (it sums in fp32 and casts too)
+        dweight = dweight.to(weight.dtype)
+        dbias = None if dbias is None else dbias.to(bias.dtype)
         return (dx_out, dweight, dbias, *rest)
 
     deterministic_conv1d_bwd.wrapped = original

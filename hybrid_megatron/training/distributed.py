@@ -94,7 +94,11 @@ def enable_determinism() -> None:
 
     Mamba-2's SSD backward (mamba-ssm and megatron's varlen kernels) reduces with atomics and autotunes
     its Triton tiles by timing unless ``MAMBA_DETERMINISTIC=1``; both kernel sets read that when their
-    modules are imported, so this runs before the model code is imported.
+    modules are imported, so this runs before the model code is imported. With
+    ``TRITON_CACHE_AUTOTUNING=1`` they would keep every tile and trust the on-disk autotuning cache:
+    the first process on each machine picks by timing, so two machines (or two processes that tune at
+    the same time) can pick different tiles and sum in a different order. That switch is dropped here,
+    so every process runs the one fixed tile set.
 
     Attention with packed documents: see ``model.build.deterministic_attention_backend``.
     """
@@ -106,6 +110,9 @@ def enable_determinism() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"  # TE attention: deterministic backward
     os.environ["MAMBA_DETERMINISTIC"] = "1"  # SSD kernels: fixed tiles, ordered reductions
+    if os.environ.pop("TRITON_CACHE_AUTOTUNING", None) == "1":
+        log.warning("train.deterministic: TRITON_CACHE_AUTOTUNING=1 ignored; Mamba's Triton kernels use "
+                    "their fixed tiles (a cached, timing-based choice can differ between machines)")
     torch.use_deterministic_algorithms(True, warn_only=True)  # torch ops: deterministic variants where they exist
     torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every torch.empty (slow)
     early = [m for m in ("mamba_ssm.ops.triton.ssd_combined", "megatron.core.ssm.ops.ssd_combined") if m in sys.modules]
