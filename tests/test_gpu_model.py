@@ -101,7 +101,11 @@ def test_ssm_params_stay_fp32_through_wrap_step_and_checkpoint(world, tmp_path, 
 
 
 def test_te_and_local_specs_compute_the_same_loss(world):
-    """Same weights through both specs (checkpoint keys are shared): fp32 losses agree."""
+    """Same weights through both specs (checkpoint keys are shared): fp32 losses agree.
+
+    Entries are matched by their checkpoint key (``ShardedTensor.key``), not by the module path: the
+    local spec's separate norms (``norm.weight``, ``input_layernorm.weight``) map to TE's fused
+    ``*.layer_norm_weight`` through ``sharded_state_dict_keys_map``, as in a checkpoint."""
     import torch
 
     pytest.importorskip("transformer_engine.pytorch", reason="needs Transformer Engine")
@@ -113,9 +117,14 @@ def test_te_and_local_specs_compute_the_same_loss(world):
     for spec in ("te", "local"):
         cfg = tiny_config(f"model.layer_spec={spec}", "precision.dtype=fp32")
         (model,) = build_model_chunks(cfg, VOCAB, SEQ)
-        tensors = {k: v.data for k, v in model.sharded_state_dict().items()
+        tensors = {v.key: v.data for v in model.sharded_state_dict().values()
                    if torch.is_tensor(getattr(v, "data", None))}  # ShardedTensor.data: the parameter itself
         if state is None:
+            with torch.no_grad():  # norms start at 1 in both specs: move them, so an unmatched norm shows
+                g = torch.Generator(device="cuda").manual_seed(0)
+                for k, t in tensors.items():
+                    if "norm" in k:
+                        t.add_(0.1 * torch.randn(t.shape, device=t.device, generator=g).to(t.dtype))
             state = {k: t.detach().clone() for k, t in tensors.items()}
         else:
             assert set(state) >= set(tensors), sorted(set(tensors) - set(state))
