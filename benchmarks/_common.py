@@ -296,6 +296,27 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def device_kernel_times(averages) -> list[tuple[str, float, int]]:
+    """[(kernel name, ms, calls)] from ``profiler.key_averages()``: GPU-side events only.
+
+    CPU-side events carry device time too (an autograd function such as TE's ``_LayerNormLinearBackward``
+    reports the kernels it launched through its C++ extension as its own), so summing every event counts
+    those kernels twice and files GEMMs under the op's name.
+    """
+    from torch.autograd import DeviceType
+
+    out = []
+    for avg in averages:
+        if getattr(avg, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(avg, "self_device_time_total", None)
+        if us is None:
+            us = getattr(avg, "self_cuda_time_total", 0.0)
+        if us and us > 0:
+            out.append((avg.key, float(us) / 1e3, int(avg.count)))  # us -> ms
+    return out
+
+
 def summarize_kernels(kernels: list[tuple[str, float, int]], top: int = 15) -> dict:
     """[(kernel name, ms, calls)] of one profiled step -> total, ms and share by category, top kernels."""
     total = sum(ms for _, ms, _ in kernels) or 1e-9

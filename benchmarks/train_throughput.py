@@ -222,14 +222,7 @@ def profile_step(step_fn, batch) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn(batch)
         torch.cuda.synchronize()
-    kernels = []
-    for avg in prof.key_averages():
-        t = getattr(avg, "self_device_time_total", None)
-        if t is None:
-            t = getattr(avg, "self_cuda_time_total", 0.0)
-        if t and t > 0:
-            kernels.append((avg.key, float(t) / 1e3, int(avg.count)))  # us -> ms
-    return C.summarize_kernels(kernels)
+    return C.summarize_kernels(C.device_kernel_times(prof.key_averages()))
 
 
 def run_case(spec: dict, args: argparse.Namespace, gemm_tflops: float | None) -> dict:

@@ -147,6 +147,22 @@ def test_kernel_categories_and_summary():
     assert [k["name"] for k in s["top_kernels"]] == ["nvjet_gemm", "_chunk_scan_fwd_kernel"]
 
 
+def test_profile_counts_gpu_events_only():
+    """A CPU op that reports its launched kernels' time (TE's autograd functions do) is not counted again."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(key, us, device):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=2, device_type=device)
+
+    events = [ev("_LayerNormLinearBackward", 900.0, DeviceType.CPU), ev("nvjet_sm90_gemm", 600.0, DeviceType.CUDA),
+              ev("rmsnorm_bwd_tuned_kernel", 300.0, DeviceType.CUDA), ev("aten::copy_", 0.0, DeviceType.CPU)]
+    kernels = C.device_kernel_times(events)
+    assert kernels == [("nvjet_sm90_gemm", 0.6, 2), ("rmsnorm_bwd_tuned_kernel", 0.3, 2)]
+    assert C.summarize_kernels(kernels)["kernel_ms_total"] == pytest.approx(0.9)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run real benchmark cases")
 def test_driver_records_a_failed_worker_and_keeps_going(tmp_path):
