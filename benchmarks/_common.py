@@ -253,6 +253,30 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def combine_repeats(rows: list[dict]) -> list[dict]:
+    """One row per case name from ``--repeats`` runs: the run with the median tokens/s (the lower one of
+    an even count), with every run's tokens/s and their spread beside it; a case that never succeeded
+    keeps its last error."""
+    from statistics import median_low
+
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    out = []
+    for name, runs in by_name.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            out.append(runs[-1])
+            continue
+        rates_ = [r["tokens_per_s"] for r in ok]
+        mid = median_low(rates_)
+        row = dict(next(r for r in ok if r["tokens_per_s"] == mid))
+        row.update(repeats=len(runs), failed_repeats=len(runs) - len(ok), tokens_per_s_all=rates_,
+                   tokens_per_s_spread=(max(rates_) - min(rates_)) / mid if len(ok) > 1 else None)
+        out.append(row)
+    return out
+
+
 def ratios(rows: list[dict]) -> list[tuple[str, str, str, float]]:
     """(what, numerator case, denominator case, tokens/s ratio) for the comparisons the issue asks for:
     ours/stock per model and precision, fp8/bf16 per model and path, hybrid/attention per sequence length."""

@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --cases fp8_7b       # FP8 vs BF16 at 7B layer widths
     python benchmarks/train_throughput.py --scaling            # seq 2048..16384, hybrid vs attention
     python benchmarks/train_throughput.py --cases hybrid1b-bf16-ours --steps 5 --profile
+    python benchmarks/train_throughput.py --cases hybrid1b-bf16-ours,hybrid1b-bf16-stock --repeats 3
 
 Cases are MODEL-PRECISION-PATH (``--list`` prints them). ``ours``: our layer specs
 (``hybrid_megatron.model.build``), our bf16 wrap with fp32 A_log/D/dt_bias, megatron DDP + distributed
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scaling-seqs", default=",".join(map(str, C.SCALING_SEQS)))
     ap.add_argument("--step-tokens", type=int, default=32768, help="--scaling: tokens per optimizer step")
     ap.add_argument("--micro-tokens", type=int, default=16384, help="--scaling: tokens per micro-batch")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every case this many times, in rounds (each case once per round, so ours and stock "
+                         "alternate); the table and ratios use each case's median run")
     ap.add_argument("--profile", action="store_true", help="profile one extra step: kernel time by category")
     ap.add_argument("--in-process", action="store_true", help="run every case in this process")
     ap.add_argument("--budget-s", type=float, default=540.0,
@@ -72,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = 8 if args.scaling else 15
     if args.warmup is None:
         args.warmup = 3 if args.scaling else 5
-    if args.steps < 1 or args.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        ap.error("--steps and --repeats must be >= 1 and --warmup >= 0")
     if args.out is None:
         args.out = str(RESULTS / ("train_throughput_scaling.json" if args.scaling else "train_throughput.json"))
     return args
@@ -321,14 +325,15 @@ def _run_subprocess(spec: dict, args: argparse.Namespace, timeout: float) -> dic
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'case':<34}{'params':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'xGEMM':>7}{'mem GiB':>9}")
+    print(f"\n{'case':<34}{'params':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'xGEMM':>7}{'mem GiB':>9}{'spread':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:<34}  FAILED: {r['error'][:90]}")
             continue
+        spread = r.get("tokens_per_s_spread")
         print(f"{r['name']:<34}{r['params'] / 1e9:>7.2f}B{r['tokens_per_s']:>10,.0f}{r['tflops_per_gpu']:>9.1f}"
               f"{C.fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6}%{C.fmt(r['ratio_to_measured_gemm'], '.2f'):>7}"
-              f"{r['max_allocated_gib']:>9.1f}")
+              f"{r['max_allocated_gib']:>9.1f}{C.fmt(spread and 100 * spread, '.1f'):>7}%")
     for label, num, den, value in C.ratios(rows):
         print(f"{label:<44}{num:>24} / {den:<24}{value:>7.3f}")
 
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec['name']:<34} {n['params'] / 1e9:.3f}B params, {n['flops_per_token'] / 1e9:.2f} GFLOP/token")
         return 0
     settings = {k: getattr(args, k) for k in ("steps", "warmup", "seq", "micro_batch_size", "global_batch",
-                                              "fp8_bf16_ends", "scaling", "profile", "in_process")}
+                                              "fp8_bf16_ends", "scaling", "profile", "in_process", "repeats")}
     if args.scaling:
         settings.update(step_tokens=args.step_tokens, micro_tokens=args.micro_tokens, scaling_seqs=args.scaling_seqs)
     result = C.ResultFile(args.out, C.header("train_throughput", sys.argv, settings))
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         gemm = C.measure_gemm_tflops()
         result.update(gemm_bf16_tflops=gemm)
     rows = []
-    for spec in specs:
+    for repeat, spec in ((r, s) for r in range(args.repeats) for s in specs):
         left = args.budget_s - (time.perf_counter() - start)
         if left < 30:
             row = {**spec, "error": f"skipped: --budget-s {args.budget_s:.0f} used up"}
@@ -374,13 +379,16 @@ def main(argv: list[str] | None = None) -> int:
                 row = {**spec, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         else:
             row = _run_subprocess(spec, args, min(args.case_timeout_s, left))
+        row["repeat"] = repeat
         rows.append(row)
         result.add(row)
         status = row.get("error") or f"{row['tokens_per_s']:,.0f} tok/s, MFU {C.fmt(row['mfu'], '.3f')}"
-        print(f"[{time.perf_counter() - start:6.0f}s] {spec['name']}: {status}", flush=True)
-    result.update(ratios=[{"what": a, "numerator": b, "denominator": c, "ratio": d} for a, b, c, d in C.ratios(rows)],
-                  wall_s=time.perf_counter() - start)
-    print_table(rows)
+        print(f"[{time.perf_counter() - start:6.0f}s] {spec['name']} (run {repeat + 1}/{args.repeats}): {status}",
+              flush=True)
+    summary = C.combine_repeats(rows)
+    result.update(summary=summary, wall_s=time.perf_counter() - start,
+                  ratios=[{"what": a, "numerator": b, "denominator": c, "ratio": d} for a, b, c, d in C.ratios(summary)])
+    print_table(summary)
     print(f"\nresults: {args.out}")
     return 0 if all("error" not in r for r in rows) else 1
 

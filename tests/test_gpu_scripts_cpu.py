@@ -147,6 +147,24 @@ def test_kernel_categories_and_summary():
     assert [k["name"] for k in s["top_kernels"]] == ["nvjet_gemm", "_chunk_scan_fwd_kernel"]
 
 
+def test_repeats_are_summarized_by_the_median_run():
+    def row(name, rate, **kw):
+        return {"name": name, "model": "hybrid1b", "precision": "bf16", "path": name, "seq_len": 4096,
+                "tokens_per_s": rate, **kw}
+
+    rows = [row("ours", 90.0, repeat=0), row("stock", 100.0), row("ours", 110.0, repeat=1), row("stock", 101.0),
+            row("ours", 100.0, repeat=2), {"name": "stock", "error": "timed out"}]
+    summary = {r["name"]: r for r in C.combine_repeats(rows)}
+    assert summary["ours"]["tokens_per_s"] == 100.0 and summary["ours"]["repeat"] == 2
+    assert summary["ours"]["tokens_per_s_all"] == [90.0, 110.0, 100.0]
+    assert summary["ours"]["tokens_per_s_spread"] == pytest.approx(0.2)
+    assert summary["stock"]["tokens_per_s"] == 100.0 and summary["stock"]["failed_repeats"] == 1  # median_low
+    assert [r[3] for r in C.ratios(list(summary.values()))] == [pytest.approx(1.0)]
+    alone = C.combine_repeats([row("x", 5.0)])[0]
+    assert alone["tokens_per_s_spread"] is None and alone["repeats"] == 1
+    assert C.combine_repeats([{"name": "y", "error": "boom"}]) == [{"name": "y", "error": "boom"}]
+
+
 def test_profile_counts_gpu_events_only():
     """A CPU op that reports its launched kernels' time (TE's autograd functions do) is not counted again."""
     from types import SimpleNamespace
@@ -169,9 +187,11 @@ def test_driver_records_a_failed_worker_and_keeps_going(tmp_path):
     """Without a GPU every worker fails; the JSON still holds one row per case, with the reason."""
     out = tmp_path / "bench.json"
     code = T.main(["--cases", "hybrid1b-bf16-ours,attn1b-bf16-stock", "--steps", "1", "--warmup", "0",
-                   "--out", str(out), "--case-timeout-s", "120"])
+                   "--out", str(out), "--case-timeout-s", "120", "--repeats", "2"])
     data = json.loads(out.read_text())
-    assert code == 1 and [r["name"] for r in data["cases"]] == ["hybrid1b-bf16-ours", "attn1b-bf16-stock"]
+    assert code == 1 and [(r["name"], r["repeat"]) for r in data["cases"]] == [
+        ("hybrid1b-bf16-ours", 0), ("attn1b-bf16-stock", 0), ("hybrid1b-bf16-ours", 1), ("attn1b-bf16-stock", 1)]
+    assert [r["name"] for r in data["summary"]] == ["hybrid1b-bf16-ours", "attn1b-bf16-stock"]
     assert all("CUDA GPU" in r["error"] for r in data["cases"])
 
 
