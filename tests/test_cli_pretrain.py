@@ -56,6 +56,12 @@ def test_missing_config_file():
     _one_line_error(_cli("pretrain", "configs/nope.yaml", "--dry-run"), "config file not found: configs/nope.yaml")
 
 
+def test_no_config_names_only_the_config_as_missing():
+    proc = _cli("pretrain")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("the following arguments are required: config")
+
+
 def test_pretrain_without_a_gpu_says_so():
     proc = _cli("pretrain", "configs/tiny.yaml", "train.train_steps=1")
     _one_line_error(proc, "needs a CUDA GPU")

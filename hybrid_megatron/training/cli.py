@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "data=PATH swaps in another data config.",
     )
     p.add_argument("config", help="run config YAML (e.g. configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     p.add_argument(
         "--dry-run",
         action="store_true",
