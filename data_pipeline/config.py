@@ -309,8 +309,15 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Read a data config YAML; a file whose top level has a ``data:`` mapping is read from there."""
+    """Read a data config YAML. A run config works too: its ``data:`` mapping is read, or the file its
+    ``data:`` names (relative to the working directory, as ``pretrain`` reads it)."""
     raw = load_yaml_mapping(path)
-    if isinstance(raw.get("data"), dict):
-        raw = raw["data"]
+    data = raw.get("data")
+    if isinstance(data, str):
+        try:
+            raw = load_yaml_mapping(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: data: {exc}") from None
+    elif isinstance(data, dict):
+        raw = data
     return DataConfig.from_dict(raw)

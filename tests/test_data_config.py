@@ -41,6 +41,12 @@ def test_round_trip_and_yaml(tmp_path):
     assert DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": {}, "data": cfg.to_dict()}))
     assert load_data_config(tmp_path / "run.yaml") == cfg
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (tmp_path / "by_path.yaml").write_text(yaml.safe_dump({"model": {}, "data": str(tmp_path / "data.yaml")}))
+    assert load_data_config(tmp_path / "by_path.yaml") == cfg
+    (tmp_path / "dangling.yaml").write_text(yaml.safe_dump({"data": "no/such.yaml"}))
+    with pytest.raises(ConfigError, match=r"dangling.yaml: data: config file not found: no/such.yaml"):
+        load_data_config(tmp_path / "dangling.yaml")
     assert cfg.fingerprint() == DataConfig.from_dict(with_("num_workers", 2)).fingerprint()
     assert cfg.fingerprint() != DataConfig.from_dict(with_("seed", 1)).fingerprint()
 
