@@ -255,3 +255,40 @@ def test_only_suites_without_deterministic_kernels_cache_autotuning():
     assert L.launch_env(L.SUITES["fp8"]) == {"TRITON_CACHE_AUTOTUNING": "1"}
     assert L.launch_env(L.SUITES["7b-layers"]) == {"TRITON_CACHE_AUTOTUNING": "1"}
     assert L.launch_env(L.SUITES["parallel"]) == {}
+
+
+def test_concurrent_runs_share_out_the_gpus(tmp_path, monkeypatch):
+    """--concurrent 3 on two GPUs: three runs at once, slots on GPUs 0, 1, 0; each row says so."""
+    import threading
+    import time
+
+    lock, active, seen = threading.Lock(), [0], []
+
+    def fake_execute(suite, run, steps, work, timeout, results, gpu=None):
+        with lock:
+            active[0] += 1
+            seen.append((run.name, gpu, active[0]))
+        time.sleep(0.3)
+        with lock:
+            active[0] -= 1
+        return _ok(_records(range(1, steps + 1)))
+
+    monkeypatch.setattr(L, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(L, "execute", fake_execute)
+    code = L.main(["run", "fp8", "--runs", "bf16,bf16-repeat,fp8-tensorwise", "--steps", "20", "--concurrent", "3",
+                   "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert code == 0
+    assert max(n for _, _, n in seen) == 3 and sorted(g for _, g, _ in seen) == [0, 0, 1]
+    runs = json.loads((tmp_path / "o" / "fp8_runs.json").read_text())["runs"]
+    assert set(runs) == {"bf16", "bf16-repeat", "fp8-tensorwise"}
+    assert all(r["concurrent"] == 3 and r["gpu"] in (0, 1) for r in runs.values())
+
+
+def test_concurrent_is_refused_where_runs_must_not_share_a_gpu_or_depend_on_each_other(tmp_path):
+    out = ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    proc = _cli("run", "7b-layers", "--concurrent", "2", *out)
+    assert proc.returncode == 2 and "compares tokens/s" in proc.stderr
+    proc = _cli("run", "parallel", "--runs", "tp1,tp2-sp", "--concurrent", "2", *out)
+    assert proc.returncode == 2 and "run tp2-sp starts from run tp1" in proc.stderr
+    proc = _cli("run", "fp8", "--concurrent", "0", *out)
+    assert proc.returncode == 2 and "must be >= 1" in proc.stderr

@@ -33,6 +33,8 @@ class Suite:
     common: tuple[str, ...]
     runs: tuple[Run, ...]
     default_steps: int
+    measures_speed: bool = False
+    """Its table compares tokens/s: its runs must not share a GPU (``--concurrent`` is refused)."""
 
 
 PARALLEL_PATTERN = "M-M*-M-|M*-"  # the tiny model's 10 layers, cut 7 + 3 for PP=2
@@ -112,7 +114,7 @@ SUITES = {
     "7b-layers": Suite(
         "7b-layers", "configs/pretrain_7b.yaml", SEVEN_B_LAYERS,
         (Run("bf16", 1, ("precision.fp8=null",)), Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=5)),
-        default_steps=30),
+        default_steps=30, measures_speed=True),
 }
 
 

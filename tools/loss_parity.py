@@ -2,6 +2,7 @@
 
     python tools/loss_parity.py run parallel [--runs tp1,tp2-sp,...] [--steps 60]   # 2 GPUs (1 for tp1)
     python tools/loss_parity.py run fp8 [--runs bf16,fp8-tensorwise,...] [--steps 300]   # 1 GPU
+    python tools/loss_parity.py run fp8 --runs bf16,bf16-repeat,fp8-tensorwise --concurrent 3   # side by side
     python tools/loss_parity.py compare parallel OUT/parallel_runs.json [MORE.json ...]  # anywhere
     python tools/loss_parity.py plan parallel                                          # anywhere
 
@@ -30,6 +31,11 @@ Suites (``plan SUITE`` prints the runs and their command lines):
 * ``7b-layers`` -- configs/pretrain_7b.yaml's layer sizes and FP8 recipe at 4 layers (``M-*-``) on one
   GPU and the sample data: FP8 against BF16, and tokens/s of each (the tok/s column).
 
+``--concurrent N`` runs N independent runs at a time, spread over the visible GPUs (several per GPU
+when there are fewer GPUs than N: the small-batch 1B runs leave an H100 half idle, and their losses do
+not depend on what else runs). Suites that compare tokens/s refuse it, as do runs that start from
+another selected run.
+
 A run passes when it has every step it should, saw the same tokens per step as its reference (the
 same data), and its loss stays within the tolerance. ``<out>/<suite>_parity.json`` holds the table.
 Exit 0 when every compared run passes, 1 otherwise, 2 on bad arguments.
@@ -41,7 +47,9 @@ import argparse
 import json
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -161,7 +169,8 @@ def launch_env(suite: Suite) -> dict[str, str]:
     return {} if "train.deterministic=true" in suite.common else {"TRITON_CACHE_AUTOTUNING": "1"}
 
 
-def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, results: dict[str, dict]) -> dict:
+def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, results: dict[str, dict],
+            gpu: int | None = None) -> dict:
     run_dir = work / run.name
     source = run.resume_from or run.init_from
     if source and results.get(source, {}).get("status") != "ok":
@@ -177,7 +186,8 @@ def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, resu
         eta = f", ETA {elapsed / done * (want - done):.0f} s" if done else " (starting)"
         print(f"[{run.name}] {done}/{want} steps after {elapsed:.0f} s{eta}", flush=True)
 
-    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log", progress=progress, env=launch_env(suite))
+    env = launch_env(suite) if gpu is None else {**launch_env(suite), "CUDA_VISIBLE_DEVICES": str(gpu)}
+    code, tail = launch(run.gpus, argv, timeout, work / f"{run.name}.log", progress=progress, env=env)
     losses = [json.loads(x) for x in losses_file.read_text().splitlines()] if losses_file.is_file() else []
     row = {"status": "ok" if code == 0 else "failed", "exit": code, "seconds": round(time.perf_counter() - start, 1),
            "gpus": run.gpus, "overrides": list(run.overrides), "losses": losses}
@@ -199,19 +209,39 @@ def cmd_run(args: argparse.Namespace, suite: Suite) -> int:
     record = {"suite": suite.name, "config": suite.config, "common": list(suite.common), "steps": args.steps,
               "device": device_name(), "gpus": gpus, "versions": _versions(), "runs": results}
     started = time.perf_counter()
-    for run in args.selected:
+    lock = threading.Lock()
+    free_gpus = list(range(max(gpus, 1))) * args.concurrent  # slot k of N: GPU k mod visible
+
+    def one(run: Run) -> None:
         left = args.budget_s - (time.perf_counter() - started)
         if run.gpus > gpus:
-            results[run.name] = {"status": "skipped", "error": f"needs {run.gpus} GPUs, {gpus} visible"}
+            row = {"status": "skipped", "error": f"needs {run.gpus} GPUs, {gpus} visible"}
         elif left < 30:
-            results[run.name] = {"status": "skipped", "error": f"--budget-s {args.budget_s} spent"}
+            row = {"status": "skipped", "error": f"--budget-s {args.budget_s} spent"}
+        elif args.concurrent == 1:
+            row = execute(suite, run, args.steps, work, min(args.timeout_s, left), results)
         else:
-            results[run.name] = execute(suite, run, args.steps, work, min(args.timeout_s, left), results)
-        r = results[run.name]
-        print(f"[{run.name}] {r['status']} exit={r.get('exit', '-')} {r.get('seconds', 0)} s "
-              f"{len(r.get('losses', []))} steps {r.get('error', '')}", flush=True)
-        for path in (runs_file, out / f"{suite.name}_runs.json"):
-            path.write_text(json.dumps(record, indent=None) + "\n")
+            with lock:
+                gpu = free_gpus.pop(0)
+            try:
+                row = execute(suite, run, args.steps, work, min(args.timeout_s, left), results, gpu=gpu)
+            finally:
+                with lock:
+                    free_gpus.append(gpu)
+            row.update(concurrent=args.concurrent, gpu=gpu)
+        with lock:
+            results[run.name] = row
+            print(f"[{run.name}] {row['status']} exit={row.get('exit', '-')} {row.get('seconds', 0)} s "
+                  f"{len(row.get('losses', []))} steps {row.get('error', '')}", flush=True)
+            for path in (runs_file, out / f"{suite.name}_runs.json"):
+                path.write_text(json.dumps(record, indent=None) + "\n")
+
+    if args.concurrent == 1:
+        for run in args.selected:
+            one(run)
+    else:
+        with ThreadPoolExecutor(max_workers=args.concurrent) as pool:
+            list(pool.map(one, args.selected))  # list(): re-raises a worker's exception here
     return report(suite, args.steps, results, out)
 
 
@@ -249,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--out", default=str(ROOT / "gpu_out"), help="results JSON directory")
     run.add_argument("--timeout-s", type=float, default=300.0, help="per run")
     run.add_argument("--budget-s", type=float, default=540.0, help="start no run after this many seconds")
+    run.add_argument("--concurrent", type=int, default=1,
+                     help="independent runs at a time, spread over the visible GPUs (default 1)")
     args = ap.parse_args(argv)
     suite = SUITES[args.suite]
     if args.verb in ("run", "plan"):
@@ -261,6 +293,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             ap.error(f"--runs: unknown {unknown} (suite {suite.name} has {', '.join(known)})")
         args.selected = [r for r in suite.runs if r.name in names]
+    if args.verb == "run" and args.concurrent != 1:
+        if args.concurrent < 1:
+            ap.error(f"--concurrent {args.concurrent}: must be >= 1")
+        if suite.measures_speed:
+            ap.error(f"--concurrent: suite {suite.name} compares tokens/s; its runs must not share a GPU")
+        selected = {r.name for r in args.selected}
+        for r in args.selected:
+            source = r.resume_from or r.init_from
+            if source in selected:
+                ap.error(f"--concurrent: run {r.name} starts from run {source}; run {source} first, in its own call")
     return args
 
 
