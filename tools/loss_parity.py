@@ -2,7 +2,7 @@
 
     python tools/loss_parity.py run parallel [--runs tp1,tp2-sp,...] [--steps 60]   # 2 GPUs (1 for tp1)
     python tools/loss_parity.py run fp8 [--runs bf16,fp8-tensorwise,...] [--steps 300]   # 1 GPU
-    python tools/loss_parity.py run fp8 --runs bf16,bf16-repeat,fp8-tensorwise --concurrent 3   # side by side
+    python tools/loss_parity.py run fp8 --runs bf16,fp8-tensorwise --concurrent 2   # side by side
     python tools/loss_parity.py compare parallel OUT/parallel_runs.json [MORE.json ...]  # anywhere
     python tools/loss_parity.py plan parallel                                          # anywhere
 
@@ -32,8 +32,8 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   GPU and the sample data: FP8 against BF16, and tokens/s of each (the tok/s column).
 
 ``--concurrent N`` runs N independent runs at a time, spread over the visible GPUs (several per GPU
-when there are fewer GPUs than N: the small-batch 1B runs leave an H100 half idle, and their losses do
-not depend on what else runs). Suites that compare tokens/s refuse it, as do runs that start from
+when there are fewer GPUs than N: the small-batch 1B runs leave the GPU partly idle, and their losses
+do not depend on what else runs; each takes ~36 GB, so two fit an H100 and three an H200). Suites that compare tokens/s refuse it, as do runs that start from
 another selected run.
 
 A run passes when it has every step it should, saw the same tokens per step as its reference (the
