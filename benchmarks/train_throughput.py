@@ -333,7 +333,7 @@ def print_table(rows: list[dict]) -> None:
         spread = r.get("tokens_per_s_spread")
         print(f"{r['name']:<34}{r['params'] / 1e9:>7.2f}B{r['tokens_per_s']:>10,.0f}{r['tflops_per_gpu']:>9.1f}"
               f"{C.fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6}%{C.fmt(r['ratio_to_measured_gemm'], '.2f'):>7}"
-              f"{r['max_allocated_gib']:>9.1f}{C.fmt(spread and 100 * spread, '.1f'):>7}%")
+              f"{r['max_allocated_gib']:>9.1f}{'-' if spread is None else f'{100 * spread:.1f}%':>8}")
     for label, num, den, value in C.ratios(rows):
         print(f"{label:<44}{num:>24} / {den:<24}{value:>7.3f}")
 
