@@ -1,4 +1,4 @@
-"""Helpers for the conversion tests: a tiny random NemotronH, and megatron checkpoints written at TP > 1.
+"""Helpers for the conversion tests: a tiny random NemotronH, and megatron checkpoints written at TP/PP > 1.
 
 ``save_tp_sharded`` writes what a real TP-sharded training save writes for the model: every rank
 contributes its own slice of each TP-split tensor through ``ShardedTensor.from_rank_offsets``, and the
@@ -105,14 +105,41 @@ def save_tp_sharded(step_dir: Path, tensors: dict, dims, tp_rank: int, tp_size: 
         dist_checkpointing.save(state, str(step_dir))
 
 
-def tp_save_worker(rank: int, world_size: int, port: int, step_dir: str, tensors_file: str, dims) -> None:
-    """One rank of a ``world_size``-way TP save (``torch.multiprocessing.spawn`` target, gloo on CPU)."""
+def stage_keys(keys, stage: int, stage_layers: list[int]) -> list[str]:
+    """The stored keys pipeline stage ``stage`` saves when stage s holds ``stage_layers[s]`` layers: its
+    ``decoder.layers.N`` with global N (megatron offsets them), the embedding on the first stage, the final
+    norm and output layer on the last."""
+    first = sum(stage_layers[:stage])
+    mine = range(first, first + stage_layers[stage])
+    last = stage == len(stage_layers) - 1
+    out = []
+    for key in keys:
+        if key.startswith("decoder.layers."):
+            if int(key.split(".")[2]) in mine:
+                out.append(key)
+        elif key.startswith("embedding."):
+            if stage == 0:
+                out.append(key)
+        elif last:  # decoder.final_norm, output_layer
+            out.append(key)
+    return out
+
+
+def tp_save_worker(rank: int, world_size: int, port: int, step_dir: str, tensors_file: str, dims,
+                   stage_layers: list[int] | None = None) -> None:
+    """One rank of a TP (x PP) save (``torch.multiprocessing.spawn`` target, gloo on CPU). Without
+    ``stage_layers`` all ranks are TP ranks; with it, ranks are TP-major within each of its
+    ``len(stage_layers)`` pipeline stages, and each stage saves only its own keys."""
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         tensors = torch.load(tensors_file)
-        save_tp_sharded(Path(step_dir), tensors, dims, tp_rank=rank, tp_size=world_size)
+        stages = stage_layers or [None]
+        tp_size = world_size // len(stages)
+        if stage_layers:
+            tensors = {k: tensors[k] for k in stage_keys(tensors, rank // tp_size, stage_layers)}
+        save_tp_sharded(Path(step_dir), tensors, dims, tp_rank=rank % tp_size, tp_size=tp_size)
     finally:
         dist.destroy_process_group()
