@@ -284,11 +284,38 @@ def test_concurrent_runs_share_out_the_gpus(tmp_path, monkeypatch):
     assert all(r["concurrent"] == 3 and r["gpu"] in (0, 1) for r in runs.values())
 
 
+def test_a_freed_gpu_takes_the_next_run(tmp_path, monkeypatch):
+    """--concurrent 2 on two GPUs: the third run goes to the GPU whose run ended, not to the busy one."""
+    import time
+
+    order = []
+
+    def fake_execute(suite, run, steps, work, timeout, results, gpu=None):
+        order.append((run.name, gpu))
+        time.sleep(0.6 if gpu == 0 else 0.1)  # the run on GPU 1 ends first
+        return _ok(_records(range(1, steps + 1)))
+
+    monkeypatch.setattr(L, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(L, "execute", fake_execute)
+    L.main(["run", "fp8", "--runs", "bf16,bf16-repeat,fp8-tensorwise", "--steps", "20", "--concurrent", "2",
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert order == [("bf16", 0), ("bf16-repeat", 1), ("fp8-tensorwise", 1)]
+
+
 def test_concurrent_is_refused_where_runs_must_not_share_a_gpu_or_depend_on_each_other(tmp_path):
     out = ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
     proc = _cli("run", "7b-layers", "--concurrent", "2", *out)
     assert proc.returncode == 2 and "compares tokens/s" in proc.stderr
     proc = _cli("run", "parallel", "--runs", "tp1,tp2-sp", "--concurrent", "2", *out)
-    assert proc.returncode == 2 and "run tp2-sp starts from run tp1" in proc.stderr
+    assert proc.returncode == 2 and "tp2-sp use several GPUs" in proc.stderr
     proc = _cli("run", "fp8", "--concurrent", "0", *out)
     assert proc.returncode == 2 and "must be >= 1" in proc.stderr
+
+
+def test_concurrent_refuses_a_run_that_starts_from_another_selected_run(monkeypatch, capsys):
+    a, b = L.Run("a", 1, ("checkpoint.save_initial=true",)), L.Run("b", 1, (), reference="a", init_from="a")
+    monkeypatch.setitem(L.SUITES, "fp8", L.Suite("fp8", "configs/tiny.yaml", (), (a, b), default_steps=10))
+    with pytest.raises(SystemExit) as exc:
+        L.parse_args(["run", "fp8", "--concurrent", "2"])
+    assert exc.value.code == 2 and "run b starts from run a" in capsys.readouterr().err
+    assert [r.name for r in L.parse_args(["run", "fp8", "--runs", "b", "--concurrent", "2"]).selected] == ["b"]

@@ -31,10 +31,11 @@ Suites (``plan SUITE`` prints the runs and their command lines):
 * ``7b-layers`` -- configs/pretrain_7b.yaml's layer sizes and FP8 recipe at 4 layers (``M-*-``) on one
   GPU and the sample data: FP8 against BF16, and tokens/s of each (the tok/s column).
 
-``--concurrent N`` runs N independent runs at a time, spread over the visible GPUs (several per GPU
-when there are fewer GPUs than N: the small-batch 1B runs leave the GPU partly idle, and their losses
-do not depend on what else runs; each takes ~36 GB, so two fit an H100 and three an H200). Suites that compare tokens/s refuse it, as do runs that start from
-another selected run.
+``--concurrent N`` runs N independent one-GPU runs at a time, spread over the visible GPUs (several
+per GPU when there are fewer GPUs than N: the small-batch 1B runs leave the GPU partly idle, and their
+losses do not depend on what else runs; each takes ~36 GB, so two fit an H100 and three an H200).
+Suites that compare tokens/s refuse it, as do multi-GPU runs and runs that start from another selected
+run.
 
 A run passes when it has every step it should, saw the same tokens per step as its reference (the
 same data), and its loss stays within the tolerance. ``<out>/<suite>_parity.json`` holds the table.
@@ -210,7 +211,7 @@ def cmd_run(args: argparse.Namespace, suite: Suite) -> int:
               "device": device_name(), "gpus": gpus, "versions": _versions(), "runs": results}
     started = time.perf_counter()
     lock = threading.Lock()
-    free_gpus = list(range(max(gpus, 1))) * args.concurrent  # slot k of N: GPU k mod visible
+    free_gpus = [k % max(gpus, 1) for k in range(args.concurrent)]  # one entry per slot: slot k on GPU k mod visible
 
     def one(run: Run) -> None:
         left = args.budget_s - (time.perf_counter() - started)
@@ -298,6 +299,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--concurrent {args.concurrent}: must be >= 1")
         if suite.measures_speed:
             ap.error(f"--concurrent: suite {suite.name} compares tokens/s; its runs must not share a GPU")
+        wide = [r.name for r in args.selected if r.gpus > 1]
+        if wide:
+            ap.error(f"--concurrent: {', '.join(wide)} use several GPUs; run them without --concurrent")
         selected = {r.name for r in args.selected}
         for r in args.selected:
             source = r.resume_from or r.init_from
