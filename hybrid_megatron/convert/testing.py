@@ -136,8 +136,7 @@ def tp_save_worker(rank: int, world_size: int, port: int, step_dir: str, tensors
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         tensors = torch.load(tensors_file)
-        stages = stage_layers or [None]
-        tp_size = world_size // len(stages)
+        tp_size = world_size // (len(stage_layers) if stage_layers else 1)
         if stage_layers:
             tensors = {k: tensors[k] for k in stage_keys(tensors, rank // tp_size, stage_layers)}
         save_tp_sharded(Path(step_dir), tensors, dims, tp_rank=rank % tp_size, tp_size=tp_size)
