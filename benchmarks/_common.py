@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from hybrid_megatron.config import RunConfig  # noqa: E402
-from hybrid_megatron.config_io import build  # noqa: E402
+from hybrid_megatron.config_io import apply_overrides, build  # noqa: E402
 from hybrid_megatron.model.build import padded_vocab_size  # noqa: E402
 from hybrid_megatron.model.flops import num_parameters, training_flops_per_token  # noqa: E402
 from hybrid_megatron.training.metrics import peak_tflops  # noqa: E402
@@ -99,8 +99,11 @@ def parse_cases(text: str, seq_len: int = 4096) -> list[Case]:
 
 
 def run_config(model: str, precision: str, seq_len: int, micro_batch_size: int, global_batch: int,
-               fp8_bf16_ends: int = 0, recompute: str = "none") -> RunConfig:
-    """The RunConfig of a benchmark case (a synthetic data section: the loader is never built)."""
+               fp8_bf16_ends: int = 0, recompute: str = "none", overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The RunConfig of a benchmark case (a synthetic data section: the loader is never built).
+
+    ``overrides`` are ``section.key=value`` strings, as on the pretrain command line.
+    """
     if global_batch % micro_batch_size:
         raise ValueError(f"--global-batch {global_batch} is not a multiple of --micro-batch-size {micro_batch_size}")
     precision_section = {"dtype": "bf16", "fp32_ssm_params": True}
@@ -121,7 +124,7 @@ def run_config(model: str, precision: str, seq_len: int, micro_batch_size: int, 
         "schedule": {"lr_decay_style": "constant", "lr_warmup_steps": 0},
         "logging": {"tensorboard": False, "run_dir": "/tmp/hybrid_megatron_bench"},
     }
-    return build(RunConfig, raw)
+    return build(RunConfig, apply_overrides(raw, list(overrides)))
 
 
 def model_numbers(cfg: RunConfig, seq_len: int) -> dict:

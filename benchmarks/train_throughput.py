@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every case this many times, in rounds (each case once per round, so ours and stock "
                          "alternate); the table and ratios use each case's median run")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config override for our path (for example model.mamba_chunk_size=256); repeatable. "
+                         "Refused with stock cases, whose spec takes no such settings; the case names carry it")
     ap.add_argument("--profile", action="store_true", help="profile one extra step: kernel time by category")
     ap.add_argument("--in-process", action="store_true", help="run every case in this process")
     ap.add_argument("--budget-s", type=float, default=540.0,
@@ -85,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> list[dict]:
     """Case specs (plain dicts, passed to the worker process as JSON)."""
+    tag = f"[{','.join(args.set)}]" if args.set else ""
     if args.scaling:
         specs = []
         for seq in (int(s) for s in args.scaling_seqs.split(",")):
@@ -93,17 +97,25 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 raise ValueError(f"--scaling: seq {seq} must divide --step-tokens {args.step_tokens} into a "
                                  f"multiple of {mbs} sequences (--micro-tokens {args.micro_tokens})")
             for model in C.SCALING_MODELS:
-                specs.append({"name": f"{model}-bf16-ours-seq{seq}", "model": model, "precision": "bf16",
-                              "path": "ours", "seq_len": seq, "micro_batch_size": mbs, "global_batch": global_batch})
+                specs.append({"name": f"{model}-bf16-ours-seq{seq}{tag}", "model": model, "precision": "bf16",
+                              "path": "ours", "seq_len": seq, "micro_batch_size": mbs, "global_batch": global_batch,
+                              "overrides": list(args.set)})
         return specs
-    return [{"name": c.name, "model": c.model, "precision": c.precision, "path": c.path, "seq_len": args.seq,
-             "micro_batch_size": args.micro_batch_size, "global_batch": args.global_batch}
-            for c in C.parse_cases(args.cases, args.seq)]
+    cases = C.parse_cases(args.cases, args.seq)
+    stock = [c.name for c in cases if c.path == "stock"]
+    if args.set and stock:
+        raise ValueError(f"--set changes our path only, and megatron's stock spec takes no such settings: drop "
+                         f"{', '.join(stock)} or the --set options")
+    return [{"name": c.name + tag, "model": c.model, "precision": c.precision, "path": c.path, "seq_len": args.seq,
+             "micro_batch_size": args.micro_batch_size, "global_batch": args.global_batch,
+             "overrides": list(args.set)}
+            for c in cases]
 
 
 def spec_config(spec: dict, args: argparse.Namespace):
     return C.run_config(spec["model"], spec["precision"], spec["seq_len"], spec["micro_batch_size"],
-                        spec["global_batch"], fp8_bf16_ends=args.fp8_bf16_ends)
+                        spec["global_batch"], fp8_bf16_ends=args.fp8_bf16_ends,
+                        overrides=tuple(spec.get("overrides", ())))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,7 +274,11 @@ def run_case(spec: dict, args: argparse.Namespace, gemm_tflops: float | None) ->
                loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                losses_finite=all(x == x and abs(x) != float("inf") for x in losses))
     if args.profile:
-        row["profile"] = profile_step(step_fn, batches[0])
+        prof = profile_step(step_fn, batches[0])
+        # kernel time against the unprofiled median step: well under 1 means the GPU waits on the host
+        # (kernel launches, syncs); near 1 means the kernels themselves bound the step
+        prof["kernel_share_of_median_step"] = prof["kernel_ms_total"] / (1e3 * row["step_s_median"])
+        row["profile"] = prof
     del model, optimizer, step_fn, batches
     gc.collect()
     torch.cuda.empty_cache()
@@ -336,6 +352,12 @@ def print_table(rows: list[dict]) -> None:
               f"{r['max_allocated_gib']:>9.1f}{'-' if spread is None else f'{100 * spread:.1f}%':>8}")
     for label, num, den, value in C.ratios(rows):
         print(f"{label:<44}{num:>24} / {den:<24}{value:>7.3f}")
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["by_category_share"].items() if v >= 0.01)
+            print(f"profile {r['name']}: kernels {prof['kernel_ms_total']:.0f} ms = "
+                  f"{100 * prof['kernel_share_of_median_step']:.0f}% of the median step; {shares}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec['name']:<34} {n['params'] / 1e9:.3f}B params, {n['flops_per_token'] / 1e9:.2f} GFLOP/token")
         return 0
     settings = {k: getattr(args, k) for k in ("steps", "warmup", "seq", "micro_batch_size", "global_batch",
-                                              "fp8_bf16_ends", "scaling", "profile", "in_process", "repeats")}
+                                              "fp8_bf16_ends", "scaling", "profile", "in_process", "repeats",
+                                              "set")}
     if args.scaling:
         settings.update(step_tokens=args.step_tokens, micro_tokens=args.micro_tokens, scaling_seqs=args.scaling_seqs)
     result = C.ResultFile(args.out, C.header("train_throughput", sys.argv, settings))

@@ -85,6 +85,17 @@ def test_scaling_plan_keeps_tokens_per_step_and_micro_batch():
         T.plan(T.parse_args(["--scaling", "--scaling-seqs", "3000"]))
 
 
+def test_set_overrides_reach_our_cases_and_refuse_stock_ones(capsys):
+    args = T.parse_args(["--cases", "hybrid1b-bf16-ours", "--set", "model.mamba_chunk_size=256"])
+    (spec,) = T.plan(args)
+    assert spec["name"] == "hybrid1b-bf16-ours[model.mamba_chunk_size=256]"
+    assert T.spec_config(spec, args).model.mamba_chunk_size == 256
+    assert T.main(["--list", "--cases", "hybrid1b-bf16-stock", "--set", "model.mamba_chunk_size=256"]) == 2
+    assert "stock" in capsys.readouterr().err
+    assert T.main(["--list", "--cases", "hybrid1b-bf16-ours", "--set", "model.nope=1"]) == 2
+    assert "model.nope" in capsys.readouterr().err
+
+
 def test_default_args_and_list():
     args = T.parse_args([])
     assert (args.steps, args.warmup, args.seq, args.micro_batch_size, args.global_batch) == (15, 5, 4096, 2, 8)

@@ -6,8 +6,8 @@
 #   tests     the GPU pytest files (tests/test_gpu_*.py but *_cpu.py; GPU_TESTS="a.py b.py"
 #             picks some)                                                              -> pytest_gpu.log/.xml
 #   fixtures  tools/make_convert_fixtures.py: tp1 on one GPU; tp2 and pp2 only when
-#             `nvidia-smi -L` lists two or more GPUs                                    -> convert_fixtures.tar,
-#                                                                                         fixtures_summary.json,
+#             `nvidia-smi -L` lists two or more GPUs (FIXTURE_STEPS=N: training      -> convert_fixtures.tar,
+#             steps, default 200)                                                       fixtures_summary.json,
 #                                                                                         fixtures_logs.tar
 #   (the parity of the fixtures with transformers is a CPU test, tests/test_convert_parity.py: here
 #   transformers would pick the installed mamba-ssm/causal-conv1d CUDA kernels for its CPU tensors)
@@ -121,7 +121,8 @@ stage_fixtures() {
   # the worker budget per process keeps three fixtures inside the stage limit
   run_stage fixtures "${FIXTURES_TIMEOUT:-420}" "$names" \
     "$PY" tools/make_convert_fixtures.py --fixtures "$names" --out "$fixtures_dir" --work "$WORK/fixture_runs" \
-      --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-300}"
+      --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-300}" \
+      --steps "${FIXTURE_STEPS:-200}"
   # into the test tree too, for a CPU pytest run of this checkout
   if [ -d "$fixtures_dir" ]; then
     for d in "$fixtures_dir"/*/; do
