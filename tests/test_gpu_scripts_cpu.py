@@ -351,4 +351,4 @@ def test_strict_fp32_env_compiles_triton_dots_in_ieee_into_an_empty_cache(tmp_pa
     assert os.environ["TRITON_F32_DEFAULT"] == "ieee" and os.environ["TRITON_CACHE_DIR"] == str(cache)
     assert cache.is_dir() and not any(cache.iterdir())
     argv = F._worker_argv("record", "tp1", Path("/tmp/run"), 200, F.FIXTURES["tp1"], Path("/o"), Path("/i"), Path("/s"))
-    assert argv[argv.index("--reference") + 1] == "fp32" and F.parse_args(["--fixtures", "tp1"]).steps == 200
+    assert argv[argv.index("--reference") + 1] == "fp32" and F.parse_args(["--fixtures", "tp1"]).steps == 400

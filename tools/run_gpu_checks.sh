@@ -6,13 +6,13 @@
 #   tests     the GPU pytest files (tests/test_gpu_*.py but *_cpu.py; GPU_TESTS="a.py b.py"
 #             picks some)                                                              -> pytest_gpu.log/.xml
 #   fixtures  tools/make_convert_fixtures.py: tp1 on one GPU; tp2 and pp2 only when
-#             `nvidia-smi -L` lists two or more GPUs (FIXTURE_STEPS=N: training      -> convert_fixtures.tar,
-#             steps, default 200)                                                       fixtures_summary.json,
-#                                                                                         fixtures_logs.tar
+#             `nvidia-smi -L` lists two or more GPUs. FIXTURES=tp2,pp2 picks some     -> convert_fixtures.tar,
+#             (one at a time keeps a call inside 10 min: ~7 min each on an H100),       fixtures_summary.json,
+#             FIXTURE_STEPS=N overrides the training steps (the driver's default)       fixtures_logs.tar
 #   (the parity of the fixtures with transformers is a CPU test, tests/test_convert_parity.py: here
 #   transformers would pick the installed mamba-ssm/causal-conv1d CUDA kernels for its CPU tensors)
 #
-# Every stage is bounded (seconds, overridable): TESTS_TIMEOUT=480 FIXTURES_TIMEOUT=420:
+# Every stage is bounded (seconds, overridable): TESTS_TIMEOUT=480 FIXTURES_TIMEOUT=480:
 # run `tests` and `fixtures` as separate calls to stay inside 10 minutes each, or PARALLEL=1 runs the
 # stages at the same time (the tiny models leave the GPU mostly idle). TESTS_WORKERS=N runs the tests
 # in N pytest-xdist workers when xdist is importable.
@@ -117,12 +117,13 @@ stage_tests() {
 stage_fixtures() {
   local names=tp1 fixtures_dir="$WORK/fixtures" d
   [ "$NGPU" -ge 2 ] && names=tp1,tp2,pp2
+  names=${FIXTURES:-$names}
   rm -rf "$fixtures_dir" "$WORK/fixture_runs"
   # the worker budget per process keeps three fixtures inside the stage limit
-  run_stage fixtures "${FIXTURES_TIMEOUT:-420}" "$names" \
+  run_stage fixtures "${FIXTURES_TIMEOUT:-480}" "$names" \
     "$PY" tools/make_convert_fixtures.py --fixtures "$names" --out "$fixtures_dir" --work "$WORK/fixture_runs" \
-      --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-300}" \
-      --steps "${FIXTURE_STEPS:-200}"
+      --summary "$OUT/fixtures_summary.json" --timeout-s "${FIXTURE_PROCESS_TIMEOUT:-400}" \
+      ${FIXTURE_STEPS:+--steps "$FIXTURE_STEPS"}
   # into the test tree too, for a CPU pytest run of this checkout
   if [ -d "$fixtures_dir" ]; then
     for d in "$fixtures_dir"/*/; do
