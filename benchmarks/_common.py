@@ -31,8 +31,9 @@ from hybrid_megatron.model.flops import num_parameters, training_flops_per_token
 from hybrid_megatron.training.metrics import peak_tflops  # noqa: E402
 
 SYNTHETIC_DATA_NOTE = (
-    "synthetic tokens drawn uniformly from the vocabulary (throughput only; loss values are meaningless); "
-    "unpacked rows (no cu_seqlens/seq_idx), the same batches for every path"
+    "synthetic tokens drawn uniformly from the vocabulary (throughput only; loss values are meaningless), the same "
+    "batches for every path; unpacked rows (no cu_seqlens/seq_idx) unless settings.packed > 0: then documents of "
+    "geometric lengths with that mean, each micro-batch in megatron's thd layout as pretrain trains"
 )
 VOCAB_SIZE = 32000  # a Llama-2-sized tokenizer: divisible by 128, so padded == vocab
 
@@ -99,10 +100,12 @@ def parse_cases(text: str, seq_len: int = 4096) -> list[Case]:
 
 
 def run_config(model: str, precision: str, seq_len: int, micro_batch_size: int, global_batch: int,
-               fp8_bf16_ends: int = 0, recompute: str = "none", overrides: tuple[str, ...] = ()) -> RunConfig:
+               fp8_bf16_ends: int = 0, recompute: str = "none", overrides: tuple[str, ...] = (),
+               packed: bool = False) -> RunConfig:
     """The RunConfig of a benchmark case (a synthetic data section: the loader is never built).
 
-    ``overrides`` are ``section.key=value`` strings, as on the pretrain command line.
+    ``overrides`` are ``section.key=value`` strings, as on the pretrain command line. ``packed``: documents
+    reset attention and the Mamba state at their starts (megatron's ``thd`` layout, as pretrain trains).
     """
     if global_batch % micro_batch_size:
         raise ValueError(f"--global-batch {global_batch} is not a multiple of --micro-batch-size {micro_batch_size}")
@@ -118,7 +121,7 @@ def run_config(model: str, precision: str, seq_len: int, micro_batch_size: int, 
         "data": {"seed": 1, "global_batch_tokens": global_batch * seq_len, "seq_len": seq_len,
                  "sources": {"synthetic": "/nonexistent/synthetic"}, "batch_size_multiple": 1,
                  "phases": [{"name": "pretrain", "tokens": 10**12, "weights": {"synthetic": 1.0}}],
-                 "reset_at_document_boundaries": False},
+                 "reset_at_document_boundaries": packed},
         "precision": precision_section,
         "train": {"micro_batch_size": micro_batch_size, "train_steps": 10**6, "recompute": recompute},
         "schedule": {"lr_decay_style": "constant", "lr_warmup_steps": 0},
@@ -310,8 +313,12 @@ _KERNEL_CATEGORIES = (  # first match wins; names are lower-cased kernel names
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_")),
     ("norm", ("norm",)),
     ("optimizer", ("adam", "multi_tensor", "l2norm")),
-    ("cast_fp8", ("cast", "quantize", "amax", "transpose")),
-    ("elementwise", ("elementwise", "vectorized", "reduce", "copy", "fill")),
+    # Transformer Engine's FP8 casts: only its own kernels (PyTorch's elementwise kernels carry "cast" in
+    # their template names, e.g. gpu_kernel_impl_nocast, static_cast_with_inter_type)
+    ("fp8_cast", ("transformer_engine::cast", "transformer_engine::detail::cast", "quantize", "amax",
+                  "cast_transpose", "fp8")),
+    ("copy", ("direct_copy", "copy_kernel", "transpose")),  # layout changes (.contiguous(), dtype copies)
+    ("elementwise", ("elementwise", "vectorized", "reduce", "fill")),
 )
 
 

@@ -5,6 +5,7 @@
     python benchmarks/train_throughput.py --scaling            # seq 2048..16384, hybrid vs attention
     python benchmarks/train_throughput.py --cases hybrid1b-bf16-ours --steps 5 --profile
     python benchmarks/train_throughput.py --cases hybrid1b-bf16-ours,hybrid1b-bf16-stock --repeats 3
+    python benchmarks/train_throughput.py --cases hybrid1b-bf16-ours,hybrid1b-bf16-stock --packed 1024
 
 Cases are MODEL-PRECISION-PATH (``--list`` prints them). ``ours``: our layer specs
 (``hybrid_megatron.model.build``), our bf16 wrap with fp32 A_log/D/dt_bias, megatron DDP + distributed
@@ -61,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every case this many times, in rounds (each case once per round, so ours and stock "
                          "alternate); the table and ratios use each case's median run")
+    ap.add_argument("--packed", type=int, default=0, metavar="DOC_TOKENS",
+                    help="documents of ~DOC_TOKENS tokens (geometric lengths) packed into the rows, each micro-batch "
+                         "flattened into megatron's thd layout with cu_seqlens and seq_idx, as pretrain trains; "
+                         "default 0: unpacked rows")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config override for our path (for example model.mamba_chunk_size=256); repeatable. "
                          "Refused with stock cases, whose spec takes no such settings; the case names carry it")
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = 3 if args.scaling else 5
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         ap.error("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if args.packed < 0 or args.packed == 1:
+        ap.error(f"--packed {args.packed}: documents need at least 2 tokens (0 turns packing off)")
     if args.out is None:
         args.out = str(RESULTS / ("train_throughput_scaling.json" if args.scaling else "train_throughput.json"))
     return args
@@ -88,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> list[dict]:
     """Case specs (plain dicts, passed to the worker process as JSON)."""
-    tag = f"[{','.join(args.set)}]" if args.set else ""
+    tag = (f"[{','.join(args.set)}]" if args.set else "") + (f"-packed{args.packed}" if args.packed else "")
     if args.scaling:
         specs = []
         for seq in (int(s) for s in args.scaling_seqs.split(",")):
@@ -115,24 +122,30 @@ def plan(args: argparse.Namespace) -> list[dict]:
 def spec_config(spec: dict, args: argparse.Namespace):
     return C.run_config(spec["model"], spec["precision"], spec["seq_len"], spec["micro_batch_size"],
                         spec["global_batch"], fp8_bf16_ends=args.fp8_bf16_ends,
-                        overrides=tuple(spec.get("overrides", ())))
+                        overrides=tuple(spec.get("overrides", ())), packed=bool(args.packed))
 
 
 # ---------------------------------------------------------------------------------------------------
 # the two paths (GPU)
 
 
-def synthetic_batches(num: int, global_batch: int, seq_len: int, vocab: int, seed: int = 0) -> list:
+def synthetic_batches(num: int, global_batch: int, seq_len: int, vocab: int, seed: int = 0,
+                      doc_tokens: int = 0) -> list:
+    """Uniform random tokens; with ``doc_tokens`` an end-of-document token (the last id) ends each token
+    with probability 1/doc_tokens, so documents have geometric lengths of mean ~doc_tokens."""
     import numpy as np
 
     from data_pipeline.loader import StepBatch
     from data_pipeline.packing import build_arrays
 
     rng = np.random.default_rng(seed)
+    eos = vocab - 1
     out = []
     for step in range(num):
-        windows = rng.integers(0, vocab, size=(global_batch, seq_len + 1), dtype=np.int64)
-        arrays = build_arrays(windows, vocab - 1, reset=False, eod_mask_loss=False)
+        windows = rng.integers(0, eos, size=(global_batch, seq_len + 1), dtype=np.int64)
+        if doc_tokens:
+            windows[rng.random(windows.shape) < 1.0 / doc_tokens] = eos
+        arrays = build_arrays(windows, eos, reset=bool(doc_tokens), eod_mask_loss=False)
         out.append(StepBatch(step=step, phase="pretrain", seq_len=seq_len, sources=["synthetic"] * global_batch,
                              hashes=[""] * global_batch, tokens_by_source={"synthetic": global_batch * seq_len},
                              **arrays))
@@ -169,7 +182,8 @@ def _stock_loss(loss_mask, output_tensor):
 
 def _stock_forward_step(data_iterator, model):
     mb = next(data_iterator)
-    output = model(mb.input_ids, mb.position_ids, attention_mask=None, labels=mb.labels)
+    output = model(mb.input_ids, mb.position_ids, attention_mask=None, labels=mb.labels,
+                   packed_seq_params=mb.packed_seq_params)
     return output, partial(_stock_loss, mb.loss_mask)
 
 
@@ -213,7 +227,8 @@ def build_stock(cfg, seq_len: int):
     def step(batch) -> float:
         n_local = batch.input_ids.shape[0]
         mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, seq_len)
-        micro = split_micro_batches(batch, mbs, False, torch.cuda.current_device())  # numpy -> GPU, as ours
+        # numpy -> GPU, and the thd layout when packed, as ours
+        micro = split_micro_batches(batch, mbs, cfg.data.reset_at_document_boundaries, torch.cuda.current_device())
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         reduced = forward_backward(forward_step_func=_stock_forward_step, data_iterator=iter(micro), model=ddp,
@@ -255,7 +270,7 @@ def run_case(spec: dict, args: argparse.Namespace, gemm_tflops: float | None) ->
     model, optimizer, step_fn = build(cfg, seq_len)
     row["built_params"] = sum(p.numel() for m in model for p in m.parameters())
     row["build_s"] = time.perf_counter() - t0
-    batches = synthetic_batches(2, spec["global_batch"], seq_len, cfg.model.vocab_size)
+    batches = synthetic_batches(2, spec["global_batch"], seq_len, cfg.model.vocab_size, doc_tokens=args.packed)
     for m in model:
         m.train()
     losses = [step_fn(batches[i % 2]) for i in range(args.warmup)]
@@ -314,7 +329,8 @@ def _run_subprocess(spec: dict, args: argparse.Namespace, timeout: float) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out", str(out),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--fp8-bf16-ends", str(args.fp8_bf16_ends)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--fp8-bf16-ends", str(args.fp8_bf16_ends),
+               "--packed", str(args.packed)]
         if args.profile:
             cmd.append("--profile")
         # its own session, killed whole afterwards: a worker it forked (torch.compile's pool) would keep
@@ -378,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = {k: getattr(args, k) for k in ("steps", "warmup", "seq", "micro_batch_size", "global_batch",
                                               "fp8_bf16_ends", "scaling", "profile", "in_process", "repeats",
-                                              "set")}
+                                              "set", "packed")}
     if args.scaling:
         settings.update(step_tokens=args.step_tokens, micro_tokens=args.micro_tokens, scaling_seqs=args.scaling_seqs)
     result = C.ResultFile(args.out, C.header("train_throughput", sys.argv, settings))

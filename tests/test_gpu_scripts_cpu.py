@@ -96,6 +96,23 @@ def test_set_overrides_reach_our_cases_and_refuse_stock_ones(capsys):
     assert "model.nope" in capsys.readouterr().err
 
 
+def test_packed_batches_reset_at_document_starts_and_reach_the_config():
+    args = T.parse_args(["--cases", "hybrid1b-bf16-ours,hybrid1b-bf16-stock", "--packed", "512"])
+    specs = T.plan(args)
+    assert [s["name"] for s in specs] == ["hybrid1b-bf16-ours-packed512", "hybrid1b-bf16-stock-packed512"]
+    assert T.spec_config(specs[0], args).data.reset_at_document_boundaries
+    assert not T.spec_config(T.plan(T.parse_args([]))[0], T.parse_args([])).data.reset_at_document_boundaries
+    (batch,) = T.synthetic_batches(1, 4, 4096, 32000, doc_tokens=512)
+    eos = 32000 - 1
+    starts = (batch.input_ids[:, :-1] == eos).sum()
+    assert 16 < starts < 64  # ~4 * 4096 / 512 documents
+    assert (batch.seq_idx[:, -1] == (batch.input_ids[:, :-1] == eos).sum(axis=1)).all()
+    (plain,) = T.synthetic_batches(1, 4, 4096, 32000)
+    assert not plain.seq_idx.any() and not (plain.input_ids == eos).any()
+    with pytest.raises(SystemExit):
+        T.parse_args(["--packed", "1"])
+
+
 def test_default_args_and_list():
     args = T.parse_args([])
     assert (args.steps, args.warmup, args.seq, args.micro_batch_size, args.global_batch) == (15, 5, 4096, 2, 8)
@@ -153,6 +170,15 @@ def test_kernel_categories_and_summary():
     assert C.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert C.kernel_category("flash_fwd_kernel") == "attention"
     assert C.kernel_category("mystery") == "other"
+    # PyTorch's own kernels carry "cast" in their template names: they are no FP8 casts
+    torch_copy = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+                  "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)")
+    assert C.kernel_category(torch_copy) == "copy"
+    assert C.kernel_category("void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, "
+                             "std::array<char*, 3ul>, 4, TrivialOffsetCalculator<2, unsigned int>, "
+                             "memory::LoadWithCast<2>, memory::StoreWithCast<1> >") == "elementwise"
+    assert C.kernel_category("void transformer_engine::detail::cast_transpose_general_kernel<...>") == "fp8_cast"
+    assert C.kernel_category("void transformer_engine::(anonymous namespace)::quantize_kernel<...>") == "fp8_cast"
     s = C.summarize_kernels([("nvjet_gemm", 6.0, 10), ("_chunk_scan_fwd_kernel", 3.0, 4), ("mystery", 1.0, 1)], top=2)
     assert s["kernel_ms_total"] == 10.0 and s["by_category_share"]["gemm"] == pytest.approx(0.6)
     assert [k["name"] for k in s["top_kernels"]] == ["nvjet_gemm", "_chunk_scan_fwd_kernel"]
