@@ -274,6 +274,7 @@ def test_concurrent_runs_share_out_the_gpus(tmp_path, monkeypatch):
         return _ok(_records(range(1, steps + 1)))
 
     monkeypatch.setattr(L, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(L, "gpu_memory_bytes", lambda: 10**12)  # ample: the memory check passes
     monkeypatch.setattr(L, "execute", fake_execute)
     code = L.main(["run", "fp8", "--runs", "bf16,bf16-repeat,fp8-tensorwise", "--steps", "20", "--concurrent", "3",
                    "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
@@ -296,10 +297,32 @@ def test_a_freed_gpu_takes_the_next_run(tmp_path, monkeypatch):
         return _ok(_records(range(1, steps + 1)))
 
     monkeypatch.setattr(L, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(L, "gpu_memory_bytes", lambda: 10**12)  # ample: the memory check passes
     monkeypatch.setattr(L, "execute", fake_execute)
     L.main(["run", "fp8", "--runs", "bf16,bf16-repeat,fp8-tensorwise", "--steps", "20", "--concurrent", "2",
             "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
     assert order == [("bf16", 0), ("bf16-repeat", 1), ("fp8-tensorwise", 1)]
+
+
+H100_BYTES, H200_BYTES = 81559 * 2**20, 143771 * 2**20  # nvidia-smi's memory.total
+
+
+def test_concurrent_runs_must_fit_the_gpu_memory_together(tmp_path, monkeypatch, capsys):
+    """Two 1B runs on one H100 ran out of memory (each held ~39 GiB): the estimate refuses them up front."""
+    suite = L.SUITES["fp8"]
+    runs = [r for r in suite.runs if r.name in ("bf16", "fp8-tensorwise-bf16ends")]
+    problem = L.memory_problem(suite, runs, 300, tmp_path, 2, 1, H100_BYTES)
+    assert problem and "2 runs would share a 86 GB GPU" in problem and "use --concurrent 1" in problem
+    assert L.memory_problem(suite, runs, 300, tmp_path, 3, 1, H200_BYTES) is None  # ~45 GB each
+    assert L.memory_problem(suite, runs, 300, tmp_path, 2, 2, H100_BYTES) is None  # one run a GPU
+    assert L.memory_problem(suite, runs, 300, tmp_path, 2, 1, 0) is None  # no nvidia-smi: nothing to judge
+
+    monkeypatch.setattr(L, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(L, "gpu_memory_bytes", lambda: H100_BYTES)
+    monkeypatch.setattr(L, "execute", lambda *a, **k: pytest.fail("a run started"))
+    code = L.main(["run", "fp8", "--runs", "bf16,fp8-tensorwise", "--concurrent", "2",
+                   "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "error: --concurrent 2: 2 runs would share" in capsys.readouterr().err
 
 
 def test_concurrent_is_refused_where_runs_must_not_share_a_gpu_or_depend_on_each_other(tmp_path):

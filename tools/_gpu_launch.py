@@ -81,3 +81,14 @@ def visible_gpus() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in proc.stdout.splitlines() if line.startswith("GPU ")) if proc.returncode == 0 else 0
+
+
+def gpu_memory_bytes() -> int:
+    """The smallest visible GPU's memory (0 when nvidia-smi does not answer)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    mib = [int(x) for x in proc.stdout.split() if x.strip().isdigit()] if proc.returncode == 0 else []
+    return min(mib) * 2**20 if mib else 0

@@ -33,7 +33,10 @@ Suites (``plan SUITE`` prints the runs and their command lines):
 
 ``--concurrent N`` runs N independent one-GPU runs at a time, spread over the visible GPUs (several
 per GPU when there are fewer GPUs than N: the small-batch 1B runs leave the GPU partly idle, and their
-losses do not depend on what else runs; each takes ~36 GB, so two fit an H100 and three an H200).
+losses do not depend on what else runs). Before starting, the dry-run memory estimate of every selected
+run (10 GB of per-process overhead included) times the runs that would share a GPU must fit that GPU's
+memory: a configs/1b.yaml run at 16k tokens a step needs ~43 GB, so two do not fit an H100 (measured: the
+second run ran out of memory) and three fit an H200.
 Suites that compare tokens/s refuse it, as do multi-GPU runs and runs that start from another selected
 run.
 
@@ -54,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from _gpu_launch import ROOT, device_name, launch, launch_command, visible_gpus
+from _gpu_launch import ROOT, device_name, gpu_memory_bytes, launch, launch_command, visible_gpus
 from _parity_suites import (  # noqa: F401  (FP8_*: re-exported for the tests)
     FP8_LOG_INTERVAL, FP8_WARMUP, SUITES, Run, Suite, _needed_later, expected_steps, run_overrides,
 )
@@ -199,6 +202,28 @@ def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, resu
     return row
 
 
+def memory_problem(suite: Suite, runs: list[Run], steps: int, work: Path, concurrent: int, gpus: int,
+                   gpu_bytes: int) -> str | None:
+    """Why ``concurrent`` runs do not fit the GPUs (dry-run estimates, world size 1), or None."""
+    if str(ROOT) not in sys.path:  # run from a checkout without installing
+        sys.path.insert(0, str(ROOT))
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.training.dry_run import peak_memory_bytes
+
+    per_gpu = -(-concurrent // max(gpus, 1))
+    if per_gpu < 2 or gpu_bytes <= 0:
+        return None
+    need = {r.name: peak_memory_bytes(load_run_config(ROOT / suite.config, run_overrides(suite, r, steps, work)),
+                                      world_size=1) for r in runs}
+    worst = max(need, key=need.__getitem__)
+    if per_gpu * need[worst] <= gpu_bytes:
+        return None
+    fits = max(1, gpus * int(gpu_bytes // need[worst]))
+    return (f"--concurrent {concurrent}: {per_gpu} runs would share a {gpu_bytes / 1e9:.0f} GB GPU and run {worst} "
+            f"alone needs ~{need[worst] / 1e9:.0f} GB (dry-run estimate, per-process overhead included); "
+            f"use --concurrent {fits}")
+
+
 def cmd_run(args: argparse.Namespace, suite: Suite) -> int:
     work, out = Path(args.work) / suite.name, Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -207,6 +232,11 @@ def cmd_run(args: argparse.Namespace, suite: Suite) -> int:
     previous = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
     results = previous.get("runs", {}) if previous.get("steps") == args.steps else {}
     gpus = visible_gpus()
+    if args.concurrent > 1:
+        problem = memory_problem(suite, args.selected, args.steps, work, args.concurrent, gpus, gpu_memory_bytes())
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     record = {"suite": suite.name, "config": suite.config, "common": list(suite.common), "steps": args.steps,
               "device": device_name(), "gpus": gpus, "versions": _versions(), "runs": results}
     started = time.perf_counter()

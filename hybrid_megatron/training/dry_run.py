@@ -10,7 +10,7 @@ from hybrid_megatron.config_io import dump_yaml
 from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.build import padded_vocab_size
 from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
-from hybrid_megatron.model.memory import data_parallel_size, estimate_lines
+from hybrid_megatron.model.memory import data_parallel_size, estimate, estimate_lines
 from hybrid_megatron.training.step import micro_batch_plan
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,16 @@ def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
     from data_pipeline.loader import config_vocab_size
 
     return config_vocab_size(cfg.data), notes
+
+
+def peak_memory_bytes(cfg: RunConfig, *, world_size: int) -> float:
+    """The memory estimate of the run's fullest GPU (its worst pipeline stage at its longest sequence)."""
+    from data_pipeline.schedule import build_schedule
+
+    vocab, _ = _vocab(cfg)
+    padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
+    max_seq = int(build_schedule(cfg.data).seq_len.max())
+    return max(stage.total for stage in estimate(cfg, padded, max_seq, world_size=world_size))
 
 
 def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
