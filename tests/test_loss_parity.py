@@ -98,6 +98,22 @@ def _ok(records):
     return {"status": "ok", "losses": records}
 
 
+def test_a_run_its_time_limit_stopped_after_the_last_step_is_compared_and_flagged():
+    base, run = L.Run("a", 1, ()), L.Run("b", 1, (), reference="a")
+    stopped = {"status": "failed", "exit": 124, "losses": _records(range(1, 11))}
+    row = L.compare_run(run, 10, {"a": _ok(_records(range(1, 11))), "b": stopped})
+    assert row["verdict"] == "pass" and "time limit after its last step" in row["note"]
+    assert "(exit 124: stopped by its time limit" in L.format_table([row])
+    assert L.compare_run(base, 10, {"a": stopped})["verdict"] == "baseline"
+    assert L.compare_run(run, 10, {"a": stopped, "b": _ok(_records(range(1, 11)))})["verdict"] == "pass"
+    # stopped before its last step, or failed otherwise: not compared
+    early = {"status": "failed", "exit": 124, "losses": _records(range(1, 10))}
+    crashed = {"status": "failed", "exit": 1, "losses": _records(range(1, 11))}
+    for bad in (early, crashed):
+        assert L.compare_run(run, 10, {"a": _ok(_records(range(1, 11))), "b": bad})["verdict"] == "failed"
+        assert L.compare_run(run, 10, {"a": bad, "b": _ok(_records(range(1, 11)))})["verdict"] == "no reference"
+
+
 def test_identical_curves_pass_bitwise():
     base, run = L.Run("a", 1, ()), L.Run("b", 2, (), reference="a")
     results = {"a": _ok(_records(range(1, 11))), "b": _ok(_records(range(1, 11)))}

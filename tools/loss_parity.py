@@ -79,12 +79,28 @@ def tokens_per_s(records: list[dict], skip: int = 5) -> float | None:
     return sum(r["tokens"] for r in timed[1:]) / max(timed[-1]["time"] - timed[0]["time"], 1e-9)
 
 
+TIME_LIMIT_EXITS = (124, 137)  # timeout's SIGTERM / SIGKILL
+
+
+def usable(result: dict | None, expected: list[int]) -> bool:
+    """Its losses can be compared: the run exited 0, or its time limit stopped it after it had logged
+    every step it should (the table then says so)."""
+    if result is None:
+        return False
+    if result.get("status") == "ok":
+        return True
+    logged = {int(r["step"]) for r in result.get("losses", [])}
+    return result.get("exit") in TIME_LIMIT_EXITS and set(expected) <= logged
+
+
 def compare_run(run: Run, steps: int, results: dict[str, dict]) -> dict:
     """One row of the parity table for ``run`` against its reference (both from ``results``)."""
     row: dict = {"run": run.name, "reference": run.reference, "rel_tol": run.rel_tol}
     mine = results.get(run.name)
-    if mine is None or mine.get("status") != "ok":
+    if not usable(mine, expected_steps(run, steps)):
         return {**row, "verdict": "not run" if mine is None else mine.get("status", "failed")}
+    if mine.get("status") != "ok":
+        row["note"] = f"exit {mine['exit']}: stopped by its time limit after its last step"
     got = by_step(mine["losses"])
     want = expected_steps(run, steps)
     row["missing_steps"] = [s for s in want if s not in got][:10]
@@ -95,7 +111,7 @@ def compare_run(run: Run, steps: int, results: dict[str, dict]) -> dict:
         complete = not (row["missing_steps"] or row["extra_steps"] or row["repeated_steps"])
         return {**row, "verdict": "baseline" if complete else "incomplete"}
     ref = results.get(run.reference)
-    if ref is None or ref.get("status") != "ok":
+    if not usable(ref, list(range(1, steps + 1))):  # references are whole runs
         return {**row, "verdict": "no reference"}
     ref_steps = by_step(ref["losses"])
     compared = [s for s in want if s in got and s in ref_steps and s > run.after_step]
@@ -147,7 +163,8 @@ def format_table(rows: list[dict]) -> str:
         rate = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         mean = f"{r['mean_rel_diff']:+.2e}" if "mean_rel_diff" in r else "-"
         lines.append(f"{r['run']:<36}{r['reference'] or '-':<12}{span:>9}{diff:>14}{r.get('worst_step', '-'):>9}"
-                     f"{mean:>11}{str(r.get('bitwise', '-')):>9}{rate:>11}  {r['verdict']}")
+                     f"{mean:>11}{str(r.get('bitwise', '-')):>9}{rate:>11}  {r['verdict']}"
+                     + (f" ({r['note']})" if r.get("note") else ""))
     return "\n".join(lines)
 
 
