@@ -35,8 +35,8 @@ Suites (``plan SUITE`` prints the runs and their command lines):
 per GPU when there are fewer GPUs than N: the small-batch 1B runs leave the GPU partly idle, and their
 losses do not depend on what else runs). Before starting, the dry-run memory estimate of every selected
 run (10 GB of per-process overhead included) times the runs that would share a GPU must fit that GPU's
-memory: a configs/1b.yaml run at 16k tokens a step needs ~43 GB, so two do not fit an H100 (measured: the
-second run ran out of memory) and three fit an H200.
+memory: a configs/1b.yaml run at 16k tokens a step needs ~43 GB (BF16) to ~45 GB (FP8), so two do not fit
+an H100 (measured: the second run ran out of memory) and three fit an H200.
 Suites that compare tokens/s refuse it, as do multi-GPU runs and runs that start from another selected
 run.
 
