@@ -45,8 +45,8 @@ Once per GPU (not per micro-batch in flight):
                or their bf16 grad) + 4TH/s for the final norm.
 Overhead: 10 GB a process outside PyTorch's allocator (CUDA context, loaded kernel modules, NCCL buffers,
 library handles) + 5% of the rest for allocator fragmentation. Measured on an H100 (torch 2.11+cu130, TE
-2.20, mamba-ssm 2.3.2): a configs/1b.yaml process at DP 1 had 29.7 GiB reserved by PyTorch (31.9 GB, as
-modelled here) and 39.3 GiB in use in all, so 9.6 GiB (10.3 GB) lay outside the allocator.
+2.20, mamba-ssm 2.3.2): a configs/1b.yaml FP8 process at DP 1, in its first step, had 29.7 GiB reserved
+by PyTorch and 39.3 GiB in use in all, so 9.6 GiB (10.3 GB) lay outside the allocator.
 An "H100 80GB" has 81,559 MiB = 85.5 GB: judging against 80 GB leaves
 that difference as unmodelled slack.
 """
