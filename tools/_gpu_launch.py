@@ -67,28 +67,26 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def device_name() -> str:
+def _nvidia_smi(*args: str) -> str:
+    """nvidia-smi's standard output, or "" when it is missing, fails or hangs."""
     try:
-        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def device_name() -> str:
+    lines = _nvidia_smi("-L").strip().splitlines()
+    return lines[0] if lines else "unknown"
 
 
 def visible_gpus() -> int:
-    try:
-        proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in proc.stdout.splitlines() if line.startswith("GPU ")) if proc.returncode == 0 else 0
+    return sum(1 for line in _nvidia_smi("-L").splitlines() if line.startswith("GPU "))
 
 
 def gpu_memory_bytes() -> int:
     """The smallest visible GPU's memory (0 when nvidia-smi does not answer)."""
-    try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    mib = [int(x) for x in proc.stdout.split() if x.strip().isdigit()] if proc.returncode == 0 else []
+    mib = [int(x) for x in _nvidia_smi("--query-gpu=memory.total", "--format=csv,noheader,nounits").split()
+           if x.isdigit()]
     return min(mib) * 2**20 if mib else 0
