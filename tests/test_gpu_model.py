@@ -100,6 +100,69 @@ def test_ssm_params_stay_fp32_through_wrap_step_and_checkpoint(world, tmp_path, 
         assert torch.equal(loaded[name], value), name
 
 
+def _fill_grads(model, seed: int, poison: bool = False) -> None:
+    """Fixed gradients in the DDP grad buffers, as a backward pass would leave them (DP = 1: no reduce)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+        for p in chunk.parameters():
+            p.main_grad.copy_(torch.randn(p.shape, device="cuda", generator=g))
+    if poison:
+        next(model[0].parameters()).main_grad.view(-1)[0] = float("nan")
+
+
+def test_optimizer_step_changes_weights_as_megatrons_step_and_skips_non_finite(world):
+    """step.optimizer_step (one grad copy, one norm) against megatron's own ``optimizer.step()`` from the
+    same weights and gradients, the clip engaged (norm >> clip_grad), on the chained optimizer of our
+    param groups: bitwise the same weights and norms. A NaN gradient then skips the update, leaves the
+    weights as they were and the Adam state clean (the next step's weights are finite)."""
+    import torch
+
+    from hybrid_megatron.training.step import optimizer_step
+
+    cfg = tiny_config()
+    runs = {}
+    for path in ("ours", "megatron"):
+        init_single_process(seed=7)  # the same initial weights for both paths
+        model, optimizer, _ = _build(cfg)
+        assert len(getattr(optimizer, "chained_optimizers", [])) > 1
+        start = [p.detach().clone() for p in model[0].parameters()]
+        norms = []
+        for seed in range(2):
+            optimizer.zero_grad()
+            _fill_grads(model, seed)
+            if path == "ours":
+                norm, skipped = optimizer_step(optimizer, 1.0)
+                assert not skipped
+            else:
+                ok, norm, _ = optimizer.step()
+                assert ok
+            norms.append(float(norm))
+        runs[path] = (start, norms, [p.detach().clone() for p in model[0].parameters()], (model, optimizer))
+    (start, norms, after, (model, optimizer)), (ref_start, ref_norms, ref_after, _) = runs["ours"], runs["megatron"]
+    assert all(torch.equal(a, b) for a, b in zip(start, ref_start)), "the two builds did not start alike"
+    assert norms == ref_norms and min(norms) > 10 * cfg.optim.clip_grad
+    assert any(not torch.equal(a, b) for a, b in zip(after, start)), "the steps did not move the weights"
+    assert all(torch.equal(a, b) for a, b in zip(after, ref_after))
+
+    optimizer.zero_grad()
+    _fill_grads(model, 2, poison=True)
+    norm, skipped = optimizer_step(optimizer, 1.0)
+    assert skipped and not np.isfinite(norm)
+    assert all(torch.equal(p, a) for p, a in zip(model[0].parameters(), after))
+    optimizer.zero_grad()
+    _fill_grads(model, 3)
+    assert optimizer_step(optimizer, 1.0)[1] is False
+    moved = [p.detach().clone() for p in model[0].parameters()]
+    assert all(torch.isfinite(p).all() for p in moved)
+    optimizer.zero_grad()
+    _fill_grads(model, 4)  # finite gradients, non-finite loss: skipped too
+    assert optimizer_step(optimizer, float("inf"))[1] is True
+    assert all(torch.equal(p, a) for p, a in zip(model[0].parameters(), moved))
+
+
 def test_te_and_local_specs_compute_the_same_loss(world):
     """Same weights through both specs (checkpoint keys are shared): fp32 losses agree.
 

@@ -166,16 +166,32 @@ def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_se
     loss_sum, tokens = stats.tolist()
     loss = loss_sum / max(tokens, 1.0)
 
+    grad_norm, skipped = optimizer_step(optimizer, loss)
     # The schedule follows the data position (anneal segments start at a data step), so it advances
     # on skipped steps too.
-    optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if skipped:
-        optimizer.zero_grad()
-    else:
-        ok, norm, _ = optimizer.step()
-        skipped = not ok
-        grad_norm = float(norm) if norm is not None else grad_norm
     scheduler.step()
     return StepResult(loss, int(tokens), grad_norm, skipped)
+
+
+def optimizer_step(optimizer, loss: float) -> tuple[float, bool]:
+    """megatron's ``optimizer.step()`` in its parts, the gradient norm computed once: the norm decides
+    the skip (a non-finite loss or norm leaves the weights and the optimizer state alone) and the clip.
+
+    The same operations in the same order as megatron-core 0.19's ``MixedPrecisionOptimizer.step``,
+    ``ChainedOptimizer.step`` and ``FP32Optimizer.step``: model grads -> fp32 main grads, the global
+    norm, every sub-optimizer's main grads clipped by that one norm, the inner step and the param copy
+    (or all-gather). Asking for the norm and then calling ``step()`` copied the grads and took the norm
+    twice. Not covered, and never configured here: separate grad-norm groups (multi-token prediction)
+    and the precision-aware optimizer (decoupled grads). Returns (grad norm, skipped)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad()
+        return grad_norm, True
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = sub.get_parameters()
+        if params and sub.config.clip_grad > 0.0 and not getattr(sub, "is_stub_optimizer", False):
+            clip_grad_by_total_norm_fp32(params, max_norm=sub.config.clip_grad, total_norm=grad_norm)
+    return grad_norm, not optimizer.step_with_ready_grads()
