@@ -127,7 +127,6 @@ def test_optimizer_step_changes_weights_as_megatrons_step_and_skips_non_finite(w
     for path in ("ours", "megatron"):
         init_single_process(seed=7)  # the same initial weights for both paths
         model, optimizer, _ = _build(cfg)
-        assert len(getattr(optimizer, "chained_optimizers", [])) > 1
         start = [p.detach().clone() for p in model[0].parameters()]
         norms = []
         for seed in range(2):
