@@ -155,6 +155,34 @@ def test_a_windowed_run_is_judged_on_its_logged_means():
     assert row["verdict"] == "FAIL" and row["worst_step"] == 30 and row["max_rel_diff"] == pytest.approx(0.02)
 
 
+def test_runs_are_read_against_the_baselines_repeat():
+    """A suite with a spread run: every other run compared with the same baseline says whether its
+    largest distance lies within the repeat's; the verdicts stay the tolerance's."""
+    suite = L.Suite("s", "configs/tiny.yaml", (), (
+        L.Run("base", 1, ()),
+        L.Run("repeat", 1, (), reference="base", rel_tol=0.015),
+        L.Run("close", 1, (), reference="base", rel_tol=0.015),
+        L.Run("far", 1, (), reference="base", rel_tol=0.015),
+    ), default_steps=10, spread_run="repeat")
+    steps = range(1, 11)
+
+    def bumped(size):
+        return _ok(_records(steps, loss=lambda s: (5.0 - 0.01 * s) * (1 + size if s in (4, 8) else 1.0)))
+
+    results = {"base": _ok(_records(steps)), "repeat": bumped(0.03), "close": bumped(0.02), "far": bumped(0.04)}
+    rows = {r["run"]: r for r in L.compare_suite(suite, 10, results)}
+    assert rows["close"]["verdict"] == rows["far"]["verdict"] == rows["repeat"]["verdict"] == "FAIL"
+    assert rows["close"]["over_tol"] == [2, 10] and rows["close"]["within_spread"] is True
+    assert rows["far"]["within_spread"] is False
+    assert rows["far"]["spread_max_rel_diff"] == pytest.approx(0.03)
+    assert "within_spread" not in rows["repeat"] and "within_spread" not in rows["base"]
+    table = L.format_table(list(rows.values()))
+    assert "2/10" in table and "(within the baseline's repeat (3.00e-02))" in table
+    assert "(beyond the baseline's repeat" in table
+    del results["repeat"]  # no repeat run: nothing to read against
+    assert not any("within_spread" in r for r in L.compare_suite(suite, 10, results))
+
+
 def test_missing_repeated_steps_or_other_data_fail():
     run = L.Run("b", 2, (), reference="a")
     ref = _ok(_records(range(1, 11)))

@@ -35,6 +35,9 @@ class Suite:
     default_steps: int
     measures_speed: bool = False
     """Its table compares tokens/s: its runs must not share a GPU (``--concurrent`` is refused)."""
+    spread_run: str | None = None
+    """A repeat of the baseline: its distance from the baseline is the run-to-run spread that the other
+    runs' distances are read against (the table says which lie within it; the verdicts stay the bar's)."""
 
 
 PARALLEL_PATTERN = "M-M*-M-|M*-"  # the tiny model's 10 layers, cut 7 + 3 for PP=2
@@ -111,7 +114,7 @@ SUITES = {
         # micro-batches of 2, as the recorded runs had (configs/1b.yaml's own is 4: faster, and 13 GB more a run)
         ("data.global_batch_tokens=16384", "data.batch_size_multiple=4", "train.micro_batch_size=2",
          f"logging.log_interval={FP8_LOG_INTERVAL}", "logging.tensorboard=false"),
-        _fp8_runs(), default_steps=300),
+        _fp8_runs(), default_steps=300, spread_run="bf16-repeat"),
     "7b-layers": Suite(
         "7b-layers", "configs/pretrain_7b.yaml", SEVEN_B_LAYERS,
         (Run("bf16", 1, ("precision.fp8=null",)), Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=5)),
