@@ -87,6 +87,17 @@ def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     assert all(c.data.global_batch_tokens == 16384 for c in cfgs.values())
 
 
+def test_the_64k_fp8_suite_is_the_fp8_suite_at_four_times_the_tokens(tmp_path):
+    small, large = L.SUITES["fp8"], L.SUITES["fp8-64k"]
+    assert large.runs == small.runs and large.spread_run == small.spread_run == "bf16-repeat"
+    for run in large.runs:
+        a = load_run_config(ROOT / small.config, L.run_overrides(small, run, 300, tmp_path))
+        b = load_run_config(ROOT / large.config, L.run_overrides(large, run, 300, tmp_path))
+        assert b.data.global_batch_tokens == 4 * a.data.global_batch_tokens
+        assert (b.precision, b.data.seq_len, b.schedule, b.optim) == (a.precision, a.data.seq_len, a.schedule, a.optim)
+        assert b.train.micro_batch_size == 4
+
+
 # ---- the comparison ------------------------------------------------------------------------------
 
 
