@@ -114,9 +114,9 @@ def _fill_grads(model, seed: int, poison: bool = False) -> None:
 
 
 def test_optimizer_step_changes_weights_as_megatrons_step_and_skips_non_finite(world):
-    """step.optimizer_step (one grad copy, one norm) against megatron's own ``optimizer.step()`` from the
-    same weights and gradients, the clip engaged (norm >> clip_grad), on the chained optimizer of our
-    param groups: bitwise the same weights and norms. A NaN gradient then skips the update, leaves the
+    """step.optimizer_step (the norm taken once) against megatron's own ``optimizer.step()`` from the
+    same weights and gradients, the clip engaged (norm >> clip_grad), on the optimizer that our param
+    groups build (fp32 SSM params included): bitwise the same weights and norms. A NaN gradient then skips the update, leaves the
     weights as they were and the Adam state clean (the next step's weights are finite)."""
     import torch
 

@@ -180,8 +180,8 @@ def optimizer_step(optimizer, loss: float) -> tuple[float, bool]:
     The same operations in the same order as megatron-core 0.19's ``MixedPrecisionOptimizer.step``,
     ``ChainedOptimizer.step`` and ``FP32Optimizer.step``: model grads -> fp32 main grads, the global
     norm, every sub-optimizer's main grads clipped by that one norm, the inner step and the param copy
-    (or all-gather). Asking for the norm and then calling ``step()`` copied the grads and took the norm
-    twice. Not covered, and never configured here: separate grad-norm groups (multi-token prediction)
+    (or all-gather). Asking for the norm and then calling ``step()`` prepared the grads and took the
+    norm twice. Not covered, and never configured here: separate grad-norm groups (multi-token prediction)
     and the precision-aware optimizer (decoupled grads). Returns (grad norm, skipped)."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
