@@ -7,6 +7,7 @@ does it, and the comparison runs on loss records written the way the training lo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,21 @@ def test_plan_lists_the_commands_and_bad_names_exit_2():
     assert "--nproc-per-node=2" in two["command"] and "configs/tiny.yaml" in two["command"]
     proc = _cli("plan", "parallel", "--runs", "tp1,tp9")
     assert proc.returncode == 2 and "unknown ['tp9']" in proc.stderr
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_plan_into_a_reader_that_left_ends_without_a_traceback(unbuffered):
+    """`plan fp8 | head -1` and a reader gone before the first line: no BrokenPipeError traceback
+    (line by line with PYTHONUNBUFFERED, else in one flush at the end)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    cmd = f"'{sys.executable}' '{ROOT / 'tools' / 'loss_parity.py'}' plan fp8"
+    head = subprocess.run(f"{cmd} | head -1", shell=True, capture_output=True, text=True, timeout=120, env=env)
+    assert len(head.stdout.splitlines()) == 1 and json.loads(head.stdout)["name"] == "bf16"
+    gone = subprocess.run(f"{cmd} | true", shell=True, capture_output=True, text=True, timeout=120, env=env)
+    for proc in (head, gone):
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
 def test_compare_merges_files_later_wins_and_sets_the_exit_code(tmp_path):
