@@ -94,6 +94,13 @@ def _fp8_runs() -> tuple[Run, ...]:
     )
 
 
+def _fp8_suite(name: str, tokens_per_step: int, *extra: str) -> Suite:
+    """The FP8 recipes against BF16 and its repeat on configs/1b.yaml (sequences of 4096)."""
+    common = (f"data.global_batch_tokens={tokens_per_step}", "data.batch_size_multiple=4", *extra,
+              f"logging.log_interval={FP8_LOG_INTERVAL}", "logging.tensorboard=false")
+    return Suite(name, "configs/1b.yaml", common, _fp8_runs(), default_steps=300, spread_run="bf16-repeat")
+
+
 SEVEN_B_LAYERS = (  # configs/pretrain_7b.yaml's layer sizes and FP8 recipe, 4 layers, one GPU, the sample data
     "model.hybrid_layer_pattern=M-*-", "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
     "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
@@ -109,21 +116,13 @@ SUITES = {
         ("train.deterministic=true", f"model.hybrid_layer_pattern={PARALLEL_PATTERN}", "schedule.lr_warmup_steps=10",
          "logging.log_interval=10", "logging.tensorboard=false"),
         _parallel_runs(), default_steps=60),
-    "fp8": Suite(
-        "fp8", "configs/1b.yaml",
-        # micro-batches of 2, as the recorded runs had (configs/1b.yaml's own is 4: faster, and 13 GB more a run)
-        ("data.global_batch_tokens=16384", "data.batch_size_multiple=4", "train.micro_batch_size=2",
-         f"logging.log_interval={FP8_LOG_INTERVAL}", "logging.tensorboard=false"),
-        _fp8_runs(), default_steps=300, spread_run="bf16-repeat"),
+    # micro-batches of 2, as the recorded runs had (configs/1b.yaml's own is 4: faster, and 13 GB more a run)
+    "fp8": _fp8_suite("fp8", 16384, "train.micro_batch_size=2"),
     # the same runs at 4x the tokens a step (16 x 4096; micro-batches of 4, configs/1b.yaml's own): at 16k
     # tokens BF16 itself strays 4.8% from its repeat at a logged step (fp8_parity_1b_300steps_h100.json),
     # which no FP8 recipe can be judged against at 1.5%. ~6-8 min a run on an H100: one run a call. The
     # sample data's pretrain phase (18M tokens) ends at step 275: steps 276-300 are its anneal
-    "fp8-64k": Suite(
-        "fp8-64k", "configs/1b.yaml",
-        ("data.global_batch_tokens=65536", "data.batch_size_multiple=4",
-         f"logging.log_interval={FP8_LOG_INTERVAL}", "logging.tensorboard=false"),
-        _fp8_runs(), default_steps=300, spread_run="bf16-repeat"),
+    "fp8-64k": _fp8_suite("fp8-64k", 65536),
     "7b-layers": Suite(
         "7b-layers", "configs/pretrain_7b.yaml", SEVEN_B_LAYERS,
         (Run("bf16", 1, ("precision.fp8=null",)), Run("fp8", 1, (), reference="bf16", rel_tol=0.015, after_step=5)),
