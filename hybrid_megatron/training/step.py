@@ -191,7 +191,9 @@ def optimizer_step(optimizer, loss: float) -> tuple[float, bool]:
         optimizer.zero_grad()
         return grad_norm, True
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0.0:
+            continue  # as megatron: a stub (no params on this rank) is not asked for its parameters
         params = sub.get_parameters()
-        if params and sub.config.clip_grad > 0.0 and not getattr(sub, "is_stub_optimizer", False):
+        if params:
             clip_grad_by_total_norm_fp32(params, max_norm=sub.config.clip_grad, total_norm=grad_norm)
     return grad_norm, not optimizer.step_with_ready_grads()
