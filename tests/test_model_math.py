@@ -63,3 +63,19 @@ def test_vocab_padding_is_independent_of_tp_and_checked():
     small = load_run_config("configs/tiny.yaml", ["model.make_vocab_size_divisible_by=7"]).model
     with pytest.raises(ConfigError, match="does not divide the padded vocabulary"):
         padded_vocab_size(257, small, 2)
+
+
+@pytest.mark.parametrize("pp,pattern_,interleaved", [(2, "M-M|*-M|-M|*-", True), (2, "M-M*-M-|M*-", False),
+                                                      (1, "M-M*-M-M*-", False)])
+def test_interleaved_pipelines_overlap_their_p2p_unbatched(pp, pattern_, interleaved):
+    """At PP=2 a rank's previous and next stage are one rank: batched p2p (megatron-core's default) puts two
+    sends and two receives between the same pair in one batch, which the interleaved schedule then pairs
+    with the wrong micro-batches. The interleaved schedule gets Megatron-LM's overlapped, unbatched p2p;
+    the others keep megatron-core's defaults (the 1F1B schedule refuses overlap_p2p_comm)."""
+    from hybrid_megatron.model.build import build_transformer_config
+
+    cfg = load_run_config("configs/tiny.yaml", [f"parallel.pipeline_model_parallel_size={pp}",
+                                                f"model.hybrid_layer_pattern={pattern_}"])
+    config = build_transformer_config(cfg)
+    assert (config.virtual_pipeline_model_parallel_size is not None) is interleaved
+    assert (config.overlap_p2p_comm, config.batch_p2p_comm) == ((True, False) if interleaved else (False, True))

@@ -44,6 +44,16 @@ def _activation(model: ModelConfig) -> dict:
     return {"activation_func": F.gelu, "gated_linear_unit": False}
 
 
+def _interleaved_p2p() -> dict:
+    """P2P settings of the interleaved schedule: overlapped, unbatched sends and receives (Megatron-LM's
+    default for it). megatron-core's own default batches them, and then at PP=2, where a rank's previous
+    and next stage are the same rank, one batch holds two sends and two receives between the same pair
+    and NCCL pairs them in the wrong order once a chunk has more micro-batches than PP: activations and
+    gradients land on the wrong micro-batch (measured: grad norm x2 at step 1, x1e8 by step 30, loss stuck
+    near 5; Megatron-LM refuses interleaving without overlap below PP=3 for this reason)."""
+    return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
+
+
 def transformer_config_kwargs(cfg: RunConfig) -> dict:
     """Everything megatron's TransformerConfig needs from our config (torch imported, no CUDA)."""
     import torch
@@ -85,6 +95,8 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
         **_activation(m),
     )
     kwargs.update(attention_backend=attention_backend(cfg))
+    if kwargs["virtual_pipeline_model_parallel_size"] is not None:
+        kwargs.update(_interleaved_p2p())
     if train.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     elif train.recompute == "full":
