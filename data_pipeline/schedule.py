@@ -21,13 +21,32 @@ import numpy as np
 from data_pipeline.config import CurriculumConfig, DataConfig
 
 
+@contextlib.contextmanager
+def _no_accelerator_probe_warning():
+    """Without a GPU, deepspeed's import warns on stderr that it falls back to its CPU accelerator, which
+    would stand before the one line a config error prints (the curriculum uses no accelerator). Naming
+    the CPU accelerator for the import, only where torch sees no GPU, keeps it quiet."""
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+        yield
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        yield
+    finally:
+        del os.environ["DS_ACCELERATOR"]
+
+
 class SeqLenCurriculum:
     """Sequence length as a function of tokens delivered, through DeepSpeed's scheduler."""
 
     def __init__(self, cfg: CurriculumConfig):
         # import only this module path; deepspeed's import-time log lines go to stdout, which
         # `data audit` reserves for JSON, so they are sent to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _no_accelerator_probe_warning():
             from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
 
         if cfg.schedule == "fixed_discrete":

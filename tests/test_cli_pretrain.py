@@ -46,6 +46,23 @@ def test_tp_not_dividing_heads_names_both_numbers():
                     "tensor_model_parallel_size=16 does not divide model.num_attention_heads=8")
 
 
+def test_dry_run_refuses_a_step_count_the_lr_plan_cannot_run():
+    # the training loop refuses the same, but only after the processes have started and joined NCCL
+    _one_line_error(_cli("pretrain", "configs/tiny.yaml", "--dry-run", "train.train_steps=6"),
+                    "schedule.lr_warmup_steps=50 is not below the 6 pretraining steps")
+    _one_line_error(_cli("pretrain", "configs/tiny.yaml", "--dry-run", "train.train_steps=5000"),
+                    "train.train_steps=5000 exceeds the 621 steps the data phases define")
+
+
+def test_dry_run_prints_the_lr_plan():
+    proc = _cli("pretrain", "configs/tiny.yaml", "--dry-run", "train.train_steps=100")
+    assert proc.returncode == 0, proc.stderr
+    assert "train.train_steps stops it at step 100" in proc.stdout
+    assert "lr: steps 1-100 WSD, warmup 50 to 0.002\n" in proc.stdout  # the anneal phase is cut off
+    full = _cli("pretrain", "configs/tiny.yaml", "--dry-run").stdout
+    assert "lr: steps 1-498 WSD, warmup 50 to 0.002; steps 499-621 linear, warmup 20 to 0.0015\n" in full
+
+
 def test_missing_data_path_is_named():
     proc = _cli("pretrain", "configs/tiny.yaml", "--dry-run", "build_sample_data=false",
                 "data.sources.code=/nonexistent/code")

@@ -11,6 +11,7 @@ from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.build import padded_vocab_size
 from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
 from hybrid_megatron.model.memory import data_parallel_size, estimate, estimate_lines
+from hybrid_megatron.training.lr import run_plan
 from hybrid_megatron.training.step import micro_batch_plan
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
     vocab, notes = _vocab(cfg)
     padded = padded_vocab_size(vocab, m, par.tensor_model_parallel_size)
     schedule = build_schedule(cfg.data)
+    steps, segments = run_plan(cfg, schedule)
     max_seq = int(schedule.seq_len.max())
     stages = pat.split_stages(m.hybrid_layer_pattern, par.pipeline_model_parallel_size)
     per_stage = stage_parameters(m, padded, par.pipeline_model_parallel_size)
@@ -84,7 +86,10 @@ def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
         f"FLOPs per token at seq {max_seq}: forward {forward_flops_per_token(m, padded, max_seq):,}, "
         f"training {training_flops_per_token(m, padded, max_seq):,}",
         f"run: {schedule.total_steps} steps, {schedule.total_tokens:,} tokens "
-        f"({cfg.data.global_batch_tokens:,} per step), phases {', '.join(p.name for p in cfg.data.phases)}",
+        f"({cfg.data.global_batch_tokens:,} per step), phases {', '.join(p.name for p in cfg.data.phases)}"
+        + (f"; train.train_steps stops it at step {steps}" if steps < schedule.total_steps else ""),
+        "lr: " + "; ".join(f"steps {g.start + 1}-{g.start + g.steps} {g.style}, warmup {g.warmup} to {g.max_lr:.3g}"
+                           for g in segments),
         "micro-batches per DP rank: " + ", ".join(
             f"seq {seq} -> {n} x {mbs}" for seq, (mbs, n) in micro_batch_plan(cfg, schedule, dp).items()),
     ]

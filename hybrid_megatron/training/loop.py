@@ -136,7 +136,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     from hybrid_megatron.training import distributed
     from hybrid_megatron.training.checkpointer import Checkpointer
     from hybrid_megatron.training.loss_log import LossLog
-    from hybrid_megatron.training.lr import PhasedScheduler, plan_segments
+    from hybrid_megatron.training.lr import PhasedScheduler, run_plan
     from hybrid_megatron.training.metrics import LossWindow, MetricsLogger
     from hybrid_megatron.training.step import micro_batch_plan, train_step
 
@@ -154,11 +154,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
     schedule = build_schedule(cfg.data)
     max_seq_len = int(schedule.seq_len.max())
-    total_steps = cfg.train.train_steps or schedule.total_steps
-    if total_steps > schedule.total_steps:
-        raise ConfigError(
-            f"train.train_steps={total_steps} exceeds the {schedule.total_steps} steps the data phases define"
-        )
+    total_steps, lr_segments = run_plan(cfg, schedule)
 
     micro_batch_plan(cfg, schedule, parallel_state.get_data_parallel_world_size())  # fails before the build
     chunks = build_model_chunks(cfg, vocab, max_seq_len)
@@ -166,7 +162,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     _wire_grad_sync(model)
     optimizer = build_optimizer(cfg, model)
     scheduler = PhasedScheduler(
-        optimizer, plan_segments(cfg, schedule.phase.tolist(), cfg.data.phases), cfg.optim.weight_decay
+        optimizer, lr_segments, cfg.optim.weight_decay
     )
     checkpointer = Checkpointer(cfg, model, optimizer, scheduler)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

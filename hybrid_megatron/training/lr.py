@@ -62,6 +62,16 @@ def plan_segments(cfg: RunConfig, phase_of_step: list[int], phases: list) -> lis
     return segments
 
 
+def run_plan(cfg: RunConfig, schedule) -> tuple[int, list[Segment]]:
+    """The run's optimizer steps and LR segments for a data schedule (``build_schedule``); ConfigError when
+    ``train.train_steps`` passes the data or a warmup does not fit its segment. The dry run and the training
+    loop both call it, so a plan that cannot run is refused before any GPU work."""
+    total = cfg.train.train_steps or schedule.total_steps
+    if total > schedule.total_steps:
+        raise ConfigError(f"train.train_steps={total} exceeds the {schedule.total_steps} steps the data phases define")
+    return total, plan_segments(cfg, schedule.phase.tolist(), cfg.data.phases)
+
+
 def lr_at(seg: Segment, step_in_segment: int) -> float:
     """The LR megatron's scheduler gives at this step of the segment (pure; used for planning and tests)."""
     import math
