@@ -25,12 +25,16 @@ from data_pipeline.config import CurriculumConfig, DataConfig
 def _no_accelerator_probe_warning():
     """Without a GPU, deepspeed's import warns on stderr that it falls back to its CPU accelerator, which
     would stand before the one line a config error prints (the curriculum uses no accelerator). Naming
-    the CPU accelerator for the import, only where torch sees no GPU, keeps it quiet."""
+    the CPU accelerator for the first import, only where torch sees no GPU, keeps it quiet (deepspeed makes
+    the same GPU check on that import; later ones are cached and probe nothing)."""
     import os
 
+    if "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
+        yield
+        return
     import torch
 
-    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+    if torch.cuda.is_available():
         yield
         return
     os.environ["DS_ACCELERATOR"] = "cpu"

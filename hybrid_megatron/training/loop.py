@@ -161,9 +161,7 @@ def _train(cfg: RunConfig, preempt: signals.PreemptionHandler) -> int:
     model = _wrap(cfg, chunks)
     _wire_grad_sync(model)
     optimizer = build_optimizer(cfg, model)
-    scheduler = PhasedScheduler(
-        optimizer, lr_segments, cfg.optim.weight_decay
-    )
+    scheduler = PhasedScheduler(optimizer, lr_segments, cfg.optim.weight_decay)
     checkpointer = Checkpointer(cfg, model, optimizer, scheduler)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     loader = build_loader(cfg.data, dp_rank, dp_size)
