@@ -50,7 +50,8 @@ def _interleaved_p2p() -> dict:
     next stage are the same rank, one batch then holds two sends and two receives between the same pair:
     Megatron-LM refuses interleaving without overlap below PP=3 for that reason. Measured at PP=2 with 16
     micro-batches a step: grad norm 33 against TP=1's 18 at step 1 and 8e9 by step 30, loss stuck near 5;
-    with 2 micro-batches a step (= PP) the same run trained as TP=1 does."""
+    with 2 micro-batches a step (= PP) the same run trained as TP=1 does. With these settings the 16
+    micro-batch run follows TP=1 within 0.55% over 60 steps (parallel_parity_h200x2.json)."""
     return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
