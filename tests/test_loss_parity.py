@@ -413,3 +413,13 @@ def test_concurrent_refuses_a_run_that_starts_from_another_selected_run(monkeypa
         L.parse_args(["run", "fp8", "--concurrent", "2"])
     assert exc.value.code == 2 and "run b starts from run a" in capsys.readouterr().err
     assert [r.name for r in L.parse_args(["run", "fp8", "--runs", "b", "--concurrent", "2"]).selected] == ["b"]
+
+
+def test_run_time_limit_defaults_to_the_suites_and_must_be_positive(capsys):
+    # fp8-64k's runs took 280-370 s on an H200: the 300 s that suits the others would cut them off
+    assert L.parse_args(["run", "fp8"]).timeout_s == 300.0
+    assert L.parse_args(["run", "fp8-64k"]).timeout_s == L.SUITES["fp8-64k"].run_timeout_s == 540.0
+    assert L.parse_args(["run", "fp8-64k", "--timeout-s", "90"]).timeout_s == 90.0
+    with pytest.raises(SystemExit) as exc:
+        L.parse_args(["run", "fp8", "--timeout-s", "0"])
+    assert exc.value.code == 2 and "--timeout-s 0: must be > 0" in capsys.readouterr().err

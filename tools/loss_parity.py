@@ -2,7 +2,7 @@
 
     python tools/loss_parity.py run parallel [--runs tp1,tp2-sp,...] [--steps 60]   # 2 GPUs (1 for tp1)
     python tools/loss_parity.py run fp8 [--runs bf16,fp8-tensorwise,...] [--steps 300]   # 1 GPU
-    python tools/loss_parity.py run fp8-64k --runs bf16                                # 1 GPU, a run a call
+    python tools/loss_parity.py run fp8-64k --runs bf16,bf16-repeat --concurrent 2    # 2 GPUs, one run each
     python tools/loss_parity.py run fp8 --runs bf16,fp8-tensorwise --concurrent 2   # side by side
     python tools/loss_parity.py compare parallel OUT/parallel_runs.json [MORE.json ...]  # anywhere
     python tools/loss_parity.py plan parallel                                          # anywhere
@@ -31,7 +31,7 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   whether its largest distance lies within the repeat's (the verdicts stay the 1.5% bar's). The
   ``over tol`` column counts the logged steps past the bar; the ``mean diff`` column, signed,
   separates a drift from step-to-step noise.
-* ``fp8-64k`` -- the same runs at 64k tokens a step (16 x 4096, micro-batches of 4; ~6-8 min a run):
+* ``fp8-64k`` -- the same runs at 64k tokens a step (16 x 4096, micro-batches of 4; 280-370 s a run on an H200):
   at 16k tokens BF16 strays up to 4.8% from its own repeat at a logged step, so the 1.5% bar needs
   less noise a step to judge an FP8 recipe by.
 * ``7b-layers`` -- configs/pretrain_7b.yaml's layer sizes and FP8 recipe at 4 layers (``M-*-``) on one
@@ -345,7 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--steps", type=int, default=None, help="training steps per full run")
         p.add_argument("--work", default="/tmp/loss_parity", help="run directories and logs")
     run.add_argument("--out", default=str(ROOT / "gpu_out"), help="results JSON directory")
-    run.add_argument("--timeout-s", type=float, default=300.0, help="per run")
+    run.add_argument("--timeout-s", type=float, default=None,
+                     help="per run (default: the suite's: 300 s, fp8-64k 540 s)")
     run.add_argument("--budget-s", type=float, default=540.0, help="start no run after this many seconds")
     run.add_argument("--concurrent", type=int, default=1,
                      help="independent runs at a time, spread over the visible GPUs (default 1)")
@@ -361,6 +362,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             ap.error(f"--runs: unknown {unknown} (suite {suite.name} has {', '.join(known)})")
         args.selected = [r for r in suite.runs if r.name in names]
+    if args.verb == "run":
+        args.timeout_s = suite.run_timeout_s if args.timeout_s is None else args.timeout_s
+        if args.timeout_s <= 0:
+            ap.error(f"--timeout-s {args.timeout_s:g}: must be > 0")
     if args.verb == "run" and args.concurrent != 1:
         if args.concurrent < 1:
             ap.error(f"--concurrent {args.concurrent}: must be >= 1")
