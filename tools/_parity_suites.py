@@ -97,12 +97,12 @@ def _fp8_runs() -> tuple[Run, ...]:
     )
 
 
-def _fp8_suite(name: str, tokens_per_step: int, *extra: str, run_timeout_s: float = 300.0) -> Suite:
+def _fp8_suite(name: str, tokens_per_step: int, *extra: str, **options) -> Suite:
     """The FP8 recipes against BF16 and its repeat on configs/1b.yaml (sequences of 4096)."""
     common = (f"data.global_batch_tokens={tokens_per_step}", "data.batch_size_multiple=4", *extra,
               f"logging.log_interval={FP8_LOG_INTERVAL}", "logging.tensorboard=false")
     return Suite(name, "configs/1b.yaml", common, _fp8_runs(), default_steps=300, spread_run="bf16-repeat",
-                 run_timeout_s=run_timeout_s)
+                 **options)
 
 
 SEVEN_B_LAYERS = (  # configs/pretrain_7b.yaml's layer sizes and FP8 recipe, 4 layers, one GPU, the sample data

@@ -346,7 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--work", default="/tmp/loss_parity", help="run directories and logs")
     run.add_argument("--out", default=str(ROOT / "gpu_out"), help="results JSON directory")
     run.add_argument("--timeout-s", type=float, default=None,
-                     help="per run (default: the suite's: 300 s, fp8-64k 540 s)")
+                     help="per run (default: the suite's: " + ", ".join(
+                         f"{n} {s.run_timeout_s:g} s" for n, s in sorted(SUITES.items())) + ")")
     run.add_argument("--budget-s", type=float, default=540.0, help="start no run after this many seconds")
     run.add_argument("--concurrent", type=int, default=1,
                      help="independent runs at a time, spread over the visible GPUs (default 1)")
