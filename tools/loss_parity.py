@@ -104,12 +104,12 @@ def compare_run(run: Run, steps: int, results: dict[str, dict]) -> dict:
     """One row of the parity table for ``run`` against its reference (both from ``results``)."""
     row: dict = {"run": run.name, "reference": run.reference, "rel_tol": run.rel_tol}
     mine = results.get(run.name)
-    if not usable(mine, expected_steps(run, steps)):
+    want = expected_steps(run, steps)
+    if not usable(mine, want):
         return {**row, "verdict": "not run" if mine is None else mine.get("status", "failed")}
     if mine.get("status") != "ok":
         row["note"] = f"exit {mine['exit']}: stopped by its time limit after its last step"
     got = by_step(mine["losses"])
-    want = expected_steps(run, steps)
     row["missing_steps"] = [s for s in want if s not in got][:10]
     row["extra_steps"] = sorted(set(got) - set(want))[:10]
     row["repeated_steps"] = len(mine["losses"]) - len(got)

@@ -39,28 +39,29 @@ def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
     return config_vocab_size(cfg.data), notes
 
 
-def peak_memory_bytes(cfg: RunConfig, *, world_size: int) -> float:
-    """The memory estimate of the run's fullest GPU (its worst pipeline stage at its longest sequence)."""
+def _shapes(cfg: RunConfig):
+    """(vocab, notes, padded vocab, data schedule, longest sequence): what the report and the estimate size by."""
     from data_pipeline.schedule import build_schedule
 
-    vocab, _ = _vocab(cfg)
+    vocab, notes = _vocab(cfg)
     padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
-    max_seq = int(build_schedule(cfg.data).seq_len.max())
+    schedule = build_schedule(cfg.data)
+    return vocab, notes, padded, schedule, int(schedule.seq_len.max())
+
+
+def peak_memory_bytes(cfg: RunConfig, *, world_size: int) -> float:
+    """The memory estimate of the run's fullest GPU (its worst pipeline stage at its longest sequence)."""
+    _, _, padded, _, max_seq = _shapes(cfg)
     return max(stage.total for stage in estimate(cfg, padded, max_seq, world_size=world_size))
 
 
 def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
     """The dry-run report; ``world_size`` GPUs set the data-parallel size of the memory estimate."""
-    from data_pipeline.schedule import build_schedule
-
     m, par = cfg.model, cfg.parallel
     dp = data_parallel_size(cfg, world_size)
     cfg.data.check_dp_size(dp)  # the loader refuses the same at startup
-    vocab, notes = _vocab(cfg)
-    padded = padded_vocab_size(vocab, m, par.tensor_model_parallel_size)
-    schedule = build_schedule(cfg.data)
+    vocab, notes, padded, schedule, max_seq = _shapes(cfg)
     steps, segments = run_plan(cfg, schedule)
-    max_seq = int(schedule.seq_len.max())
     stages = pat.split_stages(m.hybrid_layer_pattern, par.pipeline_model_parallel_size)
     per_stage = stage_parameters(m, padded, par.pipeline_model_parallel_size)
     total = num_parameters(m, padded)
