@@ -17,114 +17,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import ConfigError
 from hybrid_megatron.config_io import apply_overrides, build, load_yaml
 from hybrid_megatron.model import pattern as pat
-
-
-def _positive(section: str, **values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{section}.{name}={value}: must be > 0")
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelConfig:
-    hybrid_layer_pattern: str
-    """Layers as symbols: M Mamba-2, * attention, - MLP; | cuts pipeline segments."""
-    hidden_size: int
-    ffn_hidden_size: int
-    """Width of the MLP layers' hidden activation."""
-    num_attention_heads: int
-    num_query_groups: int | None = None
-    """GQA key/value groups; None for multi-head attention."""
-    kv_channels: int | None = None
-    """Attention head dim; None for hidden_size // num_attention_heads."""
-    mamba_num_heads: int | None = None
-    """Mamba-2 heads; None for mamba_expand * hidden_size // mamba_head_dim."""
-    mamba_head_dim: int = 64
-    mamba_num_groups: int = 8
-    """B/C groups (the SSD analogue of GQA)."""
-    mamba_state_dim: int = 128
-    mamba_conv_kernel: int = 4
-    mamba_chunk_size: int = 128
-    mamba_expand: int = 2
-    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    norm_epsilon: float = 1e-5
-    add_bias_linear: bool = False
-    activation: Literal["squared_relu", "swiglu", "gelu"] = "squared_relu"
-    position_embedding_type: Literal["none", "rope"] = "none"
-    rotary_base: int = 10000
-    tie_embeddings: bool = False
-    vocab_size: int | None = None
-    """Tokenizer vocabulary; None to take it from the data sources' stats.json."""
-    make_vocab_size_divisible_by: int = 128
-    """The embedding is padded to a multiple of this times the TP size (megatron's rule)."""
-    init_method_std: float = 0.02
-    layer_spec: Literal["auto", "te", "local"] = "auto"
-    """te: Transformer Engine layers; local: megatron parallel layers + torch SDPA attention; auto: te if it imports."""
-    attention_backend: Literal["auto", "flash", "fused", "unfused"] = "auto"
-    """TE's attention kernel family (megatron's ``--attention-backend``): auto lets TE pick per call (cuDNN
-    fused attention on Hopper); deterministic runs with packed documents pick flash/unfused themselves.
-    Megatron sets TE's NVTE_*_ATTN switches from it: leave those unset in the environment."""
-
-    def __post_init__(self) -> None:
-        pat.validate_pattern(self.hybrid_layer_pattern)
-        _positive(
-            "model",
-            hidden_size=self.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            kv_channels=self.kv_channels,
-            mamba_num_heads=self.mamba_num_heads,
-            mamba_head_dim=self.mamba_head_dim,
-            mamba_num_groups=self.mamba_num_groups,
-            mamba_state_dim=self.mamba_state_dim,
-            mamba_conv_kernel=self.mamba_conv_kernel,
-            mamba_chunk_size=self.mamba_chunk_size,
-            mamba_expand=self.mamba_expand,
-            vocab_size=self.vocab_size,
-            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
-            init_method_std=self.init_method_std,
-        )
-        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(
-                f"model.num_query_groups={self.num_query_groups} does not divide "
-                f"model.num_attention_heads={self.num_attention_heads}"
-            )
-        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"model.num_attention_heads={self.num_attention_heads} does not divide "
-                f"model.hidden_size={self.hidden_size}: set model.kv_channels"
-            )
-        if self.mamba_num_heads is None and (self.mamba_expand * self.hidden_size) % self.mamba_head_dim:
-            raise ConfigError(
-                f"model.mamba_head_dim={self.mamba_head_dim} does not divide mamba_expand * hidden_size = "
-                f"{self.mamba_expand * self.hidden_size}: set model.mamba_num_heads"
-            )
-        if self.num_mamba_heads % self.mamba_num_groups:
-            raise ConfigError(
-                f"model.mamba_num_groups={self.mamba_num_groups} does not divide the "
-                f"{self.num_mamba_heads} Mamba heads"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_query_groups or self.num_attention_heads
-
-    @property
-    def num_mamba_heads(self) -> int:
-        return self.mamba_num_heads or self.mamba_expand * self.hidden_size // self.mamba_head_dim
-
-    @property
-    def mamba_d_inner(self) -> int:
-        return self.num_mamba_heads * self.mamba_head_dim
-
-    @property
-    def num_layers(self) -> int:
-        return len(pat.layers(self.hybrid_layer_pattern))
+from hybrid_megatron.model.config import ModelConfig, positive as _positive
 
 
 @dataclass(kw_only=True, slots=True)
@@ -361,9 +254,4 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if isinstance(raw.get("data"), str):
         raw["data"] = load_yaml(raw["data"])
     raw = apply_overrides(raw, [o for o in overrides if o not in swaps])
-    return build(RunConfig, raw)
-
-
-def run_config_from_dict(raw: dict) -> RunConfig:
-    """Rebuilds a RunConfig from its stored dict form (run dirs, checkpoints)."""
     return build(RunConfig, raw)

@@ -57,7 +57,7 @@ def test_in_proj_is_concatenated_component_wise():
     (full,) = group.to_hf(parts)
     bounds = torch.tensor(d.in_proj_sizes).cumsum(0).tolist()
     assert full[:, 0].tolist() == [float(i) for i, n in enumerate(d.in_proj_sizes) for _ in range(n)]
-    assert full.shape[0] == bounds[-1] == 2 * d.d_inner + 2 * d.bc + d.mamba_heads
+    assert full.shape[0] == bounds[-1] == 2 * cfg.mamba_d_inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim + cfg.num_mamba_heads
 
 
 def test_hf_config_round_trips_model_section():

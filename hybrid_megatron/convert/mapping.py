@@ -23,51 +23,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hybrid_megatron.model import geometry as geo
 from hybrid_megatron.model import pattern as pat
+from hybrid_megatron.model.config import ModelConfig
+from hybrid_megatron.model.geometry import CONV_PARTS, IN_PROJ_PARTS, SSM_FP32_NAMES
 
 if TYPE_CHECKING:
     import torch
 
-    from hybrid_megatron.config import ModelConfig
-
 HF_PREFIX = "backbone."  # the prefix NVIDIA's checkpoints use; transformers >= 5 renames it to "model." on load
 HF_PREFIXES = ("backbone.", "model.")  # accepted when reading an HF checkpoint
-IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
-CONV_PARTS = ("x", "B", "C")
-SSM_FP32_NAMES = ("A_log", "D", "dt_bias")  # kept fp32 in training and in checkpoints
 
 
 @dataclass(frozen=True, slots=True)
 class Dims:
-    """The sizes the mapping needs, derived once from the model config."""
+    """The sizes the mapping needs, read once from the model geometry."""
 
     hidden: int
-    d_inner: int
-    bc: int  # groups x state dim: rows of B (and of C)
-    mamba_heads: int
     heads: int
     kv_heads: int
     head_dim: int
+    mamba: geo.MambaWidths
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> Dims:
-        return cls(
-            hidden=cfg.hidden_size,
-            d_inner=cfg.mamba_d_inner,
-            bc=cfg.mamba_num_groups * cfg.mamba_state_dim,
-            mamba_heads=cfg.num_mamba_heads,
-            heads=cfg.num_attention_heads,
-            kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-        )
+        return cls(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_kv_heads,
+                   head_dim=cfg.head_dim, mamba=geo.mamba_widths(cfg))
 
     @property
     def in_proj_sizes(self) -> tuple[int, ...]:
-        return (self.d_inner, self.d_inner, self.bc, self.bc, self.mamba_heads)
+        return tuple(rows for _, rows in self.mamba.in_proj_parts)
 
     @property
     def conv_sizes(self) -> tuple[int, ...]:
-        return (self.d_inner, self.bc, self.bc)
+        return tuple(rows for _, rows in self.mamba.conv_parts)
 
 
 Fn = Callable[[list["torch.Tensor"]], list["torch.Tensor"]]
@@ -192,40 +181,19 @@ def model_groups(cfg: ModelConfig) -> list[TensorGroup]:
 
 
 def expected_megatron_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
-    """The global shape of every megatron model key (what a training checkpoint holds)."""
-    d, k = Dims.of(cfg), cfg.mamba_conv_kernel
-    shapes: dict[str, tuple[int, ...]] = {
-        "embedding.word_embeddings.weight": (padded_vocab, d.hidden),
-        "decoder.final_norm.weight": (d.hidden,),
-        "output_layer.weight": (padded_vocab, d.hidden),
-    }
-    qkv_rows = (d.heads + 2 * d.kv_heads) * d.head_dim
-    for i, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
-        base = f"decoder.layers.{i}."
-        if symbol == pat.MAMBA:
-            m = base + "mixer."
-            shapes[m + "in_proj.layer_norm_weight"] = (d.hidden,)
-            for part, rows in zip(IN_PROJ_PARTS, d.in_proj_sizes):
-                shapes[f"{m}in_proj.weight.{part}"] = (rows, d.hidden)
-            for part, rows in zip(CONV_PARTS, d.conv_sizes):
-                shapes[f"{m}conv1d.weight.{part}"] = (rows, 1, k)
-                shapes[f"{m}conv1d.bias.{part}"] = (rows,)
-            for name in SSM_FP32_NAMES:
-                shapes[m + name] = (d.mamba_heads,)
-            shapes[m + "norm.weight"] = (d.d_inner,)
-            shapes[m + "out_proj.weight"] = (d.hidden, d.d_inner)
-        elif symbol == pat.ATTENTION:
-            a = base + "self_attention."
-            shapes[a + "linear_qkv.layer_norm_weight"] = (d.hidden,)
-            shapes[a + "linear_qkv.weight"] = (qkv_rows, d.hidden)
-            shapes[a + "linear_proj.weight"] = (d.hidden, d.heads * d.head_dim)
-        elif symbol == pat.MLP:
-            p = base + "mlp."
-            shapes[p + "linear_fc1.layer_norm_weight"] = (d.hidden,)
-            shapes[p + "linear_fc1.weight"] = (cfg.ffn_hidden_size, d.hidden)
-            shapes[p + "linear_fc2.weight"] = (d.hidden, cfg.ffn_hidden_size)
+    """The global shape of every megatron model key (what a training checkpoint holds), from the geometry;
+    split parameters appear as their stored sub-keys."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    params = [geo.embedding(cfg, padded_vocab), *geo.final_norm(cfg), geo.output_layer(cfg, padded_vocab)]
+    keyed = [(p.name, p) for p in params]
+    for i, layer in enumerate(geo.layers(cfg)):
+        keyed += [(geo.layer_key(i, p.name), p) for p in layer.params]
+    for key, p in keyed:
+        if p.parts:
+            for part, rows in p.parts:
+                shapes[f"{key}.{part}"] = (rows, *p.shape[1:])
         else:
-            raise ValueError(f"no NemotronH mapping for layer symbol {symbol!r}")
+            shapes[key] = p.shape
     return shapes
 
 

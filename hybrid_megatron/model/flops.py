@@ -15,14 +15,18 @@ Per token, with H hidden, S sequence length, V padded vocab:
                     + 2*G*N*Q/2 + 2*di*Q/2                                          (SSD within a chunk of Q)
                     + 2*di*N + 2*di*N                                               (chunk states in and out)
   logits            2*H*V
+
+Parameter shapes come from ``model/geometry.py``: a GEMM costs 2 x its weight's elements per token, and
+only the mixing terms (conv, SSD, attention scores) are written out here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybrid_megatron.config import ModelConfig
+from hybrid_megatron.model import geometry as geo
 from hybrid_megatron.model import pattern as pat
+from hybrid_megatron.model.config import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,77 +35,67 @@ class LayerCost:
     flops_per_token: int  # forward only
 
 
-def _norm_params(m: ModelConfig, width: int) -> int:
-    return width * (2 if m.normalization == "LayerNorm" else 1)
-
-
-def mamba_layer(m: ModelConfig, seq_len: int) -> LayerCost:
-    H, di, G, N, nh, K = (
-        m.hidden_size, m.mamba_d_inner, m.mamba_num_groups, m.mamba_state_dim, m.num_mamba_heads, m.mamba_conv_kernel
-    )
-    Q = min(m.mamba_chunk_size, seq_len)
-    in_width = 2 * di + 2 * G * N + nh
-    conv_width = di + 2 * G * N
-    # megatron's MambaMixer has no linear biases (it asserts bias=False) whatever add_bias_linear says
-    params = _norm_params(m, H) + H * in_width + conv_width * K + conv_width + 3 * nh + di + di * H
-    flops = 2 * H * in_width + 2 * di * H + 2 * K * conv_width + G * N * Q + di * Q + 4 * di * N
-    return LayerCost(params, flops)
-
-
-def attention_layer(m: ModelConfig, seq_len: int) -> LayerCost:
-    H, hd, q, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_kv_heads
-    qkv = (q + 2 * kv) * hd
-    bias = qkv + H if m.add_bias_linear else 0
-    params = _norm_params(m, H) + H * qkv + q * hd * H + bias
-    flops = 2 * H * qkv + 2 * q * hd * H + 2 * q * hd * seq_len
-    return LayerCost(params, flops)
-
-
-def mlp_layer(m: ModelConfig) -> LayerCost:
-    H, F = m.hidden_size, m.ffn_hidden_size
-    up = F * (2 if m.activation == "swiglu" else 1)
-    bias = up + H if m.add_bias_linear else 0
-    return LayerCost(_norm_params(m, H) + H * up + F * H + bias, 2 * H * up + 2 * F * H)
+def _mixing_flops(m: ModelConfig, symbol: str, seq_len: int) -> int:
+    """Forward FLOPs per token outside the GEMMs (the GEMMs cost 2 x their weight elements)."""
+    if symbol == pat.MAMBA:
+        w = geo.mamba_widths(m)
+        Q = min(m.mamba_chunk_size, seq_len)
+        G, N = m.mamba_num_groups, m.mamba_state_dim
+        return 2 * m.mamba_conv_kernel * w.conv + G * N * Q + w.d_inner * Q + 4 * w.d_inner * N
+    if symbol == pat.ATTENTION:
+        return 2 * m.num_attention_heads * m.head_dim * seq_len  # QK^T and AV, causal half
+    return 0
 
 
 def layer_cost(m: ModelConfig, symbol: str, seq_len: int) -> LayerCost:
-    if symbol == pat.MAMBA:
-        return mamba_layer(m, seq_len)
-    if symbol == pat.ATTENTION:
-        return attention_layer(m, seq_len)
-    if symbol == pat.MLP:
-        return mlp_layer(m)
-    raise ValueError(f"no cost model for layer symbol {symbol!r}")
+    g = geo.layer(m, symbol)
+    return LayerCost(g.total, 2 * g.gemm + _mixing_flops(m, symbol, seq_len))
+
+
+def mamba_layer(m: ModelConfig, seq_len: int) -> LayerCost:
+    return layer_cost(m, pat.MAMBA, seq_len)
+
+
+def attention_layer(m: ModelConfig, seq_len: int) -> LayerCost:
+    return layer_cost(m, pat.ATTENTION, seq_len)
+
+
+def mlp_layer(m: ModelConfig) -> LayerCost:
+    return layer_cost(m, pat.MLP, 1)
+
+
+def _final_norm_params(m: ModelConfig) -> int:
+    return sum(p.numel for p in geo.final_norm(m))
 
 
 def embedding_params(m: ModelConfig, padded_vocab: int) -> int:
-    return padded_vocab * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return geo.embedding(m, padded_vocab).numel * (1 if m.tie_embeddings else 2)
 
 
 def num_parameters(m: ModelConfig, padded_vocab: int) -> int:
     """Exactly the parameter count of the built model (all TP/PP shards together)."""
-    layers = sum(layer_cost(m, s, 1).params for s in pat.layers(m.hybrid_layer_pattern))
-    return layers + embedding_params(m, padded_vocab) + _norm_params(m, m.hidden_size)
+    layers = sum(g.total for g in geo.layers(m))
+    return layers + embedding_params(m, padded_vocab) + _final_norm_params(m)
 
 
 def stage_parameters(m: ModelConfig, padded_vocab: int, pp_size: int) -> list[int]:
     """Parameters held by each pipeline stage (embedding on the first, head and final norm on the last)."""
     out = []
     for stage in pat.split_stages(m.hybrid_layer_pattern, pp_size):
-        n = sum(layer_cost(m, s, 1).params for chunk in stage.chunks for s in chunk)
+        n = sum(geo.layer(m, s).total for chunk in stage.chunks for s in chunk)
         if stage.pp_rank == 0:
-            n += padded_vocab * m.hidden_size
+            n += geo.embedding(m, padded_vocab).numel
         if stage.pp_rank == pp_size - 1:
-            n += _norm_params(m, m.hidden_size)
+            n += _final_norm_params(m)
             if not m.tie_embeddings or pp_size > 1:  # a tied head on another stage keeps a copy
-                n += padded_vocab * m.hidden_size
+                n += geo.output_layer(m, padded_vocab).numel
         out.append(n)
     return out
 
 
 def forward_flops_per_token(m: ModelConfig, padded_vocab: int, seq_len: int) -> int:
     layers = sum(layer_cost(m, s, seq_len).flops_per_token for s in pat.layers(m.hybrid_layer_pattern))
-    return layers + 2 * m.hidden_size * padded_vocab
+    return layers + 2 * geo.output_layer(m, padded_vocab).numel
 
 
 def training_flops_per_token(m: ModelConfig, padded_vocab: int, seq_len: int) -> int:

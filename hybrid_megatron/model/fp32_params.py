@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-SSM_FP32_PARAM_NAMES = ("A_log", "D", "dt_bias")
+from hybrid_megatron.model.geometry import SSM_FP32_NAMES
 
 
 def is_ssm_fp32_param(name: str) -> bool:
     """True for parameters an SSM mixer marks as fp32 (by their leaf name inside a ``mixer``)."""
     parts = name.split(".")
-    return parts[-1] in SSM_FP32_PARAM_NAMES and "mixer" in parts
+    return parts[-1] in SSM_FP32_NAMES and "mixer" in parts
 
 
 def ssm_fp32_params(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -35,8 +35,3 @@ def wrap_half_keep_ssm_fp32(config, module: torch.nn.Module) -> torch.nn.Module:
     for name, param in ssm_fp32_params(inner).items():
         param.data = saved[name].to(param.device)  # same Parameter object, fp32 storage, exact values
     return wrapped
-
-
-def dtype_report(module: torch.nn.Module) -> dict[str, str]:
-    """name -> dtype of every SSM fp32 parameter (and, for contrast, one other parameter)."""
-    return {name: str(p.dtype) for name, p in ssm_fp32_params(module).items()}

@@ -10,30 +10,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hybrid_megatron.model import geometry as geo
 from hybrid_megatron.model import pattern as pat
+from hybrid_megatron.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from data_pipeline.config import DataConfig
-    from hybrid_megatron.config import ModelConfig
 
 MULTIPLE = 16
 
 
 def gemm_dims(m: ModelConfig, tp: int) -> list[tuple[str, int]]:
-    """(what, size per TP rank) of every weight dimension of the FP8 GEMMs of the pattern's layers."""
-    counts = pat.count_layers(m.hybrid_layer_pattern)
+    """(what, size per TP rank) of every TP-split weight dimension of the FP8 GEMMs of the pattern's layers."""
     dims = [("model.hidden_size", m.hidden_size)]
-    if counts["mamba"]:
-        width = 2 * m.mamba_d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.num_mamba_heads
-        dims += [(f"the Mamba in_proj width {width} / TP {tp}", width // tp),
-                 (f"the Mamba inner width {m.mamba_d_inner} / TP {tp}", m.mamba_d_inner // tp)]
-    if counts["attention"]:
-        qkv = (m.num_attention_heads + 2 * m.num_kv_heads) * m.head_dim
-        dims += [(f"the attention QKV width {qkv} / TP {tp}", qkv // tp),
-                 (f"the attention output width {m.num_attention_heads * m.head_dim} / TP {tp}",
-                  m.num_attention_heads * m.head_dim // tp)]
-    if counts["mlp"]:
-        dims += [(f"model.ffn_hidden_size {m.ffn_hidden_size} / TP {tp}", m.ffn_hidden_size // tp)]
+    for symbol in sorted(set(pat.layers(m.hybrid_layer_pattern)), key=pat.SUPPORTED_SYMBOLS.index):
+        dims += [(f"{what} {size} / TP {tp}", size // tp) for what, size in geo.layer(m, symbol).sharded_gemm_dims]
     return dims
 
 

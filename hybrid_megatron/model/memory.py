@@ -56,9 +56,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_pipeline.errors import ConfigError
-from hybrid_megatron.config import ModelConfig, RunConfig
-from hybrid_megatron.model import flops
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.model import geometry as geo
 from hybrid_megatron.model import pattern as pat
+from hybrid_megatron.model.config import ModelConfig
 
 GB = 1e9
 GPU_BYTES = 80 * GB
@@ -67,30 +68,8 @@ FRAGMENTATION = 0.05
 FP8_WEIGHT_BYTES = 2  # row-wise + column-wise FP8 copy per GEMM weight (Hopper)
 
 
-@dataclass(frozen=True, slots=True)
-class _LayerParams:
-    total: int
-    replicated: int  # held whole by every TP rank
-    fp32: int  # SSM params kept fp32 (sharded over TP with the heads)
-    gemm: int  # GEMM weights: what FP8 layers cache in FP8
-
-
 def _norm(m: ModelConfig) -> int:
-    return m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
-
-
-def _layer_params(m: ModelConfig, symbol: str) -> _LayerParams:
-    H, total = m.hidden_size, flops.layer_cost(m, symbol, 1).params
-    bias = H if m.add_bias_linear else 0  # row-parallel output biases are replicated
-    if symbol == pat.MAMBA:
-        width = 2 * m.mamba_d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.num_mamba_heads
-        return _LayerParams(total, _norm(m), 3 * m.num_mamba_heads, H * width + m.mamba_d_inner * H)
-    if symbol == pat.ATTENTION:
-        q_width = m.num_attention_heads * m.head_dim
-        qkv = q_width + 2 * m.num_kv_heads * m.head_dim
-        return _LayerParams(total, _norm(m) + bias, 0, H * qkv + q_width * H)
-    up = m.ffn_hidden_size * (2 if m.activation == "swiglu" else 1)
-    return _LayerParams(total, _norm(m) + bias, 0, H * up + m.ffn_hidden_size * H)
+    return sum(p.numel for p in geo.final_norm(m))
 
 
 def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str) -> tuple[float, float]:
@@ -101,18 +80,17 @@ def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, rec
     if symbol == pat.MAMBA:
         di, G, N, nh, Q = (m.mamba_d_inner, m.mamba_num_groups, m.mamba_state_dim, m.num_mamba_heads,
                            m.mamba_chunk_size)
-        W = 2 * di + 2 * G * N + nh
+        W = geo.mamba_widths(m).in_proj
         stored += (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
         work = (2 * T * W + 2 * T * (di + 2 * G * N) + 4 * T * di * N / Q + 4 * T * G * Q + 12 * T * nh) / tp
     elif symbol == pat.ATTENTION:
         q, hd = m.num_attention_heads, m.head_dim
-        qkv = (q + 2 * m.num_kv_heads) * hd
+        qkv, _ = geo.attention_widths(m)
         lse = 0 if recompute == "selective" else 4 * T * q
         stored += (2 * T * qkv + 2 * T * q * hd + lse) / tp
         work = (2 * T * qkv + 6 * T * q * hd + 4 * T * q) / tp  # dQ/dK/dV, fp32 dQ accumulator, dO
     else:
-        F = m.ffn_hidden_size
-        up = F * (2 if m.activation == "swiglu" else 1)
+        F, up = m.ffn_hidden_size, geo.mlp_up_rows(m)
         stored += (2 * T * up + 2 * T * F) / tp
         work = stored - (4 * T * H + stats) / s
     return stored, work
@@ -185,16 +163,16 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
         last = stage.pp_rank == pp - 1
         sharded = replicated = fp32 = fp8_gemm = 0
         if stage.pp_rank == 0:
-            sharded += V * H  # vocab-parallel embedding
+            sharded += geo.embedding(m, V).numel  # vocab-parallel embedding
         if last:
             replicated += _norm(m)
             if not m.tie_embeddings or pp > 1:
-                sharded += V * H
+                sharded += geo.output_layer(m, V).numel
         chunk_bytes, work = [], 0.0
         for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
             acts = [_layer_activations(m, sym, T, tp, s, train.recompute) for sym in chunk]
             for i, sym in enumerate(chunk):
-                p = _layer_params(m, sym)
+                p = geo.layer(m, sym)
                 sharded += p.total - p.replicated
                 replicated += p.replicated
                 fp32 += p.fp32 if fp32_ssm else 0
