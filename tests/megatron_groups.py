@@ -33,13 +33,13 @@ class Stack(torch.nn.Module):
 
 
 def megatron_param_groups(model: torch.nn.Module, lr: float, min_lr: float, weight_decay: float) -> list[dict]:
-    """megatron-core's ``_get_param_groups`` with our overrides (``loop._param_group_overrides``)."""
+    """megatron-core's ``_get_param_groups`` with our overrides (``training/optimizer.py``)."""
     from megatron.core.optimizer import OptimizerConfig, _get_param_groups
 
-    from hybrid_megatron.convert.ckpt_io import single_process_group
-    from hybrid_megatron.training.loop import _param_group_overrides
+    from hybrid_megatron.checkpoint.offline import single_process_group
+    from hybrid_megatron.training.optimizer import param_group_overrides
 
     config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, bf16=True,
                              params_dtype=torch.bfloat16)
     with single_process_group():
-        return _get_param_groups([model], config, _param_group_overrides(config))
+        return _get_param_groups([model], config, param_group_overrides(config))

@@ -7,13 +7,15 @@ import json
 import pytest
 
 from data_pipeline.errors import ConfigError
-from hybrid_megatron.training import checkpoint as ckpt
+from hybrid_megatron.checkpoint import architecture
+from hybrid_megatron.checkpoint import layout as ckpt
 
 
 def _tmp_step(save_dir, step):
     tmp = save_dir / f"{ckpt.step_dir_name(step)}.tmp"
     tmp.mkdir(parents=True)
     (tmp / "shard.distcp").write_bytes(b"x" * 10)
+    (tmp / ".metadata").write_bytes(b"index")  # torch_dist writes it once every shard is on disk
     return tmp
 
 
@@ -60,10 +62,29 @@ def test_latest_naming_an_incomplete_dir_is_refused(tmp_path):
 
 def test_resolve_accepts_a_step_dir_or_a_save_dir(tmp_path):
     final = ckpt.commit(tmp_path, _tmp_step(tmp_path, 3), 3, _files(3), keep_last=None)
-    assert ckpt.resolve_checkpoint(tmp_path) == final
-    assert ckpt.resolve_checkpoint(final) == final
-    with pytest.raises(ConfigError, match="no checkpoint there"):
-        ckpt.resolve_checkpoint(tmp_path / "elsewhere")
+    assert ckpt.resolve_step_dir(tmp_path) == final
+    assert ckpt.resolve_step_dir(final) == final
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        ckpt.resolve_step_dir(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="checkpoint.load=.*empty: no checkpoint there"):
+        ckpt.resolve_step_dir(tmp_path / "empty", what="checkpoint.load=")
+
+
+def test_an_unfinished_save_is_never_a_checkpoint(tmp_path):
+    """Training and convert share one rule: a .tmp dir, or a step dir missing either marker, is not read."""
+    tmp = _tmp_step(tmp_path, 7)
+    (tmp / "train_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="unfinished save"):
+        ckpt.resolve_step_dir(tmp)
+    (tmp_path / "latest").write_text(tmp.name + "\n")  # a pointer at the tmp dir (a hand edit, an old bug)
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt.resolve_step_dir(tmp_path)
+    for missing in (".metadata", "train_state.json"):
+        step = tmp_path / f"step-00000{len(missing)}"
+        step.mkdir()
+        (step / ({".metadata", "train_state.json"} - {missing}).pop()).write_text("{}")
+        assert not ckpt.is_complete(step)
 
 
 def test_architecture_change_is_refused_but_cuts_and_spellings_may_differ(tmp_path):
@@ -73,8 +94,8 @@ def test_architecture_change_is_refused_but_cuts_and_spellings_may_differ(tmp_pa
     saved = to_dict(load_run_config("configs/tiny.yaml").model)
     same = {**saved, "hybrid_layer_pattern": "M-M*-M-M*-", "layer_spec": "local", "kv_channels": 64,
             "mamba_num_heads": 16}  # no cut; explicit values equal to the derived ones
-    ckpt.check_architecture(saved, same, tmp_path)
+    architecture.check_architecture(saved, same, tmp_path)
     with pytest.raises(ConfigError, match="model.hidden_size=512 there, 768 in this config"):
-        ckpt.check_architecture(saved, {**saved, "hidden_size": 768, "mamba_head_dim": 96}, tmp_path)
+        architecture.check_architecture(saved, {**saved, "hidden_size": 768, "mamba_head_dim": 96}, tmp_path)
     with pytest.raises(ConfigError, match="model.mamba_state_dim=64 there, 128"):
-        ckpt.check_architecture(saved, {**saved, "mamba_state_dim": 128}, tmp_path)
+        architecture.check_architecture(saved, {**saved, "mamba_state_dim": 128}, tmp_path)

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hybrid_megatron.convert.ckpt_io import cpu_only_save_patches, free_port
+from hybrid_megatron.checkpoint.offline import cpu_only_save_patches
+from hybrid_megatron.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def _config(save_dir: Path, tp: int, *extra: str):
 
 
 def _save_at_tp2(rank: int, port: int, save_dir: str) -> None:
-    from hybrid_megatron.training.checkpointer import Checkpointer
+    from hybrid_megatron.checkpoint.live import Checkpointer
 
     _setup(rank, 2, port, tp=2)
     model = _model(tp=2, seed=0)
@@ -92,7 +93,7 @@ def _save_at_tp2(rank: int, port: int, save_dir: str) -> None:
 
 
 def _load_at_tp1(rank: int, port: int, save_dir: str, extra: list[str], results) -> None:
-    from hybrid_megatron.training.checkpointer import Checkpointer
+    from hybrid_megatron.checkpoint.live import Checkpointer
 
     _setup(rank, 1, port, tp=1)
     model = _model(tp=1, seed=1)  # another init: the load must overwrite it

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_megatron.convert import ckpt_io
+from hybrid_megatron.checkpoint import layout, offline
 from hybrid_megatron.convert.to_hf import ExportOptions, export
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
@@ -54,7 +54,7 @@ def fixture(request, tmp_path_factory):
     ref = torch.load(root / "reference.pt", weights_only=True)
     missing = {"input_ids", "logits", "greedy_ids", "prompt_len"} - set(ref)
     assert not missing, f"{root}/reference.pt lacks {sorted(missing)}"
-    cfg = ckpt_io.load_model_config(ckpt_io.resolve_step_dir(root / "ckpt"))
+    cfg = offline.load_model_config(layout.resolve_step_dir(root / "ckpt"))
     seq = ref["input_ids"].shape[1]
     chunk = cfg.mamba_chunk_size
     assert seq > chunk and seq % chunk, f"{root}: S={seq} must exceed and not be a multiple of chunk_size={chunk}"

@@ -10,7 +10,8 @@ import yaml
 from safetensors import safe_open
 
 from hybrid_megatron.cli import main
-from hybrid_megatron.convert import ckpt_io, mapping
+from hybrid_megatron.checkpoint import layout, offline
+from hybrid_megatron.convert import mapping
 from hybrid_megatron.convert.testing import random_nemotron_h
 
 
@@ -43,14 +44,14 @@ def test_round_trip_reproduces_every_tensor_bit_for_bit(converted):
 
 def test_from_hf_writes_the_training_layout(converted):
     save_dir = converted["root"] / "ckpt"
-    step_dir = ckpt_io.resolve_step_dir(save_dir)
+    step_dir = layout.resolve_step_dir(save_dir)
     assert step_dir.name == "step-000000" and (save_dir / "latest").read_text().strip() == "step-000000"
     assert json.loads((step_dir / "train_state.json").read_text()) == {"weights_only": True, "step": 0}
     assert json.loads((step_dir / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     model_section = yaml.safe_load((step_dir / "run_config.yaml").read_text())["model"]
     assert model_section["hybrid_layer_pattern"] == "M*-M-*M-" and model_section["vocab_size"] == 250
-    cfg = ckpt_io.load_model_config(step_dir)
-    reader = ckpt_io.CheckpointReader(step_dir)
+    cfg = offline.load_model_config(step_dir)
+    reader = offline.CheckpointReader(step_dir)
     stored = {k: v for k, v in reader.tensors.items() if mapping.is_model_key(k)}
     assert {k: s for k, (s, _) in stored.items()} == mapping.expected_megatron_shapes(cfg, padded_vocab=256)
     for key, (_, dtype) in stored.items():
@@ -107,6 +108,7 @@ def test_export_refusal_comes_before_any_write(tmp_path, capsys):
     step = tmp_path / "step-000001"
     step.mkdir()
     (step / ".metadata").write_bytes(b"")  # never read: the model section is refused first
+    (step / "train_state.json").write_text('{"weights_only": true, "step": 1}')
     model = {"hybrid_layer_pattern": "M*-", "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
              "mamba_head_dim": 16, "mamba_num_groups": 2, "position_embedding_type": "rope", "vocab_size": 250}
     (step / "run_config.yaml").write_text(yaml.safe_dump({"model": model}))

@@ -15,7 +15,9 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from hybrid_megatron.cli import main
-from hybrid_megatron.convert import ckpt_io, mapping
+from hybrid_megatron.checkpoint import layout, offline
+from hybrid_megatron.convert import mapping
+from hybrid_megatron.training.distributed import free_port
 from hybrid_megatron.convert.testing import random_nemotron_h, tp_save_worker
 
 
@@ -28,15 +30,15 @@ LAYOUTS = [("tp2", 2, None), ("pp2", 2, [5, 3]), ("tp2pp2", 4, [5, 3])]
 def test_sharded_save_exports_identically_to_tp1(tmp_path, name, world, stage_layers):
     random_nemotron_h(seed=3).save_pretrained(tmp_path / "hf")
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "tp1"), "--dtype", "fp32"]) == 0
-    tp1_step = ckpt_io.resolve_step_dir(tmp_path / "tp1")
-    cfg = ckpt_io.load_model_config(tp1_step)
-    reader = ckpt_io.CheckpointReader(tp1_step)
+    tp1_step = layout.resolve_step_dir(tmp_path / "tp1")
+    cfg = offline.load_model_config(tp1_step)
+    reader = offline.CheckpointReader(tp1_step)
     keys = [k for k in reader.tensors if mapping.is_model_key(k)]
     torch.save(dict(zip(keys, reader.read(keys))), tmp_path / "tensors.pt")
 
     step = tmp_path / name / "step-000007"
     step.mkdir(parents=True)
-    args = (world, ckpt_io.free_port(), str(step), str(tmp_path / "tensors.pt"), mapping.Dims.of(cfg), stage_layers)
+    args = (world, free_port(), str(step), str(tmp_path / "tensors.pt"), mapping.Dims.of(cfg), stage_layers)
     mp.start_processes(tp_save_worker, args=args, nprocs=world, join=True, start_method="fork")
     for f in ("run_config.yaml", "train_state.json"):
         shutil.copy(tp1_step / f, step / f)

@@ -9,7 +9,7 @@ import signal
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hybrid_megatron.convert.ckpt_io import free_port
+from hybrid_megatron.training.distributed import free_port
 
 from hybrid_megatron.training.signals import PreemptionHandler
 

@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config_io import to_dict
-from hybrid_megatron.convert import ckpt_io, mapping
+from hybrid_megatron.checkpoint import offline
+from hybrid_megatron.convert import mapping
 from hybrid_megatron.convert.hf_config import model_config_from_hf
 from hybrid_megatron.convert.safetensors_stream import INDEX_NAME
 
 log = logging.getLogger(__name__)
-
-STEP_DIR_NAME = "step-000000"
-
 
 class _HFReader:
     """Lazy per-tensor reads of an HF safetensors checkpoint (single file or sharded with an index)."""
@@ -92,8 +88,7 @@ def import_hf(
     if unknown:
         raise DataError(f"{hf_dir}: tensor {unknown[0]} has no megatron mapping ({len(unknown)} such keys)")
 
-    ckpt_io.prepare_empty_dir(save_dir, overwrite)
-    step_dir = save_dir / STEP_DIR_NAME
+    offline.prepare_empty_dir(save_dir, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, cfg, 1)
     params_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     dims = mapping.Dims.of(cfg)
@@ -111,13 +106,7 @@ def import_hf(
                                 f"config.json implies {list(shapes[key])}")
             tensors[key] = tensor.to(torch.float32 if group.kind == "ssm_fp32" else params_dtype).contiguous()
 
-    tmp = save_dir / (STEP_DIR_NAME + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    ckpt_io.save_torch_dist(tmp, ckpt_io.sharded_model_state(tensors, dims))
-    ckpt_io.write_step_files(tmp, to_dict(cfg), {"weights_only": True, "step": 0})
-    os.replace(tmp, step_dir)
-    ckpt_io.point_latest(save_dir, step_dir)
+    step_dir = offline.save_model_only(save_dir, offline.sharded_model_state(tensors, dims), to_dict(cfg))
     log.info("imported %s -> %s: %d tensors, padded vocab %d, %.1f s", hf_dir, step_dir, len(tensors), padded,
              time.perf_counter() - start)
     return step_dir

@@ -71,8 +71,8 @@ def save_tp_sharded(step_dir: Path, tensors: dict, dims, tp_rank: int, tp_size: 
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.ssm.utils import _split_tensor_factory
 
-    from hybrid_megatron.convert import ckpt_io
-    from hybrid_megatron.convert.mapping import CONV_PARTS, IN_PROJ_PARTS
+    from hybrid_megatron.checkpoint.offline import cpu_only_save_patches
+    from hybrid_megatron.model.geometry import CONV_PARTS, IN_PROJ_PARTS
 
     def shard(t, axis):  # this rank's contiguous slice along ``axis``
         return t.chunk(tp_size, dim=axis)[tp_rank].contiguous()
@@ -101,7 +101,7 @@ def save_tp_sharded(step_dir: Path, tensors: dict, dims, tp_rank: int, tp_size: 
             st = ShardedTensor.from_rank_offsets(key, shard(t, 0), (0, tp_rank, tp_size), replica_id=0)
         state[key] = st
         done.add(key)
-    with ckpt_io.cpu_only_save_patches():
+    with cpu_only_save_patches():
         dist_checkpointing.save(state, str(step_dir))
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import ConfigError, DataError
-from hybrid_megatron.convert import ckpt_io, mapping
+from hybrid_megatron.checkpoint import layout, offline
+from hybrid_megatron.convert import mapping
 from hybrid_megatron.convert.checks import check_exportable
 from hybrid_megatron.convert.hf_config import to_hf_config
 from hybrid_megatron.convert.safetensors_stream import ShardWriter, plan_shards, write_index
@@ -71,12 +72,12 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     start = time.perf_counter()
     if opts.dtype not in ("bf16", "fp32"):
         raise ConfigError(f"--dtype {opts.dtype}: must be bf16 or fp32")
-    step_dir = ckpt_io.resolve_step_dir(ckpt_dir)
-    cfg = ckpt_io.load_model_config(step_dir)
+    step_dir = layout.resolve_step_dir(ckpt_dir)
+    cfg = offline.load_model_config(step_dir)
     check_exportable(cfg)  # before anything is read or written
     tokenizer = _load_tokenizer(opts.tokenizer) if opts.tokenizer else None
 
-    reader = ckpt_io.CheckpointReader(step_dir)
+    reader = offline.CheckpointReader(step_dir)
     emb = reader.tensors.get("embedding.word_embeddings.weight")
     if emb is None:
         raise DataError(f"{step_dir}: no embedding.word_embeddings.weight: not a model checkpoint of this project")
@@ -95,7 +96,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     by_key = {name: (i, dtype) for i, s in enumerate(shards) for name, _, dtype in s.entries}
 
     out_dir = Path(out_dir)
-    ckpt_io.prepare_empty_dir(out_dir, opts.overwrite)
+    offline.prepare_empty_dir(out_dir, opts.overwrite)
     writers: dict[int, ShardWriter] = {}
     bar = tqdm(total=sum(s.num_bytes for s in shards), unit="B", unit_scale=True, disable=not opts.progress,
                desc="to-hf")
@@ -127,7 +128,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     return summary
 
 
-def _check_keys(reader: ckpt_io.CheckpointReader, cfg, padded: int, step_dir: Path) -> None:
+def _check_keys(reader: offline.CheckpointReader, cfg, padded: int, step_dir: Path) -> None:
     """Every expected key with its global shape; no unknown model key (a weight we would drop)."""
     expected = mapping.expected_megatron_shapes(cfg, padded)
     for key, shape in expected.items():
@@ -151,7 +152,7 @@ def _empty_bias(key: str, shape: tuple[int, ...]) -> bool:
     return key.endswith(".bias") and 0 in shape
 
 
-def _hf_shapes(group: mapping.TensorGroup, reader: ckpt_io.CheckpointReader, vocab: int) -> list[tuple[int, ...]]:
+def _hf_shapes(group: mapping.TensorGroup, reader: offline.CheckpointReader, vocab: int) -> list[tuple[int, ...]]:
     """The HF shapes of a group, from metadata alone (maps zero-size meta tensors, reads nothing)."""
     import torch
 

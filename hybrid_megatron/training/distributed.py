@@ -35,6 +35,15 @@ def discover_ranks(env: dict[str, str] | None = None) -> Ranks:
     return Ranks(0, 1, 0)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (a single-process rendezvous, test worlds)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def require_gpu() -> None:
     """Fails with one line before megatron is imported (its import prints pages of warnings on a CPU)."""
     import torch
@@ -63,8 +72,6 @@ def initialize(cfg: RunConfig) -> Ranks:
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:  # a port nothing listens on: several single-GPU jobs share a node
-            from hybrid_megatron.convert.ckpt_io import free_port
-
             os.environ["MASTER_PORT"] = str(free_port())
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(

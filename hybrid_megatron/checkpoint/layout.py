@@ -1,17 +1,22 @@
-"""torch_dist checkpoints with an atomic commit, and the resume logic.
+"""The checkpoint directory layout, in one place: step directory names, what makes one complete, the
+atomic commit (tmp dir + rename + fsync, then ``latest`` by rename), pruning and resolution of a path
+given by a user. Training (``checkpoint/live.py``), ``convert`` and the tools all go through it, so an
+unfinished ``step-N.tmp`` is never read as a checkpoint anywhere.
 
 Layout under ``save_dir``::
 
     latest                 the name of the last complete step dir (replaced by rename, never edited)
     step-000100/           megatron dist_checkpointing (torch_dist): model + optimizer + scheduler
-        run_config.yaml    the resolved run config
-        train_state.json   step, tokens, data-loader state, skipped steps
+        .metadata          torch_dist's index of the shards (written last by megatron's save)
+        run_config.yaml    the resolved run config (a model-only save: its ``model:`` section)
+        train_state.json   step, tokens, data-loader state, skipped steps (``weights_only`` for model-only)
         rng/rank-00000.pt  python/numpy/torch/cuda + megatron tracker RNG states of each rank
 
 A save writes ``step-N.tmp/``; once every rank has finished (barrier, or the async finalizer),
 rank 0 writes the small files, renames the dir to ``step-N`` and then replaces ``latest`` through a
 temp file + ``os.replace``. A crash at any point leaves ``latest`` naming a complete checkpoint.
-The dir-name logic is pure and runs on CPU (tests); the save/load calls need the live model.
+A step dir is complete when its name is ``step-N`` (no ``.tmp``) and it holds ``.metadata`` and
+``train_state.json``. Pure file logic: runs on CPU.
 """
 
 from __future__ import annotations
@@ -28,11 +33,25 @@ from data_pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+METADATA = ".metadata"
+RUN_CONFIG = "run_config.yaml"
+TRAIN_STATE = "train_state.json"
+TMP_SUFFIX = ".tmp"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def tmp_dir_name(step: int) -> str:
+    return step_dir_name(step) + TMP_SUFFIX
+
+
+def is_complete(step_dir: Path) -> bool:
+    """A committed step dir: ``step-N`` (not ``.tmp``) with torch_dist's ``.metadata`` and ``train_state.json``."""
+    step_dir = Path(step_dir)
+    return bool(_STEP_RE.match(step_dir.name)) and (step_dir / METADATA).is_file() and (step_dir / TRAIN_STATE).is_file()
 
 
 def read_latest(save_dir: Path) -> Path | None:
@@ -42,19 +61,25 @@ def read_latest(save_dir: Path) -> Path | None:
         return None
     name = pointer.read_text().strip()
     target = Path(save_dir) / name
-    if not _STEP_RE.match(name) or not (target / "train_state.json").is_file():
+    if not is_complete(target):
         raise ConfigError(f"{pointer} names {name!r}, which is not a complete checkpoint in {save_dir}")
     return target
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step dir, or a save dir whose ``latest`` is followed."""
+def resolve_step_dir(path: str | Path, what: str = "") -> Path:
+    """A complete step dir, or a save dir whose ``latest`` is followed; ``what`` (e.g. ``checkpoint.load=``)
+    precedes the path in errors."""
     path = Path(path)
-    if (path / "train_state.json").is_file():
+    if path.name.endswith(TMP_SUFFIX) and _STEP_RE.match(path.name[: -len(TMP_SUFFIX)]):
+        raise ConfigError(f"{what}{path}: an unfinished save (a '{TMP_SUFFIX}' dir), not a checkpoint")
+    if not path.is_dir():
+        raise ConfigError(f"{what}{path}: no such checkpoint directory")
+    if is_complete(path):
         return path
-    latest = read_latest(path) if path.is_dir() else None
+    latest = read_latest(path)
     if latest is None:
-        raise ConfigError(f"checkpoint.load={path}: no checkpoint there (no train_state.json, no 'latest')")
+        raise ConfigError(f"{what}{path}: no checkpoint there (neither a complete step dir with {METADATA} and "
+                          f"{TRAIN_STATE}, nor a save dir with '{LATEST}')")
     return latest
 
 
@@ -65,25 +90,36 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def step_files(run_config_yaml: str, train_state: dict) -> dict[str, str]:
+    """The small files of a step dir, by name."""
+    return {RUN_CONFIG: run_config_yaml, TRAIN_STATE: json.dumps(train_state, indent=1, sort_keys=True) + "\n"}
+
+
 def commit(save_dir: Path, tmp_dir: Path, step: int, files: dict[str, str], keep_last: int | None) -> Path:
-    """Rank 0 only: write the small files, rename tmp -> step dir, then repoint ``latest`` atomically."""
+    """Rank 0 only, after every rank's shards are written: the small files, rename tmp -> step dir, then
+    repoint ``latest`` atomically."""
     for name, text in files.items():
         _fsync_write(tmp_dir / name, text)
     final = save_dir / step_dir_name(step)
     if final.exists():  # a re-run of the same step (e.g. after a crash past the rename): replace it
         shutil.rmtree(final)
     os.replace(tmp_dir, final)
-    pointer_tmp = save_dir / f".{LATEST}.tmp"
-    _fsync_write(pointer_tmp, final.name + "\n")
-    os.replace(pointer_tmp, save_dir / LATEST)
-    dir_fd = os.open(save_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make both renames durable
-    finally:
-        os.close(dir_fd)
+    point_latest(save_dir, final)
     if keep_last:
         prune(save_dir, keep_last)
     return final
+
+
+def point_latest(save_dir: Path, step_dir: Path) -> None:
+    """Repoints ``latest`` by temp file + rename (a reader never sees a half-written pointer), durably."""
+    pointer_tmp = save_dir / f".{LATEST}{TMP_SUFFIX}"
+    _fsync_write(pointer_tmp, step_dir.name + "\n")
+    os.replace(pointer_tmp, save_dir / LATEST)
+    dir_fd = os.open(save_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the renames durable
+    finally:
+        os.close(dir_fd)
 
 
 def _weights_only(step_dir: Path) -> bool:
@@ -112,58 +148,10 @@ def prune(save_dir: Path, keep_last: int) -> list[Path]:
 
 def clean_stale_tmp(save_dir: Path) -> None:
     """Removes ``*.tmp`` leftovers of an interrupted save (rank 0, before a new save)."""
-    for p in Path(save_dir).glob("step-*.tmp"):
+    for p in Path(save_dir).glob(f"step-*{TMP_SUFFIX}"):
         log.warning("removing incomplete checkpoint %s (interrupted save)", p)
         shutil.rmtree(p, ignore_errors=True)
 
 
 def read_train_state(step_dir: Path) -> dict:
-    return json.loads((step_dir / "train_state.json").read_text())
-
-
-def _architecture(raw: dict) -> dict:
-    """What shapes the weights, derived (``kv_channels: null`` and ``64`` are the same architecture)."""
-    from hybrid_megatron.config import ModelConfig
-    from hybrid_megatron.config_io import build
-    from hybrid_megatron.model import pattern
-
-    m = build(ModelConfig, raw, "model")
-    return {
-        "layers (pattern without cuts)": pattern.layers(m.hybrid_layer_pattern),
-        "hidden_size": m.hidden_size,
-        "ffn_hidden_size": m.ffn_hidden_size,
-        "num_attention_heads": m.num_attention_heads,
-        "num_query_groups": m.num_kv_heads,
-        "kv_channels": m.head_dim,
-        "mamba_num_heads": m.num_mamba_heads,
-        "mamba_head_dim": m.mamba_head_dim,
-        "mamba_num_groups": m.mamba_num_groups,
-        "mamba_state_dim": m.mamba_state_dim,
-        "mamba_conv_kernel": m.mamba_conv_kernel,
-        "normalization": m.normalization,
-        "add_bias_linear": m.add_bias_linear,
-        "activation": m.activation,
-        "position_embedding_type": m.position_embedding_type,
-        "tie_embeddings": m.tie_embeddings,
-        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
-    }
-
-
-def check_architecture(saved_model: dict, current_model: dict, path: Path) -> None:
-    """Refuses a checkpoint whose model differs in anything that shapes the weights.
-
-    Pipeline cuts, the layer spec (TE and local write the same keys), init and chunk size may change.
-    """
-    saved, current = _architecture(saved_model), _architecture(current_model)
-    for key in saved:
-        if saved[key] != current[key]:
-            raise ConfigError(
-                f"checkpoint {path} has a different architecture: model.{key}={saved[key]!r} there, "
-                f"{current[key]!r} in this config"
-            )
-    if saved_model.get("vocab_size") and current_model.get("vocab_size"):
-        if saved_model["vocab_size"] != current_model["vocab_size"]:
-            raise ConfigError(
-                f"checkpoint {path} has a different architecture: model.vocab_size={saved_model['vocab_size']} "
-                f"there, {current_model['vocab_size']} in this config"
-            )
+    return json.loads((Path(step_dir) / TRAIN_STATE).read_text())

@@ -1,6 +1,6 @@
 """Saving and loading the live training state through megatron's dist_checkpointing (torch_dist).
 
-The directory protocol (tmp dir, rename, ``latest``) is in ``checkpoint.py``; this module builds the
+The directory protocol (tmp dir, rename, ``latest``) is in ``checkpoint/layout.py``; this module builds the
 sharded state dicts of model chunks and optimizer, runs the (optionally async) save, and restores
 model, optimizer, LR scheduler, RNG and the data-loader state on resume. Loading tolerates a change
 of TP/PP/DP (torch_dist reshards); a change of architecture is refused before any tensor is read.
@@ -8,7 +8,6 @@ of TP/PP/DP (torch_dist reshards); a change of architecture is refused before an
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -17,13 +16,14 @@ import yaml
 
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import dump_yaml, to_dict
-from hybrid_megatron.training import checkpoint as ckpt
+from hybrid_megatron.checkpoint import layout as ckpt
+from hybrid_megatron.checkpoint.architecture import check_architecture
 
 log = logging.getLogger(__name__)
 
 # Optimizer state in model space ("fully_reshardable": gathered per DP group on save, sliced per rank
 # on load), so a checkpoint reloads at another TP/PP/DP layout. The fp32 SSM params must sit in a
-# param group of their own for megatron-core to pair their state correctly (see loop._param_group_overrides).
+# param group of their own for megatron-core to pair their state correctly (see training/optimizer.py).
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -82,6 +82,27 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _apply_model_weights(model_chunks, loaded: dict, step_dir: Path) -> None:
+    """Copies loaded model tensors into the bare chunks; refuses a key set that does not match the model."""
+    for i, chunk in enumerate(model_chunks):
+        weights = loaded["model"] if len(model_chunks) == 1 else loaded[f"model{i}"]
+        result = _unwrap(chunk).load_state_dict(weights, strict=False)  # saved from the bare model too
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {step_dir} does not match the model: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_model_weights(model_chunks, step_dir: Path) -> None:
+    """The model tensors of any of our checkpoints (training or weights-only) into ``model_chunks`` at
+    this process layout; torch_dist reshards across TP/PP. No optimizer, schedule or RNG state."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(step_dir))
+    _apply_model_weights(model_chunks, loaded, step_dir)
+
+
 class Checkpointer:
     def __init__(self, cfg: RunConfig, model_chunks, optimizer, scheduler):
         import torch
@@ -111,7 +132,7 @@ class Checkpointer:
 
         self.finalize()  # at most one save in flight
         self._sync_params()
-        tmp = self.save_dir / f"{ckpt.step_dir_name(step)}.tmp"
+        tmp = self.save_dir / ckpt.tmp_dir_name(step)
         if self.rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale_tmp(self.save_dir)
@@ -122,10 +143,7 @@ class Checkpointer:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
             train_state = {**train_state, "scheduler": self.scheduler.state_dict()}
         background = self._async_queue is not None and not weights_only
-        files = {
-            "run_config.yaml": dump_yaml(self.cfg),
-            "train_state.json": json.dumps(train_state, indent=1, sort_keys=True),
-        }
+        files = ckpt.step_files(dump_yaml(self.cfg), train_state)
         request = dist_checkpointing.save(
             state,
             str(tmp),
@@ -181,7 +199,7 @@ class Checkpointer:
         if latest is not None:
             return latest
         if self.cfg.checkpoint.load:
-            return ckpt.resolve_checkpoint(self.cfg.checkpoint.load)
+            return ckpt.resolve_step_dir(self.cfg.checkpoint.load, what="checkpoint.load=")
         return None
 
     def load(self, step_dir: Path) -> dict:
@@ -189,21 +207,15 @@ class Checkpointer:
         import torch
         from megatron.core import dist_checkpointing
 
-        saved_cfg = yaml.safe_load((step_dir / "run_config.yaml").read_text())
-        ckpt.check_architecture(saved_cfg.get("model", {}), to_dict(self.cfg.model), step_dir)
+        saved_cfg = yaml.safe_load((step_dir / ckpt.RUN_CONFIG).read_text())
+        check_architecture(saved_cfg.get("model", {}), to_dict(self.cfg.model), step_dir)
         train_state = ckpt.read_train_state(step_dir)
         weights_only = bool(train_state.get("weights_only"))
         state = _model_sharded_state_dict(self.model)
         if not weights_only:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
         loaded = dist_checkpointing.load(state, str(step_dir))
-        for i, chunk in enumerate(self.model):
-            weights = loaded["model"] if len(self.model) == 1 else loaded[f"model{i}"]
-            result = _unwrap(chunk).load_state_dict(weights, strict=False)  # saved from the bare model too
-            unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
-            if result.missing_keys or unexpected:
-                raise RuntimeError(f"checkpoint {step_dir} does not match the model: missing "
-                                   f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}")
+        _apply_model_weights(self.model, loaded, step_dir)
         if weights_only:
             if self.optimizer is not None:
                 # the fp32 main params were copied from the initial weights when the optimizer was built;

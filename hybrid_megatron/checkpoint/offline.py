@@ -10,51 +10,27 @@ conversion holds one tensor group in memory at a time. Writing goes through mega
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from data_pipeline.errors import ConfigError, DataError
+from hybrid_megatron.checkpoint import layout
 from hybrid_megatron.config_io import build
+
+from hybrid_megatron.model.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from hybrid_megatron.config import ModelConfig
-
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
-RUN_CONFIG = "run_config.yaml"
-TRAIN_STATE = "train_state.json"
-
-
-def resolve_step_dir(path: str | Path) -> Path:
-    """A step dir (has ``.metadata``), or a save dir whose ``latest`` names one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such checkpoint directory")
-    if (path / ".metadata").is_file():
-        return path
-    pointer = path / LATEST
-    if pointer.is_file():
-        step = path / pointer.read_text().strip()
-        if not (step / ".metadata").is_file():
-            raise DataError(f"{pointer} names {step.name!r}, which is not a complete torch_dist checkpoint")
-        return step
-    raise ConfigError(f"{path}: not a checkpoint (neither a step dir with .metadata nor a save dir with '{LATEST}')")
 
 
 def load_model_config(step_dir: Path) -> ModelConfig:
     """The ``model:`` section of the checkpoint's ``run_config.yaml``."""
-    from hybrid_megatron.config import ModelConfig
-
-    path = step_dir / RUN_CONFIG
+    path = step_dir / layout.RUN_CONFIG
     if not path.is_file():
         raise DataError(f"{path} is missing: the converter needs the model section the run was trained with")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -95,13 +71,6 @@ class CheckpointReader:
 # writing
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for a local process group)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def single_process_group():
     """A world of one (gloo) for megatron's save, unless the caller already set one up."""
@@ -110,9 +79,8 @@ def single_process_group():
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
+    # an in-memory store: a world of one needs no rendezvous port
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
@@ -148,7 +116,7 @@ def sharded_model_state(tensors: dict[str, torch.Tensor], dims) -> dict[str, Any
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.ssm.utils import _split_tensor_factory
 
-    from hybrid_megatron.convert.mapping import CONV_PARTS, IN_PROJ_PARTS
+    from hybrid_megatron.model.geometry import CONV_PARTS, IN_PROJ_PARTS
 
     split = {  # suffix of the stored sub-keys -> (parts, sizes)
         "in_proj.weight": (IN_PROJ_PARTS, dims.in_proj_sizes),
@@ -185,16 +153,18 @@ def save_torch_dist(step_dir: Path, state: dict[str, Any]) -> None:
         dist_checkpointing.save(state, str(step_dir))
 
 
-def write_step_files(step_dir: Path, model_section: dict, train_state: dict) -> None:
-    (step_dir / RUN_CONFIG).write_text(yaml.safe_dump({"model": model_section}, sort_keys=False))
-    (step_dir / TRAIN_STATE).write_text(json.dumps(train_state) + "\n")
+def save_model_only(save_dir: Path, state: dict[str, Any], model_section: dict) -> Path:
+    """A weights-only ``step-000000`` under ``save_dir`` (tmp dir, then the layout's commit), with
+    ``run_config.yaml`` holding ``model_section``; what ``convert from-hf`` writes and ``pretrain`` starts from."""
+    import shutil
 
-
-def point_latest(save_dir: Path, step_dir: Path) -> None:
-    """Repoints ``latest`` by temp file + rename (a reader never sees a half-written pointer)."""
-    tmp = save_dir / f".{LATEST}.tmp"
-    tmp.write_text(step_dir.name + "\n")
-    os.replace(tmp, save_dir / LATEST)
+    tmp = Path(save_dir) / layout.tmp_dir_name(0)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_torch_dist(tmp, state)
+    files = layout.step_files(yaml.safe_dump({"model": model_section}, sort_keys=False),
+                              {"weights_only": True, "step": 0})
+    return layout.commit(Path(save_dir), tmp, 0, files, keep_last=None)
 
 
 def prepare_empty_dir(path: Path, overwrite: bool) -> None:
