@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_megatron.model.deterministic_conv import _wrap, conv1d_param_grads, install
+from hybrid_megatron.model.deterministic_conv import conv1d_param_grads, wrap_backward, install
 
 
 def _reference(x, weight, bias, dout, seq_idx, silu):
@@ -59,7 +59,7 @@ def test_the_wrapper_keeps_dx_and_replaces_the_atomic_sums():
         return "dx from the kernel", "atomic dweight", "atomic dbias", None
 
     x, weight, bias, dout = torch.randn(1, 3, 9), torch.randn(3, 4), torch.randn(3), torch.randn(1, 3, 9)
-    wrapped = _wrap(kernel)
+    wrapped = wrap_backward(kernel)
     dx, dweight, dbias, dinit = wrapped(x, weight, bias, dout, None, None, None, None, False, True)
     assert dx == "dx from the kernel" and dinit is None and calls == [True]
     want_w, want_b = conv1d_param_grads(x, weight, bias, dout, None, True)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from hybrid_megatron.model.fp8_scope import _bf16_forward
+from hybrid_megatron.model.fp8_scope import bf16_forward
 
 STATE = {"fp8": True}
 
@@ -37,7 +37,7 @@ class Linear(torch.nn.Module):
 
 
 def test_forward_runs_with_fp8_off_and_the_state_comes_back():
-    cls = _bf16_forward(Linear, _fp8_off)
+    cls = bf16_forward(Linear, _fp8_off)
     module = cls()
     out, fp8_during = module(torch.ones(2), scale=2.0)
     assert fp8_during is False and STATE["fp8"] is True
@@ -47,14 +47,14 @@ def test_forward_runs_with_fp8_off_and_the_state_comes_back():
 
 
 def test_same_parameters_and_keys_as_the_base_class():
-    cls = _bf16_forward(Linear, _fp8_off)
+    cls = bf16_forward(Linear, _fp8_off)
     module = cls()
     assert isinstance(module, Linear) and cls.__name__ == "BF16Linear"
     assert list(module.state_dict()) == list(Linear().state_dict()) == ["weight"]
 
 
 def test_state_is_restored_when_the_forward_raises():
-    module = _bf16_forward(Linear, _fp8_off)(fail=True)
+    module = bf16_forward(Linear, _fp8_off)(fail=True)
     with pytest.raises(RuntimeError, match="kernel failed"):
         module(torch.ones(2))
     assert STATE["fp8"] is True

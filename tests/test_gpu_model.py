@@ -32,12 +32,11 @@ def _batch(cfg, n=4, seq=SEQ, seed=0):
 
 
 def _build(cfg):
-    from hybrid_megatron.model.build import build_model_chunks
-    from hybrid_megatron.training.loop import _wire_grad_sync, _wrap, build_optimizer
     from hybrid_megatron.training.lr import PhasedScheduler, Segment
+    from hybrid_megatron.training.optimizer import build_optimizer
+    from hybrid_megatron.training.setup import build_training_model
 
-    model = _wrap(cfg, build_model_chunks(cfg, VOCAB, SEQ))
-    _wire_grad_sync(model)
+    model = build_training_model(cfg, VOCAB, SEQ)
     optimizer = build_optimizer(cfg, model)
     # no warmup, so the first step already moves the weights
     scheduler = PhasedScheduler(optimizer, [Segment(0, 100, 0.0, cfg.optim.lr, 0.0, 0, "linear")], 0.1)
@@ -63,7 +62,7 @@ def test_ssm_params_stay_fp32_through_wrap_step_and_checkpoint(world, tmp_path, 
     import torch
 
     from hybrid_megatron.model.fp32_params import ssm_fp32_params
-    from hybrid_megatron.training.checkpointer import Checkpointer
+    from hybrid_megatron.checkpoint.live import Checkpointer
     from hybrid_megatron.training.step import train_step
 
     extra = []
@@ -262,7 +261,7 @@ def test_deterministic_conv1d_grads_match_the_cuda_kernel():
     assert k_w.dtype == k_b.dtype == torch.bfloat16
     torch.testing.assert_close(d_w, k_w.float(), rtol=2**-8, atol=1e-3)
     torch.testing.assert_close(d_b, k_b.float(), rtol=2**-8, atol=1e-3)
-    _, w16, b16, *_ = deterministic_conv._wrap(causal_conv1d_bwd_function)(
+    _, w16, b16, *_ = deterministic_conv.wrap_backward(causal_conv1d_bwd_function)(
         x, weight, bias, dout, seq_idx, None, None, None, False, True)
     assert torch.equal(w16, d_w.bfloat16()) and torch.equal(b16, d_b.bfloat16())
     again_w, again_b = deterministic_conv.conv1d_param_grads(x, weight, bias, dout, seq_idx, True)

@@ -1,4 +1,4 @@
-"""The optimizer's parameter groups (training/loop.py ``_param_group_overrides``) through megatron-core's
+"""The optimizer's parameter groups (training/optimizer.py ``param_group_overrides``) through megatron-core's
 own grouping: the fp32 SSM parameters form groups of their own, without weight decay, and no group
 mixes fp32 and bf16 parameters (a mixed group makes megatron-core 0.19 pair checkpointed optimizer
 state with the wrong parameter)."""

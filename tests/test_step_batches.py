@@ -10,7 +10,7 @@ import torch
 from data_pipeline.errors import ConfigError
 from data_pipeline.loader import StepBatch
 from data_pipeline.packing import build_arrays
-from hybrid_megatron.training.step import _loss_func, micro_batch_size_for, split_micro_batches
+from hybrid_megatron.training.step import loss_func, micro_batch_size_for, split_micro_batches
 
 EOS = 9
 
@@ -71,7 +71,7 @@ def test_unpacked_micro_batches_keep_rows():
 def test_loss_is_a_masked_token_sum_with_its_token_count():
     losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.bfloat16)
     mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-    loss_sum, tokens, report = _loss_func(mask, losses)
+    loss_sum, tokens, report = loss_func(mask, losses)
     assert loss_sum.item() == 1 + 3 + 4 + 5 and loss_sum.dtype == torch.float32
     assert tokens.item() == 4 and tokens.dtype == torch.int32
     assert report["lm loss"].tolist() == [13.0, 4.0]

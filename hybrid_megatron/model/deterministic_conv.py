@@ -59,7 +59,7 @@ def conv1d_param_grads(x, weight, bias, dout, seq_idx, silu: bool):
     return dweight.reshape(weight.shape), dbias
 
 
-def _wrap(original):
+def wrap_backward(original):
     def deterministic_conv1d_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
                                  return_dinitial_states, silu_activation):
         dx_out, _, _, *rest = original(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
@@ -89,7 +89,7 @@ def install() -> bool:
     if current is None:
         return False
     if not hasattr(current, "wrapped"):
-        module.causal_conv1d_bwd_function = _wrap(current)
+        module.causal_conv1d_bwd_function = wrap_backward(current)
         log.info("train.deterministic: Mamba conv1d weight/bias gradients by ordered reductions "
                  "(causal-conv1d sums them with atomics)")
     return True

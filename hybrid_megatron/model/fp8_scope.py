@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import cache
 
 
-def _bf16_forward(base: type, disabled_fp8) -> type:
+def bf16_forward(base: type, disabled_fp8) -> type:
     class BF16Linear(base):
         def forward(self, *args, **kwargs):
             with disabled_fp8():
@@ -35,4 +35,4 @@ def bf16_mamba_projections() -> tuple[type, type]:
     def disabled_fp8():
         return autocast(enabled=False)
 
-    return _bf16_forward(TELayerNormColumnParallelLinear, disabled_fp8), _bf16_forward(TERowParallelLinear, disabled_fp8)
+    return bf16_forward(TELayerNormColumnParallelLinear, disabled_fp8), bf16_forward(TERowParallelLinear, disabled_fp8)

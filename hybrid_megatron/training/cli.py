@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,3 @@ def run(args: argparse.Namespace) -> int:
     from hybrid_megatron.training.loop import pretrain
 
     return pretrain(cfg)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(argparse.Namespace(config=sys.argv[1], overrides=sys.argv[2:], dry_run=False)))

@@ -101,7 +101,7 @@ def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> lis
     return out
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.reshape(-1)
     loss_sum = torch.sum(losses * mask)
@@ -119,7 +119,7 @@ def forward_step(data_iterator, model):
         labels=mb.labels,
         packed_seq_params=mb.packed_seq_params,
     )
-    return output, partial(_loss_func, mb.loss_mask)
+    return output, partial(loss_func, mb.loss_mask)
 
 
 @dataclass
