@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import build_loader

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from data_pipeline.prepare import PrepareOptions, prepare_data
 from data_pipeline.sample_data import ensure_sample_data

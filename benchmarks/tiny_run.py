@@ -20,12 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT, ROOT / "tools", ROOT / "benchmarks"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-from loss_parity import tokens_per_s  # noqa: E402  (tools/loss_parity.py)
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
+from hybrid_megatron.devtools.bench import tokens_per_s
 
 CONFIG = "configs/tiny.yaml"
 
@@ -86,8 +82,8 @@ def summarize(records: list[dict], cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from _common import versions  # benchmarks/_common.py
-    from _gpu_launch import device_name, launch  # tools/_gpu_launch.py
+    from hybrid_megatron.devtools.bench import versions
+    from hybrid_megatron.devtools.gpu_launch import device_name, launch
 
     from data_pipeline.errors import DataError
     from data_pipeline.loader import config_vocab_size

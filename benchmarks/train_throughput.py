@@ -32,13 +32,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import hybrid_megatron.devtools.bench as C
+from hybrid_megatron.devtools import REPO_ROOT
+from hybrid_megatron.devtools.gpu_launch import kill_session
 
-import _common as C  # noqa: E402
-from _gpu_launch import kill_session  # noqa: E402  (tools/_gpu_launch.py)
-
-RESULTS = C.ROOT / "benchmarks" / "results"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,13 +151,12 @@ def synthetic_batches(num: int, global_batch: int, seq_len: int, vocab: int, see
 
 
 def build_ours(cfg, seq_len: int):
-    from hybrid_megatron.model.build import build_model_chunks
-    from hybrid_megatron.training.loop import _wire_grad_sync, _wrap, build_optimizer
+    from hybrid_megatron.training.optimizer import build_optimizer
+    from hybrid_megatron.training.setup import build_training_model
     from hybrid_megatron.training.lr import PhasedScheduler, Segment
     from hybrid_megatron.training.step import train_step
 
-    model = _wrap(cfg, build_model_chunks(cfg, cfg.model.vocab_size, seq_len))
-    _wire_grad_sync(model)
+    model = build_training_model(cfg, cfg.model.vocab_size, seq_len)
     optimizer = build_optimizer(cfg, model)
     scheduler = PhasedScheduler(optimizer, [Segment(0, 10**6, 0.0, cfg.optim.lr, 0.0, 0, "linear")],
                                 cfg.optim.weight_decay)
@@ -246,7 +243,7 @@ def build_stock(cfg, seq_len: int):
 
 
 def profile_step(step_fn, batch) -> dict:
-    """CUDA kernel time of one step, by category (see ``_common.kernel_category``)."""
+    """CUDA kernel time of one step, by category (see ``devtools.bench.kernel_category``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -335,7 +332,7 @@ def _run_subprocess(spec: dict, args: argparse.Namespace, timeout: float) -> dic
             cmd.append("--profile")
         # its own session, killed whole afterwards: a worker it forked (torch.compile's pool) would keep
         # the GPU memory of a timed-out case and starve the next one
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=C.ROOT,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
                                 env={**os.environ, **CASE_ENV}, start_new_session=True)
         timed_out = False
         try:

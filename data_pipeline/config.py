@@ -275,20 +275,6 @@ class DataConfig:
             raise ConfigError(f"data.batch_size_multiple={self.batch_size_multiple}: data-parallel size "
                               f"{dp_size} must divide it (sequences per step are multiples of it)")
 
-    @property
-    def total_tokens(self) -> int:
-        """Tokens the run delivers (sum over steps of sequences x seq_len; >= the phases' sum)."""
-        from data_pipeline.schedule import build_schedule
-
-        return build_schedule(self).total_tokens
-
-    @property
-    def total_steps(self) -> int:
-        """Optimizer steps in the run."""
-        from data_pipeline.schedule import build_schedule
-
-        return build_schedule(self).total_steps
-
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict:
     """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file otherwise."""

@@ -46,7 +46,7 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _docstrings(text: str) -> str | None:
+def extract_docstrings(text: str) -> str | None:
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -83,7 +83,7 @@ def _extract(raw: Path) -> None:
                 continue
             if text.strip():
                 corpus[group].append(text)
-            if group == "code" and text and (doc := _docstrings(text)):
+            if group == "code" and text and (doc := extract_docstrings(text)):
                 corpus["docs"].append(doc)
     corpus["docs"] += [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
     raw.mkdir(parents=True, exist_ok=True)

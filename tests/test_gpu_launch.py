@@ -1,4 +1,4 @@
-"""tools/_gpu_launch.py: child processes with a log, a timeout that takes the whole process group, progress."""
+"""hybrid_megatron/devtools/gpu_launch.py: child processes with a log, a timeout that takes the whole process group, progress."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import _gpu_launch as G  # noqa: E402
+from hybrid_megatron.devtools import gpu_launch as G
 
 
 def test_exit_code_and_log(tmp_path):

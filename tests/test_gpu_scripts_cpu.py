@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tools"))
-
-import _common as C  # noqa: E402
-import make_convert_fixtures as F  # noqa: E402
-import train_throughput as T  # noqa: E402
-
-from hybrid_megatron.model import pattern as pat  # noqa: E402
+from benchmarks import train_throughput as T
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
+from hybrid_megatron.devtools import bench as C
+from hybrid_megatron.devtools import fixture_spec as FS
+from hybrid_megatron.devtools import fixture_worker as W
+from hybrid_megatron.model import pattern as pat
+from tools import make_convert_fixtures as F
 
 
 # ---- benchmark cases and configs ------------------------------------------------------------------
@@ -235,54 +233,54 @@ def test_driver_records_a_failed_worker_and_keeps_going(tmp_path):
 # ---- conversion fixtures ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(F.FIXTURES))
+@pytest.mark.parametrize("name", list(FS.FIXTURES))
 def test_fixture_configs_are_valid_and_small(name, tmp_path):
     from hybrid_megatron.model.build import padded_vocab_size
     from hybrid_megatron.model.flops import num_parameters
 
-    cfg = F.load_config(name, tmp_path, 60)
+    cfg = FS.load_config(name, tmp_path, 60)
     m = cfg.model
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    assert (tp, pp) == (F.FIXTURES[name]["tp"], F.FIXTURES[name]["pp"]) and F.nproc(name) == tp * pp
+    assert (tp, pp) == (FS.FIXTURES[name]["tp"], FS.FIXTURES[name]["pp"]) and FS.nproc(name) == tp * pp
     assert cfg.precision.dtype == "fp32" and cfg.train.train_steps == 60 and cfg.logging.run_dir == str(tmp_path)
     assert set(pat.count_layers(m.hybrid_layer_pattern).items()) >= {("mamba", 3), ("attention", 1), ("mlp", 3)}
-    assert F.SEQ > m.mamba_chunk_size * 2 and F.SEQ % m.mamba_chunk_size
+    assert FS.SEQ > m.mamba_chunk_size * 2 and FS.SEQ % m.mamba_chunk_size
     padded = padded_vocab_size(m.vocab_size, m, tp)
     assert (m.vocab_size, padded) == (257, 264)
     # fp32 weights + reference logits stay inside the per-fixture budget (three fixtures well under 5 MB)
-    estimate = 4 * num_parameters(m, padded) + 4 * F.BATCH * F.SEQ * padded
-    assert estimate < 0.8 * F.MAX_FIXTURE_BYTES and 3 * F.MAX_FIXTURE_BYTES < 5_000_000
+    estimate = 4 * num_parameters(m, padded) + 4 * FS.BATCH * FS.SEQ * padded
+    assert estimate < 0.8 * FS.MAX_FIXTURE_BYTES and 3 * FS.MAX_FIXTURE_BYTES < 5_000_000
     if pp == 2:
         stages = pat.split_stages(m.hybrid_layer_pattern, 2)
         assert len(stages[0].chunks[0]) != len(stages[1].chunks[0])  # an uneven split
-    overrides = F.overrides(name, tmp_path, 60)
+    overrides = FS.overrides(name, tmp_path, 60)
     assert "data.reset_at_document_boundaries=false" in overrides
 
 
 def test_windows_from_tokens():
     import numpy as np
 
-    ids = F.windows_from_tokens(np.arange(2000), batch=2, seq=150, stride=997)
+    ids = FS.windows_from_tokens(np.arange(2000), batch=2, seq=150, stride=997)
     assert ids.dtype == torch.long and ids.shape == (2, 150)
     assert ids[0, 0] == 0 and ids[1, 0] == 997 and ids[1, -1] == 997 + 149
     with pytest.raises(ValueError, match="need"):
-        F.windows_from_tokens(np.arange(100))
+        FS.windows_from_tokens(np.arange(100))
 
 
-def _fake_reference(prompt_len=F.PROMPT_LEN, padded=264):
+def _fake_reference(prompt_len=FS.PROMPT_LEN, padded=264):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 257, (F.BATCH, F.SEQ), generator=g)
-    greedy = torch.cat([ids[:, :prompt_len], torch.randint(0, 257, (F.BATCH, F.NEW_TOKENS), generator=g)], 1)
-    return ids, torch.randn(F.BATCH, F.SEQ, padded, generator=g), greedy
+    ids = torch.randint(0, 257, (FS.BATCH, FS.SEQ), generator=g)
+    greedy = torch.cat([ids[:, :prompt_len], torch.randint(0, 257, (FS.BATCH, FS.NEW_TOKENS), generator=g)], 1)
+    return ids, torch.randn(FS.BATCH, FS.SEQ, padded, generator=g), greedy
 
 
 def test_reference_round_trip_meets_the_parity_contract(tmp_path):
     ids, logits, greedy = _fake_reference()
-    F.write_reference(tmp_path / "reference.pt", ids, logits.double(), greedy, F.PROMPT_LEN)
+    FS.write_reference(tmp_path / "reference.pt", ids, logits.double(), greedy, FS.PROMPT_LEN)
     ref = torch.load(tmp_path / "reference.pt", weights_only=True)  # as tests/test_convert_parity.py loads it
     assert set(ref) == {"input_ids", "logits", "greedy_ids", "prompt_len"}
-    assert ref["logits"].dtype == torch.float32 and ref["prompt_len"] == F.PROMPT_LEN
-    F.check_reference(ref, 257, 264, 64)
+    assert ref["logits"].dtype == torch.float32 and ref["prompt_len"] == FS.PROMPT_LEN
+    FS.check_reference(ref, 257, 264, 64)
 
 
 @pytest.mark.parametrize("breakage, match", [
@@ -294,46 +292,37 @@ def test_reference_round_trip_meets_the_parity_contract(tmp_path):
 ])
 def test_reference_contract_violations_are_named(breakage, match):
     ids, logits, greedy = _fake_reference()
-    ref = {"input_ids": ids, "logits": logits, "greedy_ids": greedy, "prompt_len": F.PROMPT_LEN}
+    ref = {"input_ids": ids, "logits": logits, "greedy_ids": greedy, "prompt_len": FS.PROMPT_LEN}
     breakage(ref)
     with pytest.raises(ValueError, match=match):
-        F.check_reference(ref, 257, 264, 64)
-
-
-def test_key_prefix_of_training_and_model_only_checkpoints():
-    emb = F.EMBEDDING_KEY
-    assert F.key_prefix([emb, "decoder.layers.0.mixer.A_log"]) == ""
-    assert F.key_prefix([f"module.{emb}", f"optimizer.state.exp_avg.module.{emb}"]) == "module."
-    with pytest.raises(RuntimeError, match="prefix"):
-        F.key_prefix(["decoder.layers.0.mixer.A_log"])
+        FS.check_reference(ref, 257, 264, 64)
 
 
 def _write_fake_fixture(root: Path) -> None:
     """A model-only torch_dist checkpoint (one tiny tensor, CPU save) + a reference file."""
     from hybrid_megatron.config import ModelConfig
     from hybrid_megatron.config_io import build
-    from hybrid_megatron.convert import ckpt_io, mapping
+    from hybrid_megatron.checkpoint import offline
+    from hybrid_megatron.convert import mapping
 
     save_dir = root / "ckpt"
     save_dir.mkdir(parents=True)
-    step_dir = save_dir / F.STEP_DIR
-    dims = mapping.Dims.of(build(ModelConfig, dict(F.MODEL), "model"))
-    ckpt_io.save_torch_dist(step_dir, ckpt_io.sharded_model_state({F.EMBEDDING_KEY: torch.zeros(264, 64)}, dims))
-    ckpt_io.write_step_files(step_dir, dict(F.MODEL), {"weights_only": True, "step": 0})
-    ckpt_io.point_latest(save_dir, step_dir)
-    F.write_reference(root / "reference.pt", *_fake_reference(), F.PROMPT_LEN)
+    dims = mapping.Dims.of(build(ModelConfig, dict(FS.MODEL), "model"))
+    offline.save_model_only(save_dir, offline.sharded_model_state({FS.EMBEDDING_KEY: torch.zeros(264, 64)}, dims),
+                            dict(FS.MODEL))
+    FS.write_reference(root / "reference.pt", *_fake_reference(), FS.PROMPT_LEN)
 
 
 @pytest.mark.slow
 def test_check_fixture_reads_a_model_only_save_dir(tmp_path):
     _write_fake_fixture(tmp_path / "tp1")
-    sizes = F.check_fixture(tmp_path / "tp1")
-    assert 0 < sizes["ckpt_bytes"] < sizes["bytes"] < F.MAX_FIXTURE_BYTES
+    sizes = FS.check_fixture(tmp_path / "tp1")
+    assert 0 < sizes["ckpt_bytes"] < sizes["bytes"] < FS.MAX_FIXTURE_BYTES
     with pytest.raises(ValueError, match="budget"):
-        F.check_fixture(tmp_path / "tp1", max_bytes=1000)
+        FS.check_fixture(tmp_path / "tp1", max_bytes=1000)
     (tmp_path / "tp1" / "ckpt" / "step-000010").mkdir()
     with pytest.raises(ValueError, match="exactly one step dir"):
-        F.check_fixture(tmp_path / "tp1")
+        FS.check_fixture(tmp_path / "tp1")
 
 
 def test_fixture_driver_skips_what_the_gpus_cannot_run(tmp_path, capsys):
@@ -348,7 +337,7 @@ def test_fixture_driver_skips_what_the_gpus_cannot_run(tmp_path, capsys):
 
 
 def test_fixture_worker_command_lines():
-    argv = F._worker_argv("record", "pp2", Path("/tmp/run"), 60, F.FIXTURES["pp2"], Path("/tmp/out"),
+    argv = F.worker_argv("record", "pp2", Path("/tmp/run"), 60, FS.FIXTURES["pp2"], Path("/tmp/out"),
                           Path("/tmp/info.json"), Path("/tmp/src"))
     args = F.parse_args(argv[1:])
     assert (args.worker, args.fixture, args.steps, args.source) == ("record", "pp2", 60, "/tmp/src")
@@ -371,10 +360,10 @@ def test_strict_fp32_env_compiles_triton_dots_in_ieee_into_an_empty_cache(tmp_pa
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
     cache = tmp_path / "cache"
     (cache / "stale").mkdir(parents=True)  # a kernel compiled with TF32 dots must not be reused
-    F.strict_fp32_env(cache)
+    W.strict_fp32_env(cache)
     import os
 
     assert os.environ["TRITON_F32_DEFAULT"] == "ieee" and os.environ["TRITON_CACHE_DIR"] == str(cache)
     assert cache.is_dir() and not any(cache.iterdir())
-    argv = F._worker_argv("record", "tp1", Path("/tmp/run"), 200, F.FIXTURES["tp1"], Path("/o"), Path("/i"), Path("/s"))
+    argv = F.worker_argv("record", "tp1", Path("/tmp/run"), 200, FS.FIXTURES["tp1"], Path("/o"), Path("/i"), Path("/s"))
     assert argv[argv.index("--reference") + 1] == "fp32" and F.parse_args(["--fixtures", "tp1"]).steps == 400

@@ -14,17 +14,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import loss_parity as L  # noqa: E402
-
-from data_pipeline.schedule import build_schedule  # noqa: E402
-from hybrid_megatron.config import load_run_config  # noqa: E402
-from hybrid_megatron.model.memory import data_parallel_size  # noqa: E402
-from hybrid_megatron.model.pattern import layers, split_stages  # noqa: E402
-from hybrid_megatron.training.checkpoint import step_dir_name  # noqa: E402
-from hybrid_megatron.training.step import micro_batch_plan  # noqa: E402
+from data_pipeline.schedule import build_schedule
+from hybrid_megatron.checkpoint.layout import step_dir_name
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
+from hybrid_megatron.devtools import parity_suites as PS
+from hybrid_megatron.model.memory import data_parallel_size
+from hybrid_megatron.model.pattern import layers, split_stages
+from hybrid_megatron.training.step import micro_batch_plan
+from tools import loss_parity as L
 
 RUNS = [(suite, run) for suite in L.SUITES.values() for run in suite.runs]
 
@@ -81,10 +79,10 @@ def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     ends = cfgs["fp8-tensorwise-bf16ends"].precision
     assert (ends.fp8_bf16_layers_at_start, ends.fp8_bf16_layers_at_end) == (2, 2)
     assert cfgs["fp8-tensorwise-mamba-bf16"].precision.fp8_mamba_projections_bf16
-    assert L.FP8_WARMUP == cfgs["bf16"].schedule.lr_warmup_steps
+    assert PS.FP8_WARMUP == cfgs["bf16"].schedule.lr_warmup_steps
     for run in suite.runs[1:]:
-        assert (run.reference, run.rel_tol, run.after_step, run.window) == ("bf16", 0.015, L.FP8_WARMUP, 10)
-    assert all(c.logging.log_interval == L.FP8_LOG_INTERVAL for c in cfgs.values())
+        assert (run.reference, run.rel_tol, run.after_step, run.window) == ("bf16", 0.015, PS.FP8_WARMUP, 10)
+    assert all(c.logging.log_interval == PS.FP8_LOG_INTERVAL for c in cfgs.values())
     assert all(c.data.global_batch_tokens == 16384 for c in cfgs.values())
 
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks import tiny_run as T
 from data_helpers import make_source, mix_config
 from hybrid_megatron.config import load_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import tiny_run as T  # noqa: E402
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
 
 
 def test_summary_windows_phases_rate_and_the_anneal_lr():

@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     from data_pipeline.errors import UserError
-    from hybrid_megatron.convert import ckpt_io, mapping
+    from hybrid_megatron.checkpoint import layout
+    from hybrid_megatron.convert import mapping
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt_dir")
@@ -29,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="list non-model tensors too (optimizer, ...)")
     args = parser.parse_args(argv)
     try:
-        step_dir = ckpt_io.resolve_step_dir(args.ckpt_dir)
+        step_dir = layout.resolve_step_dir(args.ckpt_dir)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -64,10 +64,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from _gpu_launch import ROOT, device_name, gpu_memory_bytes, launch, launch_command, visible_gpus
-from _parity_suites import (  # noqa: F401  (FP8_*: re-exported for the tests)
-    FP8_LOG_INTERVAL, FP8_WARMUP, SUITES, Run, Suite, _needed_later, expected_steps, run_overrides,
-)
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
+from hybrid_megatron.devtools.bench import tokens_per_s, versions
+from hybrid_megatron.devtools.gpu_launch import device_name, gpu_memory_bytes, launch, launch_command, visible_gpus
+from hybrid_megatron.devtools.parity_suites import SUITES, Run, Suite, expected_steps, needed_later, run_overrides
 
 
 # ---- comparison (pure: runs anywhere) ---------------------------------------------------------------
@@ -76,14 +76,6 @@ from _parity_suites import (  # noqa: F401  (FP8_*: re-exported for the tests)
 def by_step(records: list[dict]) -> dict[int, dict]:
     """Step -> record; a step logged twice (a repeated step) keeps its last record."""
     return {int(r["step"]): r for r in records}
-
-
-def tokens_per_s(records: list[dict], skip: int = 5) -> float | None:
-    """Loss tokens per second over the steps after the first ``skip`` (start-up, compilation)."""
-    timed = [r for r in records if "time" in r][skip:]
-    if len(timed) < 2:
-        return None
-    return sum(r["tokens"] for r in timed[1:]) / max(timed[-1]["time"] - timed[0]["time"], 1e-9)
 
 
 TIME_LIMIT_EXITS = (124, 137)  # timeout's SIGTERM / SIGKILL
@@ -234,7 +226,7 @@ def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, resu
            "gpus": run.gpus, "overrides": list(run.overrides), "losses": losses}
     if code != 0:
         row["log_tail"] = tail[-2000:]
-    if not _needed_later(suite, run):
+    if not needed_later(suite, run):
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1B checkpoints would fill the disk
     return row
 
@@ -242,8 +234,6 @@ def execute(suite: Suite, run: Run, steps: int, work: Path, timeout: float, resu
 def memory_problem(suite: Suite, runs: list[Run], steps: int, work: Path, concurrent: int, gpus: int,
                    gpu_bytes: int) -> str | None:
     """Why ``concurrent`` runs do not fit the GPUs (dry-run estimates, world size 1), or None."""
-    if str(ROOT) not in sys.path:  # run from a checkout without installing
-        sys.path.insert(0, str(ROOT))
     from hybrid_megatron.config import load_run_config
     from hybrid_megatron.training.dry_run import peak_memory_bytes
 
@@ -324,9 +314,6 @@ def report(suite: Suite, steps: int, results: dict[str, dict], out: Path | None)
 
 
 def _versions() -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _common import versions
-
     return versions()
 
 

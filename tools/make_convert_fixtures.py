@@ -33,9 +33,8 @@ each; skipped when fewer GPUs are visible) this driver, which never touches CUDA
    (``te_tf32_max_abs_diff``). ``--reference te`` records the TE logits instead
    (``reference_precision: "tf32"``).
    The fixture's tensor keys carry no wrapper prefix (as ``convert from-hf`` writes and ``convert to-hf``
-   reads), as do training saves (taken below the DDP wrapper). Checkpoints written before that carry
-   ``module.`` (megatron's DDP child name) and still load here; meta.json records the prefix the trained
-   checkpoint had (``source_key_prefix``, expected empty).
+   reads), as do training saves (taken below the DDP wrapper); weights load through
+   ``checkpoint.live.load_model_weights``, as every model built outside the training loop does.
 3. checks each fixture (contract, ``latest``, size) and prints a table; ``--summary`` gets a JSON.
 """
 
@@ -48,19 +47,17 @@ import sys
 import time
 from pathlib import Path
 
-from _fixture_spec import (  # noqa: F401  (re-exported: the tests read them here)
-    BATCH, EMBEDDING_KEY, FIXTURES, MAX_FIXTURE_BYTES, MODEL, NEW_TOKENS, PROMPT_LEN, ROOT, SEQ, STEP_DIR,
-    check_fixture, check_reference, key_prefix, load_config, nproc, overrides, windows_from_tokens, write_reference,
-)
-from _fixture_worker import strict_fp32_env, strict_fp32_torch, worker  # noqa: F401  (strict_*: re-exported)
-from _gpu_launch import device_name, launch, visible_gpus
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
+from hybrid_megatron.devtools.fixture_spec import FIXTURES, MAX_FIXTURE_BYTES, MODEL, check_fixture, nproc, overrides
+from hybrid_megatron.devtools.fixture_worker import worker
+from hybrid_megatron.devtools.gpu_launch import device_name, launch, visible_gpus
 
 
 # ---------------------------------------------------------------------------------------------------
 # driver (no CUDA here: every GPU step runs in a child process)
 
 
-def _worker_argv(mode: str, name: str, run_dir: Path, steps: int, layout: dict, dest: Path, info: Path,
+def worker_argv(mode: str, name: str, run_dir: Path, steps: int, layout: dict, dest: Path, info: Path,
                  source: Path | None = None, reference: str = "fp32") -> list[str]:
     argv = [str(Path(__file__).resolve()), "--worker", mode, "--fixture", name, "--run-dir", str(run_dir),
             "--steps", str(steps), "--layout", json.dumps(layout), "--dest", str(dest), "--info", str(info),
@@ -88,7 +85,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
                   file=sys.stderr)
     if source is None:
         dest, info = work / name / "trained", work / name / "train_info.json"
-        argv = _worker_argv("train", name, run_dir, args.steps, layout, dest, info)
+        argv = worker_argv("train", name, run_dir, args.steps, layout, dest, info)
         code, tail = launch(n, argv, args.timeout_s, work / name / "train_worker.log")
         row["attempts"].append({"how": "in-process worker", "exit": code, **({"tail": tail} if code else {})})
         if code != 0:
@@ -100,7 +97,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     info = work / name / "record_info.json"
-    argv = _worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source, args.reference)
+    argv = worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source, args.reference)
     code, tail = launch(n, argv, args.timeout_s, work / name / "record.log")
     if code != 0:
         return {**row, "status": "failed", "error": f"recording failed (exit {code}): {tail[-1200:]}"}
@@ -109,7 +106,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
         row.update(check_fixture(out_dir, args.max_fixture_bytes))
     except Exception as exc:
         return {**row, "status": "failed", "error": f"fixture check: {exc}"}
-    from benchmarks._common import versions  # the same version record the benchmarks write
+    from hybrid_megatron.devtools.bench import versions  # the same version record the benchmarks write
 
     meta = {k: v for k, v in row.items() if k not in ("attempts",)}
     meta.update(recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=versions(), device=device_name())

@@ -61,8 +61,7 @@ fx = os.path.join(out, "fixtures_summary.json")
 if os.path.isfile(fx):
     data = json.load(open(fx))
     summary["fixtures"] = {r["name"]: {k: r.get(k) for k in ("status", "error", "trained_by", "bytes",
-                           "reload_max_abs_diff", "te_tf32_max_abs_diff", "reference_precision", "loss_first", "loss_last",
-                           "source_key_prefix")}
+                           "reload_max_abs_diff", "te_tf32_max_abs_diff", "reference_precision", "loss_first", "loss_last")}
                            for r in data.get("fixtures", [])}
     summary["fixtures_total_bytes"] = data.get("total_bytes")
 with open(os.path.join(out, "gpu_checks_summary.json"), "w") as f:

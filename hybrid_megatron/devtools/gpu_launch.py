@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
 
 
 def launch_command(n: int, argv: list[str]) -> list[str]:

@@ -15,20 +15,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-from hybrid_megatron.config import RunConfig  # noqa: E402
-from hybrid_megatron.config_io import apply_overrides, build  # noqa: E402
-from hybrid_megatron.model.build import padded_vocab_size  # noqa: E402
-from hybrid_megatron.model.flops import num_parameters, training_flops_per_token  # noqa: E402
-from hybrid_megatron.training.metrics import peak_tflops  # noqa: E402
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.config_io import apply_overrides, build
+from hybrid_megatron.model.build import padded_vocab_size
+from hybrid_megatron.model.flops import num_parameters, training_flops_per_token
+from hybrid_megatron.training.metrics import peak_tflops
 
 SYNTHETIC_DATA_NOTE = (
     "synthetic tokens drawn uniformly from the vocabulary (throughput only; loss values are meaningless), the same "
@@ -365,3 +360,11 @@ def summarize_kernels(kernels: list[tuple[str, float, int]], top: int = 15) -> d
         "by_category_share": {k: v / total for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:160], "ms": ms, "calls": c, "category": kernel_category(n)} for n, ms, c in ranked],
     }
+
+
+def tokens_per_s(records: list[dict], skip: int = 5) -> float | None:
+    """Loss tokens per second over the steps after the first ``skip`` (start-up, compilation)."""
+    timed = [r for r in records if "time" in r][skip:]
+    if len(timed) < 2:
+        return None
+    return sum(r["tokens"] for r in timed[1:]) / max(timed[-1]["time"] - timed[0]["time"], 1e-9)

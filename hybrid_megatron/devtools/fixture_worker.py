@@ -9,9 +9,11 @@ import os
 import shutil
 from pathlib import Path
 
-from _fixture_spec import (
-    BATCH, NEW_TOKENS, PROMPT_LEN, SEQ, STEP_DIR, WINDOW_STRIDE, key_prefix, load_config, sample_tokens,
-    windows_from_tokens, write_reference,
+import yaml
+
+from hybrid_megatron.devtools.fixture_spec import (
+    BATCH, NEW_TOKENS, PROMPT_LEN, SEQ, STEP_DIR, WINDOW_STRIDE, load_config, sample_tokens, windows_from_tokens,
+    write_reference,
 )
 
 
@@ -21,43 +23,27 @@ def _rank0() -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def _load_weights(model, step_dir: Path) -> str:
-    """Model tensors of a torch_dist checkpoint (a training save or a model-only one) into a bare model;
-    returns the key prefix the checkpoint used."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core import dist_checkpointing
-
-    prefix = key_prefix(dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(prefix=prefix)}, str(step_dir))
-    weights = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in loaded["model"].items()}
-    result = model.load_state_dict(weights, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"{step_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return prefix
-
-
 def _save_model_only(model, cfg, save_dir: Path) -> Path:
     """Model-only torch_dist save at this process layout, laid out like ``convert from-hf`` output."""
     import torch
     from megatron.core import dist_checkpointing
 
+    from hybrid_megatron.checkpoint import layout
     from hybrid_megatron.config_io import to_dict
-    from hybrid_megatron.convert import ckpt_io
 
-    step_dir = save_dir / STEP_DIR
+    tmp = save_dir / layout.tmp_dir_name(0)
     if _rank0():
         shutil.rmtree(save_dir, ignore_errors=True)
-        step_dir.mkdir(parents=True)
+        tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(step_dir))
-    torch.distributed.barrier()  # every rank's shards are written before the pointer
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    torch.distributed.barrier()  # every rank's shards are written before the commit
     if _rank0():
-        ckpt_io.write_step_files(step_dir, to_dict(cfg.model), {"weights_only": True, "step": 0})
-        ckpt_io.point_latest(save_dir, step_dir)
+        files = layout.step_files(yaml.safe_dump({"model": to_dict(cfg.model)}, sort_keys=False),
+                                  {"weights_only": True, "step": 0})
+        layout.commit(save_dir, tmp, 0, files, keep_last=None)
     torch.distributed.barrier()
-    return step_dir
+    return save_dir / STEP_DIR
 
 
 def _fresh_model(cfg):
@@ -108,35 +94,23 @@ def greedy(model, prompt_BP, new_tokens: int, vocab_size: int, padded_vocab: int
 
 
 def worker_train(cfg, dest: Path) -> dict:
-    """Our pretrain components without the CLI: loader, model, DDP, optimizer, schedule, train_step."""
-    from megatron.core import parallel_state
-
-    from data_pipeline.loader import build_loader
-    from data_pipeline.schedule import build_schedule
-    from hybrid_megatron.model.build import build_model_chunks
-    from hybrid_megatron.training.loop import _ensure_data, _wire_grad_sync, _wrap, build_optimizer
-    from hybrid_megatron.training.lr import PhasedScheduler, plan_segments
-    from hybrid_megatron.training.step import train_step
-
+    """Our pretrain components without the CLI: the training state of ``build_train_state``, then train_step."""
     import torch
 
-    _ensure_data(cfg, torch.distributed.get_rank())
-    schedule = build_schedule(cfg.data)
-    max_seq = int(schedule.seq_len.max())
-    model = _wrap(cfg, build_model_chunks(cfg, cfg.model.vocab_size, max_seq))
-    _wire_grad_sync(model)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = PhasedScheduler(optimizer, plan_segments(cfg, schedule.phase.tolist(), cfg.data.phases),
-                                cfg.optim.weight_decay)
-    loader = build_loader(cfg.data, parallel_state.get_data_parallel_rank(),
-                          parallel_state.get_data_parallel_world_size())
+    from hybrid_megatron.training.setup import build_train_state
+    from hybrid_megatron.training.step import train_step
+
+    state = build_train_state(cfg, torch.distributed.get_rank())
     losses = []
-    for m in model:
-        m.train()
-    for _ in range(cfg.train.train_steps):
-        losses.append(train_step(next(loader), model, optimizer, scheduler, cfg, max_seq).loss)
-    loader.close()
-    (bare,) = [m.module for m in model]  # fp32: DDP wraps the HybridModel directly
+    try:
+        for m in state.model:
+            m.train()
+        for _ in range(cfg.train.train_steps):
+            losses.append(train_step(next(state.loader), state.model, state.optimizer, state.scheduler, cfg,
+                                     state.max_seq_len).loss)
+    finally:
+        state.close()
+    (bare,) = [m.module for m in state.model]  # fp32: DDP wraps the HybridModel directly
     _save_model_only(bare, cfg, dest)
     return {"losses": losses}
 
@@ -168,31 +142,32 @@ def worker_record(cfg, source: Path, out_dir: Path, reference: str = "fp32") -> 
 
     import torch
 
+    from hybrid_megatron.checkpoint import layout
+    from hybrid_megatron.checkpoint.live import load_model_weights
     from hybrid_megatron.model.build import padded_vocab_size
 
     vocab = cfg.model.vocab_size
     padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
-    source_step = _resolve_step(source)
+    source_step = layout.resolve_step_dir(source)
     src_model = _fresh_model(cfg)
-    source_prefix = _load_weights(src_model, source_step)
+    load_model_weights([src_model], source_step)
     step_dir = _save_model_only(src_model, cfg, out_dir / "ckpt")
     te_model = _fresh_model(cfg)  # the reference comes from exactly the fixture's checkpoint
-    _load_weights(te_model, step_dir)
+    load_model_weights([te_model], step_dir)
 
     docs = cfg.data.source_paths().get("docs") or next(iter(cfg.data.source_paths().values()))
     tokens = sample_tokens(docs, (BATCH - 1) * WINDOW_STRIDE + SEQ)
     ids = windows_from_tokens(tokens).cuda()
     te_logits = forward_logits(te_model, ids, padded)
     src_logits = forward_logits(src_model, ids, padded)
-    info = {"source": str(source_step), "source_key_prefix": source_prefix,
-            "reload_max_abs_diff": float((te_logits - src_logits).abs().max())}
+    info = {"source": str(source_step), "reload_max_abs_diff": float((te_logits - src_logits).abs().max())}
     model, logits, math_attention = te_model, te_logits, contextlib.nullcontext
     if reference == "fp32":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         strict_fp32_torch()
         model = _fresh_model(_spec_config(cfg, "local"))  # megatron's local layers: no TE GEMMs
-        _load_weights(model, step_dir)
+        load_model_weights([model], step_dir)
         math_attention = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731
         with math_attention():
             logits = forward_logits(model, ids, padded)
@@ -205,12 +180,6 @@ def worker_record(cfg, source: Path, out_dir: Path, reference: str = "fp32") -> 
     return {**info, "reference_precision": "fp32" if reference == "fp32" else "tf32",
             "reference_model": "local spec, strict fp32" if reference == "fp32" else "TE spec (TF32 GEMMs)",
             "logit_scale": float(logits.abs().max()), "padded_vocab": padded}
-
-
-def _resolve_step(path: Path) -> Path:
-    from hybrid_megatron.convert import ckpt_io
-
-    return ckpt_io.resolve_step_dir(path)
 
 
 def worker(args: argparse.Namespace) -> int:

@@ -139,7 +139,7 @@ def half_step(steps: int) -> int:
     return steps // 2
 
 
-def _needed_later(suite: Suite, run: Run) -> bool:
+def needed_later(suite: Suite, run: Run) -> bool:
     return any(run.name in (r.resume_from, r.init_from) for r in suite.runs)
 
 

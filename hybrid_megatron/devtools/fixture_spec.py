@@ -1,16 +1,12 @@
 """What a conversion fixture is (no CUDA): layouts, the tiny model, the input windows, the reference
-contract and the checks. Shared by tools/make_convert_fixtures.py (the driver), tools/_fixture_worker.py
+contract and the checks. Shared by tools/make_convert_fixtures.py (the driver), devtools/fixture_worker.py
 (the GPU side) and tests/test_gpu_scripts_cpu.py."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from a checkout
+from hybrid_megatron.devtools import REPO_ROOT as ROOT
 
 BATCH, SEQ, PROMPT_LEN, NEW_TOKENS = 2, 150, 70, 20
 WINDOW_STRIDE = 997  # token offset between the two input rows inside the source stream
@@ -136,12 +132,12 @@ def check_fixture(root: Path, max_bytes: int = MAX_FIXTURE_BYTES) -> dict:
     """Contract + checkpoint layout + size of ``root`` (CPU only); returns sizes."""
     import torch
 
-    from hybrid_megatron.convert import ckpt_io
+    from hybrid_megatron.checkpoint import layout, offline
     from hybrid_megatron.model.build import padded_vocab_size
 
-    step_dir = ckpt_io.resolve_step_dir(root / "ckpt")
-    model = ckpt_io.load_model_config(step_dir)
-    state = json.loads((step_dir / ckpt_io.TRAIN_STATE).read_text())
+    step_dir = layout.resolve_step_dir(root / "ckpt")
+    model = offline.load_model_config(step_dir)
+    state = layout.read_train_state(step_dir)
     if state != {"weights_only": True, "step": 0}:
         raise ValueError(f"{step_dir}/train_state.json is {state}, expected weights_only at step 0")
     steps = [p.name for p in (root / "ckpt").iterdir() if p.is_dir()]
@@ -157,13 +153,3 @@ def check_fixture(root: Path, max_bytes: int = MAX_FIXTURE_BYTES) -> dict:
 
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
-
-
-def key_prefix(keys) -> str:
-    """The wrapper prefix of a checkpoint's model keys: '' (training saves, model-only saves, ``convert
-    from-hf``) or 'module.' (training saves of earlier versions, taken through megatron's DDP wrapper)."""
-    found = {k[: -len(EMBEDDING_KEY)] for k in keys if k.endswith(EMBEDDING_KEY) and not k.startswith("optimizer")}
-    found &= {"", "module.", "module.module."}
-    if len(found) != 1:
-        raise RuntimeError(f"cannot tell the model key prefix of the checkpoint (candidates {sorted(found)})")
-    return found.pop()

@@ -1,0 +1,1 @@
+"""Benchmark scripts run from a checkout; shared code lives in hybrid_megatron.devtools."""

@@ -1,0 +1,1 @@
+"""Command-line tools run from a checkout (see each script); shared code lives in hybrid_megatron.devtools."""
