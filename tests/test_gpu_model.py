@@ -99,6 +99,35 @@ def test_ssm_params_stay_fp32_through_wrap_step_and_checkpoint(world, tmp_path, 
         assert torch.equal(loaded[name], value), name
 
 
+def test_model_loaded_for_inference_matches_the_trained_model(world, tmp_path):
+    """training/inference.py: a checkpoint built back outside the loop gives the trained model's logits."""
+    import torch
+
+    from hybrid_megatron.checkpoint.live import Checkpointer
+    from hybrid_megatron.config_io import to_dict
+    from hybrid_megatron.model.fp32_params import ssm_fp32_params
+    from hybrid_megatron.training.inference import load_model_for_inference, run_config_of_checkpoint
+    from hybrid_megatron.training.step import train_step
+
+    cfg = tiny_config(f"checkpoint.save_dir={tmp_path}")
+    model, optimizer, scheduler = _build(cfg)
+    assert not train_step(_batch(cfg), model, optimizer, scheduler, cfg, SEQ).skipped
+    Checkpointer(cfg, model, optimizer, scheduler).save(1, {"step": 1, "data": {}, "world_size": 1})
+
+    step_dir, saved_cfg = run_config_of_checkpoint(tmp_path)
+    assert step_dir.name == "step-000001" and to_dict(saved_cfg.model) == to_dict(cfg.model)
+    loaded = load_model_for_inference(saved_cfg, step_dir, max_seq_len=SEQ)
+    (chunk,) = loaded.chunks
+    assert not chunk.training and {p.dtype for p in ssm_fp32_params(chunk).values()} == {torch.float32}
+    batch = _batch(cfg, n=2, seed=3)
+    ids = torch.from_numpy(batch.input_ids).cuda()
+    pos = torch.arange(SEQ, device="cuda").expand(2, SEQ).contiguous()
+    trained = model[0].module.eval()  # below DDP: the bf16 wrap with fp32 SSM params
+    with torch.no_grad():
+        want, got = trained(ids, pos, attention_mask=None), chunk(ids, pos, attention_mask=None)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
 def _fill_grads(model, seed: int, poison: bool = False) -> None:
     """Fixed gradients in the DDP grad buffers, as a backward pass would leave them (DP = 1: no reduce)."""
     import torch

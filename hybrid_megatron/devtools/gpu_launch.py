@@ -24,8 +24,9 @@ def launch_command(n: int, argv: list[str]) -> list[str]:
 
 def launch(n: int, argv: list[str], timeout: float, log_path: Path,
            progress: Callable[[float], None] | None = None, every_s: float = 30.0,
-           env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Runs ``argv`` in ``n`` processes from the repo root; returns (exit code, output tail).
+           env: dict[str, str] | None = None, cwd: Path = ROOT) -> tuple[int, str]:
+    """Runs ``argv`` in ``n`` processes from ``cwd`` (the repo root), whose code comes first on PYTHONPATH;
+    returns (exit code, output tail).
 
     The command line is the log's first line; exit code 124 means the timeout killed it. The processes
     run in their own session, which is killed as a whole on a timeout or when this process is interrupted:
@@ -34,13 +35,13 @@ def launch(n: int, argv: list[str], timeout: float, log_path: Path,
     runs; ``env`` adds variables.
     """
     cmd = launch_command(n, argv)
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, **(env or {})}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(cwd), *filter(None, [env.get("PYTHONPATH")])]))
     start = time.monotonic()
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         code = None
         try:
             while code is None:
