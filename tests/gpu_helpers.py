@@ -31,9 +31,17 @@ def init_single_process(seed: int = 1234, tp: int = 1, pp: int = 1) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def pretrain_env() -> dict[str, str]:
+    """The environment of a pretrain subprocess, as a fresh job gets it: without the NVTE_*_ATTN switches
+    that megatron writes into this process's os.environ when a test here builds a model (a later pretrain
+    with another attention backend would refuse them, rightly, as a user's conflicting setting)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
 def run_pretrain(args: list[str], timeout: int = 900, **popen) -> subprocess.CompletedProcess:
     """`python -m hybrid_megatron pretrain ...` from the repo root; output captured."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = pretrain_env()
     return subprocess.run(
         [sys.executable, "-m", "hybrid_megatron", "pretrain", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen,

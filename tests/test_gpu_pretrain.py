@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_helpers import ROOT, run_pretrain
+from gpu_helpers import ROOT, pretrain_env, run_pretrain
 
 pytestmark = pytest.mark.gpu
 
@@ -55,7 +55,7 @@ def test_resume_continues_the_same_curve(tmp_path):
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
     """Starts pretrain with its output in <run_dir>.log (a pipe nobody reads would fill and block it)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = pretrain_env()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(f"{run_dir}.log", "w")
     proc = subprocess.Popen(
