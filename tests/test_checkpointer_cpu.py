@@ -152,3 +152,20 @@ def test_another_architecture_is_refused_by_name(tp2_checkpoint):
     got = _load(tp2_checkpoint, "model.hidden_size=256", "model.ffn_hidden_size=768")
     assert got["error"].startswith("ConfigError: checkpoint ")
     assert "different architecture: model.hidden_size=512 there, 256 in this config" in got["error"]
+
+
+def test_resume_refuses_a_crafted_metadata_before_torch_unpickles_it(tp2_checkpoint, tmp_path):
+    """checkpoint.load= a downloaded checkpoint whose .metadata would run `touch` under plain pickle."""
+    import pickle
+    import shutil
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'PWNED'}",)
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tp2_checkpoint, crafted)
+    (crafted / "step-000000" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    got = _load(tmp_path / "run", f"checkpoint.load={crafted}")
+    assert got["error"].startswith("DataError: ") and "refuses to load posix.system" in got["error"], got
+    assert not (tmp_path / "PWNED").exists()

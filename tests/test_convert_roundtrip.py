@@ -100,7 +100,8 @@ def test_refuses_non_empty_output_without_overwrite(converted, capsys):
     root = converted["root"]
     assert main(["convert", "to-hf", str(root / "ckpt"), str(root / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {root / 'out'} exists and is not empty: pass --overwrite to replace its contents"]
+    assert err == [f"error: {root / 'out'} exists and is not empty: pass --overwrite to replace it (the whole "
+                   "directory, once the new output is complete)"]
     assert main(["convert", "from-hf", str(root / "hf"), str(root / "ckpt")]) == 2
 
 

@@ -14,11 +14,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     from data_pipeline.errors import UserError
     from hybrid_megatron.checkpoint import layout
+    from hybrid_megatron.checkpoint.safe_metadata import read_metadata
     from hybrid_megatron.convert import mapping
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         step_dir = layout.resolve_step_dir(args.ckpt_dir)
+        metadata = read_metadata(step_dir).state_dict_metadata
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -35,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run_config.yaml", "train_state.json", "metadata.json"):
         path = step_dir / name
         if path.is_file():
-            print(f"## {name}\n{path.read_text().rstrip()}")
-    metadata = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+            print(f"## {name}\n{path.read_text(errors='replace').rstrip()}")
     pattern = re.compile(args.grep) if args.grep else None
     total, num_bytes, shown = 0, 0, 0
     print("## tensors (global shape, dtype, stored chunks)")

@@ -9,15 +9,17 @@ of TP/PP/DP (torch_dist reshards); a change of architecture is refused before an
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import yaml
 
+from data_pipeline.errors import DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import dump_yaml, to_dict
 from hybrid_megatron.checkpoint import layout as ckpt
+from hybrid_megatron.checkpoint import rng
 from hybrid_megatron.checkpoint.architecture import check_architecture
+from hybrid_megatron.checkpoint.safe_metadata import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +55,6 @@ def _unwrap(chunk):
     return chunk
 
 
-def _rng_state() -> dict:
-    import numpy as np
-    import torch
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():  # training always has CUDA; the checkpoint logic is tested without it
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
 def _apply_model_weights(model_chunks, loaded: dict, step_dir: Path) -> None:
     """Copies loaded model tensors into the bare chunks; refuses a key set that does not match the model."""
     for i, chunk in enumerate(model_chunks):
@@ -99,6 +72,7 @@ def load_model_weights(model_chunks, step_dir: Path) -> None:
     this process layout; torch_dist reshards across TP/PP. No optimizer, schedule or RNG state."""
     from megatron.core import dist_checkpointing
 
+    read_metadata(step_dir)  # refuses a crafted .metadata before torch unpickles it
     loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(step_dir))
     _apply_model_weights(model_chunks, loaded, step_dir)
 
@@ -153,7 +127,7 @@ class Checkpointer:
         )
         # after megatron's save has started (it expects an empty directory), before the commit
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+        rng.save(tmp / "rng" / f"rank-{self.rank:05d}.pt")
 
         def _commit():
             if self.rank == 0:
@@ -207,6 +181,7 @@ class Checkpointer:
         import torch
         from megatron.core import dist_checkpointing
 
+        read_metadata(step_dir)  # refuses a crafted .metadata before torch unpickles it
         saved_cfg = yaml.safe_load((step_dir / ckpt.RUN_CONFIG).read_text())
         check_architecture(saved_cfg.get("model", {}), to_dict(self.cfg.model), step_dir)
         train_state = ckpt.read_train_state(step_dir)
@@ -231,9 +206,12 @@ class Checkpointer:
             and train_state.get("world_size") == torch.distributed.get_world_size()
             and rng_file.is_file()
         )
-        if same_layout:
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
+        if not same_layout:
             log.warning("parallel layout changed since %s: RNG states start fresh", step_dir)
+        else:
+            try:
+                rng.restore(rng.load(rng_file))
+            except DataError as exc:  # an older format or a crafted file: never unpickled beyond the safe loader
+                log.warning("%s; RNG states start fresh", exc)
         log.info("resumed from %s at step %d", step_dir, train_state["step"])
         return train_state

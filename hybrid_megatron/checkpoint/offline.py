@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from data_pipeline.errors import ConfigError, DataError
+from data_pipeline.errors import DataError
 from hybrid_megatron.checkpoint import layout
+from hybrid_megatron.checkpoint.safe_metadata import filesystem_reader
 from hybrid_megatron.config_io import build
 
 from hybrid_megatron.model.config import ModelConfig
@@ -43,11 +45,10 @@ class CheckpointReader:
     """Per-key reads of a torch_dist checkpoint's global tensors."""
 
     def __init__(self, step_dir: Path):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.step_dir = step_dir
-        self._reader = dcp.FileSystemReader(str(step_dir))
+        self._reader = filesystem_reader(step_dir)  # .metadata through the restricted unpickler
         metadata = self._reader.read_metadata()
         self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             key: (tuple(meta.size), meta.properties.dtype)
@@ -58,13 +59,32 @@ class CheckpointReader:
     def read(self, keys: tuple[str, ...] | list[str]) -> list[torch.Tensor]:
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         missing = [k for k in keys if k not in self.tensors]
         if missing:
             raise DataError(f"{self.step_dir}: checkpoint has no tensor {missing[0]!r}")
         out = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
-        dcp.load(out, storage_reader=self._reader, no_dist=True)
+        try:
+            with warnings.catch_warnings():  # one process on purpose: torch's notice would precede every error line
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(out, storage_reader=self._reader, no_dist=True)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001  (a bad shard file: one line, no traceback)
+            cause = _innermost_error(exc)
+            raise DataError(f"{self.step_dir}: cannot read {keys[0]!r} from its shard files, truncated or corrupt "
+                            f"({cause})") from None
         return [out[k] for k in keys]
+
+
+def _innermost_error(exc: BaseException) -> str:
+    """The last line of the failure torch wraps per rank (its CheckpointException holds a traceback text)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))
+        if isinstance(exc, tuple):  # (exception, its stack summary)
+            exc = exc[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1]}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,16 +185,3 @@ def save_model_only(save_dir: Path, state: dict[str, Any], model_section: dict) 
     files = layout.step_files(yaml.safe_dump({"model": model_section}, sort_keys=False),
                               {"weights_only": True, "step": 0})
     return layout.commit(Path(save_dir), tmp, 0, files, keep_last=None)
-
-
-def prepare_empty_dir(path: Path, overwrite: bool) -> None:
-    """Creates ``path``; an existing non-empty dir is replaced only with ``overwrite`` (ConfigError otherwise)."""
-    import shutil
-
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{path} exists and is not empty: pass --overwrite to replace its contents")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from hybrid_megatron.convert import mapping
 from hybrid_megatron.convert.checks import check_exportable
 from hybrid_megatron.convert.hf_config import to_hf_config
 from hybrid_megatron.convert.safetensors_stream import ShardWriter, plan_shards, write_index
+from hybrid_megatron.convert.staging import check_output, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ def _resolve_vocab(cfg, padded: int, tokenizer, keep_padding: bool) -> int:
 def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> dict:
     """Converts; returns a summary (paths, tensor count, bytes, seconds)."""
     import torch
-    from tqdm import tqdm
 
     start = time.perf_counter()
     if opts.dtype not in ("bf16", "fp32"):
         raise ConfigError(f"--dtype {opts.dtype}: must be bf16 or fp32")
+    check_output(Path(out_dir), [Path(ckpt_dir)], opts.overwrite)  # before anything is read
     step_dir = layout.resolve_step_dir(ckpt_dir)
     cfg = offline.load_model_config(step_dir)
     check_exportable(cfg)  # before anything is read or written
@@ -96,10 +97,24 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     by_key = {name: (i, dtype) for i, s in enumerate(shards) for name, _, dtype in s.entries}
 
     out_dir = Path(out_dir)
-    offline.prepare_empty_dir(out_dir, opts.overwrite)
+    with staged_output(out_dir, [Path(ckpt_dir), step_dir], opts.overwrite) as stage:
+        _write_hf(stage, groups, reader, shards, by_key, vocab, opts.progress)
+        _write_configs(stage, cfg, vocab, opts.dtype, tokenizer)
+    seconds = time.perf_counter() - start
+    summary = {"step_dir": str(step_dir), "out_dir": str(out_dir), "tensors": len(entries),
+               "bytes": sum(s.num_bytes for s in shards), "shards": len(shards), "vocab_size": vocab,
+               "seconds": round(seconds, 2)}
+    log.info("exported %s -> %s: %d tensors, %.1f MB in %d shard(s), %.1f s", step_dir, out_dir, len(entries),
+             summary["bytes"] / 1e6, len(shards), seconds)
+    return summary
+
+
+def _write_hf(out_dir: Path, groups, reader, shards, by_key: dict, vocab: int, progress: bool) -> None:
+    """Streams every tensor group into its planned safetensors shard, then writes the index."""
+    from tqdm import tqdm
+
     writers: dict[int, ShardWriter] = {}
-    bar = tqdm(total=sum(s.num_bytes for s in shards), unit="B", unit_scale=True, disable=not opts.progress,
-               desc="to-hf")
+    bar = tqdm(total=sum(s.num_bytes for s in shards), unit="B", unit_scale=True, disable=not progress, desc="to-hf")
     for group in groups:
         hf_tensors = group.to_hf(reader.read(group.meg_keys))
         for hf_key, tensor in zip(group.hf_keys, hf_tensors):
@@ -118,14 +133,6 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
         writer.close()
     bar.close()
     write_index(out_dir, shards)
-    _write_configs(out_dir, cfg, vocab, opts.dtype, tokenizer)
-    seconds = time.perf_counter() - start
-    summary = {"step_dir": str(step_dir), "out_dir": str(out_dir), "tensors": len(entries),
-               "bytes": sum(s.num_bytes for s in shards), "shards": len(shards), "vocab_size": vocab,
-               "seconds": round(seconds, 2)}
-    log.info("exported %s -> %s: %d tensors, %.1f MB in %d shard(s), %.1f s", step_dir, out_dir, len(entries),
-             summary["bytes"] / 1e6, len(shards), seconds)
-    return summary
 
 
 def _check_keys(reader: offline.CheckpointReader, cfg, padded: int, step_dir: Path) -> None:
