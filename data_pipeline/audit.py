@@ -17,8 +17,9 @@ from data_pipeline.errors import ConfigError
 
 
 def audit_lines(config: DataConfig, dp_size: int, steps: int, state: dict | None = None,
-                out_state: list | None = None) -> Iterator[dict]:
-    """Yield audit records for up to ``steps`` steps (fewer if the run ends), rank by rank per step."""
+                out_state: list | None = None, ended: list | None = None) -> Iterator[dict]:
+    """Yield audit records for up to ``steps`` steps (fewer if the run ends: then the step it ended at is
+    appended to ``ended``), rank by rank per step."""
     from data_pipeline.loader import build_loader
 
     loaders = [build_loader(config, r, dp_size) for r in range(dp_size)]
@@ -30,6 +31,8 @@ def audit_lines(config: DataConfig, dp_size: int, steps: int, state: dict | None
             try:
                 batches = [next(ld) for ld in loaders]
             except StopIteration:
+                if ended is not None:
+                    ended.append(loaders[0].state_dict()["step"])
                 break
             for rank, b in enumerate(batches):
                 yield {"step": b.step, "dp_rank": rank, "phase": b.phase, "seq_len": b.seq_len,
@@ -49,11 +52,18 @@ def run_audit(config_path: str, dp_size: int, steps: int, state_in: str | None, 
 
     from data_pipeline.config import load_data_config
 
+    if dp_size < 1:
+        raise ConfigError(f"--dp-size {dp_size}: must be >= 1")
+    if steps < 0:
+        raise ConfigError(f"--steps {steps}: must be >= 0")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"--num-workers {num_workers}: must be >= 0")
+    if state_out and not Path(state_out).resolve().parent.is_dir():
+        raise ConfigError(f"--state-out {state_out}: directory {Path(state_out).resolve().parent} does not exist")
     config = load_data_config(config_path)
     if num_workers is not None:
         config.num_workers = num_workers
-    if steps < 0:
-        raise ConfigError(f"--steps {steps}: must be >= 0")
+    config.check_dp_size(dp_size)
     state = None
     if state_in:
         try:
@@ -61,9 +71,13 @@ def run_audit(config_path: str, dp_size: int, steps: int, state_in: str | None, 
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--state-in {state_in}: cannot read a loader state ({exc})") from None
     final: list[dict] = []
-    for line in audit_lines(config, dp_size, steps, state, final):
+    ended: list[int] = []
+    for line in audit_lines(config, dp_size, steps, state, final, ended):
         sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
+    if ended:
+        print(f"data audit: the run ends after step {ended[0]}: printed up to there, not the {steps} steps "
+              "asked for", file=sys.stderr)
     if state_out:
         tmp = Path(state_out + ".tmp")
         tmp.write_text(json.dumps(final[0], sort_keys=True) + "\n")

@@ -281,8 +281,11 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a config file")
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        where = "" if p.is_absolute() else f" (relative paths resolve against the working directory {os.getcwd()})"
+        raise ConfigError(f"config file not found: {p}{where}")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

@@ -9,6 +9,7 @@ The output depends only on the inputs and options, never on the number of worker
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import ConfigError, DataError
-from data_pipeline.shards import INDEX_NAME, STATS_NAME, ShardWriter, write_json_atomic
+from data_pipeline.shards import INDEX_NAME, STATS_NAME, ShardWriter, write_json_atomic, written_files
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ MIN_MEMBER_TOKENS = 65536
 _ENCODE_BATCH = 256  # documents per tokenizer call
 
 _worker_tok = None
+_worker_progress = None  # a shared counter of input bytes read, for the parent's progress bar
 
 
 @dataclass(kw_only=True, slots=True)
@@ -58,11 +60,40 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def _init_worker(spec: str) -> None:
-    global _worker_tok
+def _init_worker(spec: str, parent_pid: int, progress) -> None:
+    global _worker_tok, _worker_progress
+    _die_with_parent(parent_pid)
     from data_pipeline.tokenizer import load_tokenizer
 
     _worker_tok = load_tokenizer(spec)
+    _worker_progress = progress
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel sends this worker SIGKILL when the process that started it ends, however it ends
+    (a SIGTERM or SIGKILL to prepare-data must not leave tokenizers running with gigabytes of memory)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent was already gone before the request took effect
+        os._exit(1)
+
+
+_unreported = 0
+
+
+def _report(n: int) -> None:
+    """Adds read bytes to the shared counter in steps of 4 MB (one lock per step, not per read)."""
+    global _unreported
+    _unreported += n
+    if _unreported >= 4 << 20:
+        with _worker_progress.get_lock():
+            _worker_progress.value += _unreported
+        _unreported = 0
 
 
 def _tokenize_file(args: tuple[str, str]) -> tuple[str, np.ndarray, np.ndarray, int, int]:
@@ -75,7 +106,7 @@ def _tokenize_file(args: tuple[str, str]) -> tuple[str, np.ndarray, np.ndarray, 
     text_bytes = empty = 0
     batch: list[str] = []
     eos = np.asarray([tok.eos_id], dtype=tok.dtype)
-    for text in iter_documents(path, text_field):
+    for text in iter_documents(path, text_field, progress=_report if _worker_progress is not None else None):
         if not text:
             empty += 1
             continue
@@ -149,11 +180,6 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 def prepare_data(opts: PrepareOptions) -> dict:
     """Run ``prepare-data``; returns the stats written to ``stats.json``."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    from tqdm import tqdm
-
     from data_pipeline.readers import file_kind
     from data_pipeline.tokenizer import load_tokenizer
 
@@ -161,6 +187,8 @@ def prepare_data(opts: PrepareOptions) -> dict:
         raise ConfigError(f"--member-tokens {opts.member_tokens}: must be at least {MIN_MEMBER_TOKENS}")
     if opts.workers < 1:
         raise ConfigError(f"--workers {opts.workers}: must be at least 1")
+    if opts.shard_bytes < 1:
+        raise ConfigError(f"--shard-bytes {opts.shard_bytes}: must be at least 1")
     tok = load_tokenizer(opts.tokenizer)  # validates the tokenizer before any work
     files = expand_inputs(opts.inputs)
     for f in files:
@@ -170,27 +198,84 @@ def prepare_data(opts: PrepareOptions) -> dict:
     log.info("prepare-data %s: %d files -> %s (tokenizer %s, %d workers)", opts.source, len(files), out,
              opts.tokenizer, opts.workers)
     t0 = time.perf_counter()
-    writer = ShardWriter(out, opts.shard_bytes)
+    try:
+        with _term_as_exit():
+            stats = _write_source(opts, files, out, tok)
+    except BaseException:
+        for f in written_files(out):  # nothing half-written stays behind looking like a source
+            f.unlink()
+        raise
+    seconds = time.perf_counter() - t0
+    log.info("prepare-data %s: %d docs, %d tokens, %d members in %d shards, %.1f s (%.1f MB/s text, %.0f tok/s)",
+             opts.source, stats["documents"], stats["tokens"], stats["members"], stats["shards"], seconds,
+             stats["text_bytes"] / 1e6 / seconds, stats["tokens"] / seconds)
+    if stats["empty_documents_skipped"]:
+        log.warning("prepare-data %s: skipped %d empty documents", opts.source, stats["empty_documents_skipped"])
+    return stats
+
+
+@contextlib.contextmanager
+def _term_as_exit():
+    """SIGTERM ends prepare-data like Ctrl-C: cleanup runs, the pool's workers go with it (exit 143)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_source(opts: PrepareOptions, files: list[Path], out: Path, tok) -> dict:
+    """Tokenise in the worker pool, pack and write shards, then stats.json and index.json (last)."""
+    import multiprocessing
+    import threading
+
+    from tqdm import tqdm
+
+    ctx = multiprocessing.get_context("spawn")
+    writer = ShardWriter(out, opts.shard_bytes, tok.vocab_size)
     packer = _Packer(writer, opts.member_tokens)
     docs = tokens = text_bytes = empty = 0
     tasks = [(str(f), opts.text_field) for f in files]
     total_in = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_in, unit="B", unit_scale=True, desc=f"prepare {opts.source}", disable=not opts.progress)
-    with ProcessPoolExecutor(opts.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(opts.tokenizer,)) as pool:
-        for path, toks, doc_ends, nbytes, nempty in pool.map(_tokenize_file, tasks, chunksize=1):
-            packer.add_file(toks, doc_ends)
-            docs += doc_ends.size
-            tokens += toks.size
-            text_bytes += nbytes
-            empty += nempty
-            bar.update(Path(path).stat().st_size)
+    read = ctx.Value("q", 0)
+    done = threading.Event()
+
+    def follow() -> None:  # input bytes the workers have read so far, twice a second
+        while not done.wait(0.5):
+            bar.update(read.value - bar.n)
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    try:
+        # multiprocessing's Pool, not concurrent.futures: leaving the block on an error or a signal terminates
+        # the workers at once instead of waiting for the files they are tokenising
+        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(opts.tokenizer, os.getpid(), read)) as pool:
+            for _path, toks, doc_ends, nbytes, nempty in pool.imap(_tokenize_file, tasks, chunksize=1):
+                packer.add_file(toks, doc_ends)
+                docs += doc_ends.size
+                tokens += toks.size
+                text_bytes += nbytes
+                empty += nempty
+    finally:
+        done.set()
+        watcher.join()
+    bar.update(total_in - bar.n)
     packer.flush()
     bar.close()
     if tokens == 0:
         raise DataError(f"--input {' '.join(opts.inputs)}: no non-empty documents")
     index = writer.finish(tok.dtype, tok.eos_id)
-    seconds = time.perf_counter() - t0
     stats = {"source": opts.source, "documents": docs, "empty_documents_skipped": empty, "tokens": tokens,
              "text_bytes": text_bytes, "input_files": len(files), "input_bytes": total_in,
              "members": len(index["members"]["name"]), "shards": len(index["shards"]),
@@ -198,9 +283,4 @@ def prepare_data(opts: PrepareOptions) -> dict:
              "dtype": index["dtype"], "member_tokens": opts.member_tokens}
     write_json_atomic(out / STATS_NAME, stats)
     write_json_atomic(out / INDEX_NAME, index)  # last: its presence marks a complete output
-    log.info("prepare-data %s: %d docs, %d tokens, %d members in %d shards, %.1f s (%.1f MB/s text, %.0f tok/s)",
-             opts.source, docs, tokens, stats["members"], stats["shards"], seconds,
-             text_bytes / 1e6 / seconds, tokens / seconds)
-    if empty:
-        log.warning("prepare-data %s: skipped %d empty documents", opts.source, empty)
     return stats

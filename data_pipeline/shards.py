@@ -48,9 +48,10 @@ class ShardWriter:
     Members are written with a fixed mtime/owner so that the same inputs give the same bytes.
     """
 
-    def __init__(self, out_dir: Path, shard_bytes: int, zstd_level: int = 3):
+    def __init__(self, out_dir: Path, shard_bytes: int, vocab_size: int, zstd_level: int = 3):
         self.out_dir = out_dir
         self.shard_bytes = shard_bytes
+        self.vocab_size = vocab_size
         self._compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
         self._writer = None
         self._shard = -1
@@ -74,6 +75,7 @@ class ShardWriter:
 
     def add(self, tokens: np.ndarray, num_docs: int) -> None:
         """Compress ``tokens`` (whole documents, EOS-terminated) into the next member."""
+        check_token_range(tokens, self.vocab_size, f"member {len(self.members['name']):08d} being written")
         payload = self._compressor.compress(np.ascontiguousarray(tokens).astype(tokens.dtype.newbyteorder("<"),
                                                                                  copy=False).tobytes())
         if self._writer is None or self._writer.tarstream.offset >= self.shard_bytes:
@@ -92,6 +94,22 @@ class ShardWriter:
         self._close_current()
         return {"format": FORMAT, "dtype": np.dtype(dtype).newbyteorder("<").str, "eos_id": eos_id,
                 "shards": self.shards, "members": self.members}
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    """DataError when an id falls outside [0, vocab_size): a max over the member, cheap beside zstd."""
+    if tokens.size == 0:
+        return
+    high, low = int(tokens.max()), int(tokens.min())
+    if high >= vocab_size or low < 0:
+        bad = high if high >= vocab_size else low
+        raise DataError(f"{where}: token id {bad} outside the source's vocabulary of {vocab_size}")
+
+
+def written_files(out_dir: Path) -> list[Path]:
+    """The files ``prepare-data`` writes into a source directory (what an interrupted run leaves)."""
+    return [f for f in out_dir.iterdir()
+            if f.name in (INDEX_NAME, STATS_NAME) or (f.name.startswith("shard-") and f.suffix == ".tar")]
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -115,6 +133,7 @@ class SourceIndex:
     member_tokens: np.ndarray
     stats: dict
     fingerprint: str
+    vocab_size: int
 
     @property
     def num_members(self) -> int:
@@ -140,11 +159,20 @@ class SourceIndex:
             stats = json.loads((root / STATS_NAME).read_text())
         except (OSError, ValueError) as exc:
             raise DataError(f"{what}: unreadable {INDEX_NAME}/{STATS_NAME}: {exc}") from None
-        if index.get("format") != FORMAT:
-            raise DataError(f"{what}: {INDEX_NAME} has format {index.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            found = index.get("format") if isinstance(index, dict) else type(index).__name__
+            raise DataError(f"{what}: {INDEX_NAME} has format {found!r}, expected {FORMAT!r}")
+        _require(index, {"dtype": str, "eos_id": int, "shards": list, "members": dict}, f"{index_path}")
+        _require(index["members"], {k: list for k in ("shard", "name", "offset", "size", "tokens")},
+                 f"{index_path}: members")
+        if not isinstance(stats, dict) or not isinstance(stats.get("vocab_size"), int) or stats["vocab_size"] < 1:
+            raise DataError(f"{root / STATS_NAME}: no positive integer 'vocab_size'")
         shard_paths = []
         for shard in index["shards"]:
+            _require(shard, {"name": str, "bytes": int}, f"{index_path}: a shard entry")
             path = root / shard["name"]
+            if path.resolve().parent != root.resolve():  # a name like ../../etc/passwd or a sub-path
+                raise DataError(f"{index_path}: shard name {shard['name']!r} points outside {root}")
             if not path.is_file():
                 raise DataError(f"{path}: shard listed in {INDEX_NAME} is missing")
             size = path.stat().st_size
@@ -158,7 +186,16 @@ class SourceIndex:
                    member_shard=np.asarray(m["shard"], np.int64), member_name=list(m["name"]),
                    member_offset=np.asarray(m["offset"], np.int64), member_size=np.asarray(m["size"], np.int64),
                    member_tokens=np.asarray(m["tokens"], np.int64), stats=stats,
-                   fingerprint=hashlib.sha256(raw).hexdigest()[:16])
+                   fingerprint=hashlib.sha256(raw).hexdigest()[:16], vocab_size=int(stats["vocab_size"]))
+
+
+def _require(obj, fields: dict[str, type], where: str) -> None:
+    """DataError naming the first missing or mistyped field of an index record."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
+    for name, kind in fields.items():
+        if not isinstance(obj.get(name), kind):
+            raise DataError(f"{where}: no {kind.__name__} field {name!r} (a damaged or hand-edited index)")
 
 
 class MemberReader:
@@ -193,7 +230,9 @@ class MemberReader:
             raise DataError(f"{where}: corrupt zstd data ({exc})") from None
         if len(data) != expected:
             raise DataError(f"{where}: decompressed to {len(data)} bytes, index says {expected}")
-        return np.frombuffer(data, dtype=ix.dtype)
+        tokens = np.frombuffer(data, dtype=ix.dtype)
+        check_token_range(tokens, ix.vocab_size, where)
+        return tokens
 
     def close(self) -> None:
         for f in self._files.values():

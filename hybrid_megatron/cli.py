@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from data_pipeline.errors import UserError
+from hybrid_megatron import __version__
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # verb modules, in the order `--help` lists them
 _VERB_MODULES = (
@@ -26,15 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-megatron", description="Pretrain hybrid Mamba/attention models on megatron-core."
     )
-    parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"hybrid-megatron {__version__}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="python logging level (default INFO); also accepted after the verb")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in _VERB_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def _hoist_log_level(argv: list[str]) -> list[str]:
+    """``--log-level X`` (or ``=X``) anywhere on the line, moved before the verb, where argparse reads it."""
+    rest, hoisted = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--log-level":
+            hoisted += [arg, next(it, "")]
+        elif arg.startswith("--log-level="):
+            hoisted.append(arg)
+        else:
+            rest.append(arg)
+    return hoisted + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _hoist_log_level(list(sys.argv[1:] if argv is None else argv))
     # Overrides (key=value) may come before or after options like --dry-run; argparse stops collecting
     # a nargs="*" positional at the first option, so the rest arrive as unknown arguments.
     args, extra = parser.parse_known_args(argv)
@@ -46,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left (`data audit ... | head`) shows up here
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ values lives in each dataclass's ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -84,14 +85,16 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads "3e-4" as a string
+            value = float(value)  # YAML 1.1 reads "3e-4" as a string
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{path}={value!r}: expected {_type_name(tp)}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r}: must be a finite number")
     return value
 
 
@@ -113,6 +116,13 @@ def build(cls: type, raw: Any, path: str = "") -> Any:
         raise ConfigError(
             f"unknown config key {where}{unknown[0]} (known keys: {', '.join(sorted(fields))})"
         )
+    required = [name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(where + m for m in missing)}")
     kwargs = {name: _coerce(hints[name], raw[name], f"{path}.{name}" if path else name) for name in raw}
     try:
         return cls(**kwargs)

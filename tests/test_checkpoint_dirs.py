@@ -78,7 +78,7 @@ def test_an_unfinished_save_is_never_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="unfinished save"):
         ckpt.resolve_step_dir(tmp)
     (tmp_path / "latest").write_text(tmp.name + "\n")  # a pointer at the tmp dir (a hand edit, an old bug)
-    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a step dir name"):
         ckpt.resolve_step_dir(tmp_path)
     for missing in (".metadata", "train_state.json"):
         step = tmp_path / f"step-00000{len(missing)}"
@@ -99,3 +99,9 @@ def test_architecture_change_is_refused_but_cuts_and_spellings_may_differ(tmp_pa
         architecture.check_architecture(saved, {**saved, "hidden_size": 768, "mamba_head_dim": 96}, tmp_path)
     with pytest.raises(ConfigError, match="model.mamba_state_dim=64 there, 128"):
         architecture.check_architecture(saved, {**saved, "mamba_state_dim": 128}, tmp_path)
+
+
+def test_a_latest_pointer_of_binary_garbage_is_one_clear_error(tmp_path):
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00step")
+    with pytest.raises(ConfigError, match="latest: unreadable pointer file"):
+        ckpt.read_latest(tmp_path)

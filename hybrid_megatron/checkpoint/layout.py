@@ -59,7 +59,12 @@ def read_latest(save_dir: Path) -> Path | None:
     pointer = Path(save_dir) / LATEST
     if not pointer.exists():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{pointer}: unreadable pointer file ({exc}); it should hold a step dir name") from None
+    if not _STEP_RE.match(name):
+        raise ConfigError(f"{pointer} names {name[:80]!r}, which is not a step dir name (step-NNNNNN)")
     target = Path(save_dir) / name
     if not is_complete(target):
         raise ConfigError(f"{pointer} names {name!r}, which is not a complete checkpoint in {save_dir}")

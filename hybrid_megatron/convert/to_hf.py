@@ -38,13 +38,23 @@ class ExportOptions:
     progress: bool = True
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(name: str):
+    """A local tokenizer directory, or a hub name already in the local Hugging Face cache (never a download:
+    an export must not hang on network retries)."""
     from transformers import AutoTokenizer
 
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    if not local and (path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") > 1):
+        raise ConfigError(f"--tokenizer {name}: no such directory")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(str(path) if local else name, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--tokenizer {path}: cannot load a tokenizer there ({str(exc).splitlines()[0]})") from None
+        if local:
+            raise ConfigError(f"--tokenizer {name}: cannot load a tokenizer from that directory "
+                              f"({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"--tokenizer {name}: not a local directory and not in the Hugging Face cache; "
+                          "download it first or pass its directory") from None
 
 
 def _resolve_vocab(cfg, padded: int, tokenizer, keep_padding: bool) -> int:
@@ -72,6 +82,8 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     start = time.perf_counter()
     if opts.dtype not in ("bf16", "fp32"):
         raise ConfigError(f"--dtype {opts.dtype}: must be bf16 or fp32")
+    if opts.max_shard_bytes < 1:
+        raise ConfigError(f"--max-shard-size-gb: must be > 0 (got {opts.max_shard_bytes} bytes)")
     check_output(Path(out_dir), [Path(ckpt_dir)], opts.overwrite)  # before anything is read
     step_dir = layout.resolve_step_dir(ckpt_dir)
     cfg = offline.load_model_config(step_dir)

@@ -12,6 +12,9 @@ from data_pipeline.errors import ConfigError
 from hybrid_megatron.model import pattern as pat
 
 
+MAX_WIDTH = 1 << 20  # far above any model trained today; a larger width is a typo, not a plan
+
+
 def positive(section: str, **values: int | float | None) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
@@ -78,6 +81,11 @@ class ModelConfig:
             make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
             init_method_std=self.init_method_std,
         )
+        for name in ("hidden_size", "ffn_hidden_size", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_WIDTH * (8 if name == "vocab_size" else 1):
+                raise ConfigError(f"model.{name}={value}: implausibly large (at most "
+                                  f"{MAX_WIDTH * (8 if name == 'vocab_size' else 1):,}); a typo?")
         if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_query_groups={self.num_query_groups} does not divide "

@@ -28,7 +28,7 @@ def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
         return cfg.model.vocab_size or ByteTokenizer.vocab_size, notes
     elif missing:
         notes.append("data: missing source directories (pretrain stops on these): " + "; ".join(missing))
-    if cfg.model.vocab_size:
+    if missing and cfg.model.vocab_size:
         return cfg.model.vocab_size, notes
     if missing:
         raise ConfigError(
@@ -36,7 +36,18 @@ def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
         )
     from data_pipeline.loader import config_vocab_size
 
-    return config_vocab_size(cfg.data), notes
+    data_vocab = config_vocab_size(cfg.data)
+    if cfg.model.vocab_size and cfg.model.vocab_size < data_vocab:  # the same refusal as training's set-up
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary ({data_vocab})")
+    return cfg.model.vocab_size or data_vocab, notes
+
+
+def _check_load(cfg: RunConfig) -> None:
+    """checkpoint.load must name a checkpoint, unless this run's save dir already has one (it wins then)."""
+    from hybrid_megatron.checkpoint import layout
+
+    if cfg.checkpoint.load and layout.read_latest(cfg.save_dir) is None:
+        layout.resolve_step_dir(cfg.checkpoint.load, what="checkpoint.load=")
 
 
 def _shapes(cfg: RunConfig):
@@ -60,6 +71,7 @@ def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
     m, par = cfg.model, cfg.parallel
     dp = data_parallel_size(cfg, world_size)
     cfg.data.check_dp_size(dp)  # the loader refuses the same at startup
+    _check_load(cfg)
     vocab, notes, padded, schedule, max_seq = _shapes(cfg)
     steps, segments = run_plan(cfg, schedule)
     stages = pat.split_stages(m.hybrid_layer_pattern, par.pipeline_model_parallel_size)
