@@ -108,10 +108,10 @@ class MixturePlanner:
         """Plan step ``state['step']``; returns (plan, state after delivering it). Caller checks the end."""
         k = state["step"]
         sch = self.schedule
-        p = int(sch.phase[k])
-        seq_len, n = int(sch.seq_len[k]), int(sch.num_sequences[k])
+        shape = sch.at(k)
+        p, seq_len, n = shape.phase, shape.seq_len, shape.num_sequences
         comps = self.components[p]
-        new_phase = k > 0 and int(sch.phase[k - 1]) != p
+        new_phase = k > 0 and sch.at(k - 1).phase != p
         allocated = [0] * len(comps) if new_phase else list(state["allocated"])
         phase_samples = 0 if new_phase else state["phase_samples"]
         counts = allocate(n, [c.weight for c in comps], allocated, phase_samples)

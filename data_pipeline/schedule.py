@@ -1,4 +1,5 @@
-"""The run's step plan as metadata: phase, sequence length and sequence count of every step.
+"""The run's step plan as metadata: phase, sequence length and sequence count of every step, stored as runs
+of identical steps (see ``Schedule``).
 
 The sequence length comes from DeepSpeed's ``CurriculumScheduler`` evaluated at the number of tokens
 delivered before the step (so its "steps" are tokens), or is ``seq_len`` without a curriculum. Tokens
@@ -11,12 +12,11 @@ A step belongs to one phase; the phase moves on once the tokens it delivered rea
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import sys
 from dataclasses import dataclass
-
-import numpy as np
 
 from data_pipeline.config import CurriculumConfig, DataConfig
 
@@ -53,6 +53,7 @@ class SeqLenCurriculum:
         with contextlib.redirect_stdout(sys.stderr), _no_accelerator_probe_warning():
             from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
 
+        self._discrete_bounds = list(cfg.max_tokens) if cfg.schedule == "fixed_discrete" else None
         if cfg.schedule == "fixed_discrete":
             schedule_config = {"difficulty": list(cfg.seq_lens), "max_step": list(cfg.max_tokens)}
         else:
@@ -67,24 +68,74 @@ class SeqLenCurriculum:
     def seq_len(self, tokens_done: int) -> int:
         return int(self._scheduler.get_difficulty(tokens_done))
 
+    def segment(self, tokens_done: int) -> int:
+        """A key that is constant exactly where the length is constant and never decreases: the length for
+        the monotone schedules, the interval for ``fixed_discrete`` (whose lengths may repeat), found by
+        DeepSpeed's own rule (the first ``max_step`` at or past the token count)."""
+        if self._discrete_bounds is not None:
+            return bisect.bisect_left(self._discrete_bounds, tokens_done)
+        return self.seq_len(tokens_done)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Consecutive steps of one phase with the same sequence length and count."""
+
+    start: int  # first step
+    steps: int
+    phase: int  # phase index
+    seq_len: int
+    num_sequences: int  # a multiple of batch_size_multiple
+    tokens_before: int  # tokens delivered before the run's first step
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.num_sequences
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    phase: int
+    seq_len: int
+    num_sequences: int
+    tokens_before: int
+
+
 class Schedule:
-    """Per-step arrays of the whole run (index = step)."""
+    """The whole run as runs of identical steps: its size grows with the number of phases and curriculum
+    lengths, never with the number of steps (a 100T-token plan is a few hundred runs)."""
 
-    phase: np.ndarray  # int32 phase index
-    seq_len: np.ndarray  # int64
-    num_sequences: np.ndarray  # int64, multiple of batch_size_multiple
-    tokens_before: np.ndarray  # int64 tokens delivered before the step
-    phase_names: tuple[str, ...]
+    def __init__(self, runs: tuple[Run, ...], phase_names: tuple[str, ...]):
+        self.runs, self.phase_names = runs, phase_names
+        self._starts = [r.start for r in runs]
 
     @property
     def total_steps(self) -> int:
-        return int(self.phase.size)
+        last = self.runs[-1]
+        return last.start + last.steps
 
     @property
     def total_tokens(self) -> int:
-        return int(self.tokens_before[-1] + self.seq_len[-1] * self.num_sequences[-1])
+        last = self.runs[-1]
+        return last.tokens_before + last.steps * last.tokens_per_step
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(r.seq_len for r in self.runs)
+
+    def shapes(self) -> set[tuple[int, int]]:
+        """Every (sequence length, sequences per step) the run trains at."""
+        return {(r.seq_len, r.num_sequences) for r in self.runs}
+
+    def at(self, step: int) -> StepShape:
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} is outside the run's {self.total_steps} steps")
+        r = self.runs[bisect.bisect_right(self._starts, step) - 1]
+        return StepShape(r.phase, r.seq_len, r.num_sequences, r.tokens_before + (step - r.start) * r.tokens_per_step)
+
+    def phase_start(self, phase: int) -> int | None:
+        """The first step of phase ``phase`` (None when the run has no step in it)."""
+        return next((r.start for r in self.runs if r.phase == phase), None)
 
 
 def num_sequences(config: DataConfig, seq_len: int) -> int:
@@ -92,25 +143,41 @@ def num_sequences(config: DataConfig, seq_len: int) -> int:
     return (config.global_batch_tokens // seq_len) // bsm * bsm
 
 
+def _steps_at_this_length(curriculum: SeqLenCurriculum, done: int, per_step: int, limit: int) -> int:
+    """How many of the next ``limit`` steps (each ``per_step`` tokens, the first after ``done``) keep the
+    current curriculum segment: a binary search over a monotone segment key, not a walk over steps."""
+    key = curriculum.segment(done)
+    if curriculum.segment(done + (limit - 1) * per_step) == key:
+        return limit
+    lo, hi = 1, limit - 1  # step lo - 1 is in the segment, step hi is not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if curriculum.segment(done + mid * per_step) == key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _build(config: DataConfig) -> Schedule:
     curriculum = SeqLenCurriculum(config.curriculum) if config.curriculum else None
-    phases, lens, counts, before = [], [], [], []
-    done = 0
+    runs: list[Run] = []
+    done = step = 0
     for p, phase in enumerate(config.phases):
         in_phase = 0
         while in_phase < phase.tokens:
             length = curriculum.seq_len(done) if curriculum else config.seq_len
             n = num_sequences(config, length)
             assert n > 0, (length, config.global_batch_tokens)  # guaranteed by DataConfig validation
-            phases.append(p)
-            lens.append(length)
-            counts.append(n)
-            before.append(done)
-            done += n * length
-            in_phase += n * length
-    return Schedule(phase=np.asarray(phases, np.int32), seq_len=np.asarray(lens, np.int64),
-                    num_sequences=np.asarray(counts, np.int64), tokens_before=np.asarray(before, np.int64),
-                    phase_names=tuple(ph.name for ph in config.phases))
+            per_step = n * length
+            k = -(-(phase.tokens - in_phase) // per_step)  # steps to finish the phase at this length
+            if curriculum is not None:
+                k = _steps_at_this_length(curriculum, done, per_step, k)
+            runs.append(Run(start=step, steps=k, phase=p, seq_len=length, num_sequences=n, tokens_before=done))
+            step += k
+            done += k * per_step
+            in_phase += k * per_step
+    return Schedule(tuple(runs), tuple(ph.name for ph in config.phases))
 
 
 @functools.lru_cache(maxsize=8)

@@ -75,9 +75,70 @@ def test_errors_name_the_field(path, value, message):
     assert message in str(info.value)
 
 
+def _per_step(sch):
+    """The schedule expanded to one entry per step (small runs only)."""
+    import numpy as np
+
+    shapes = [sch.at(k) for k in range(sch.total_steps)]
+
+    class Arrays:
+        phase = np.array([s.phase for s in shapes])
+        seq_len = np.array([s.seq_len for s in shapes])
+        num_sequences = np.array([s.num_sequences for s in shapes])
+        tokens_before = np.array([s.tokens_before for s in shapes])
+        total_steps, total_tokens = sch.total_steps, sch.total_tokens
+
+    return Arrays
+
+
+def _reference(cfg):
+    """The plan step by step, DeepSpeed asked at every step: what the run-length schedule must equal."""
+    from data_pipeline.schedule import SeqLenCurriculum, num_sequences
+
+    cur = SeqLenCurriculum(cfg.curriculum) if cfg.curriculum else None
+    out, done = [], 0
+    for p, phase in enumerate(cfg.phases):
+        in_phase = 0
+        while in_phase < phase.tokens:
+            length = cur.seq_len(done) if cur else cfg.seq_len
+            n = num_sequences(cfg, length)
+            out.append((p, length, n, done))
+            done += n * length
+            in_phase += n * length
+    return out
+
+
+@pytest.mark.parametrize("curriculum", [
+    None,
+    {"min_seq_len": 256, "max_seq_len": 4096, "schedule": "fixed_linear", "total_tokens": 3_000_000, "step": 64},
+    {"min_seq_len": 256, "max_seq_len": 4096, "schedule": "fixed_root", "total_tokens": 5_000_000, "step": 128,
+     "root_degree": 3},
+    # lengths that come back: the segment, not the length, decides where a run ends
+    {"min_seq_len": 256, "max_seq_len": 2048, "schedule": "fixed_discrete", "seq_lens": [512, 2048, 512, 256],
+     "max_tokens": [1_000_000, 1_500_000, 4_000_000]},
+])
+def test_run_length_schedule_equals_the_step_by_step_plan(curriculum):
+    cfg = DataConfig.from_dict(with_("curriculum", curriculum))
+    sch = build_schedule(cfg)
+    want = _reference(cfg)
+    assert sch.total_steps == len(want) and len(sch.runs) < len(want)
+    got = [(s.phase, s.seq_len, s.num_sequences, s.tokens_before) for s in map(sch.at, range(sch.total_steps))]
+    assert got == want
+
+
+def test_a_plan_of_an_exabyte_of_tokens_stays_small():
+    """10**18 tokens: the plan's size depends on phases and curriculum lengths, never on steps."""
+    cfg = DataConfig.from_dict(with_("phases.0.tokens", 10**18))
+    sch = build_schedule(cfg)
+    assert sch.total_tokens >= 10**18 and sch.total_steps > 10**13
+    assert len(sch.runs) < 200
+    last = sch.at(sch.total_steps - 1)
+    assert last.tokens_before + last.seq_len * last.num_sequences == sch.total_tokens
+
+
 def test_schedule_counts_tokens_and_follows_deepspeed_curriculum():
     cfg = DataConfig.from_dict(with_("phases.0.tokens", 12_000_000))
-    sch = build_schedule(cfg)
+    sch = _per_step(build_schedule(cfg))
     assert sch.seq_len[0] == 256 and sch.seq_len[-1] == 4096
     assert (sch.seq_len % 64 == 0).all() and (sch.num_sequences % 8 == 0).all()
     tokens = sch.seq_len * sch.num_sequences

@@ -16,8 +16,7 @@ class _Phase:
 
 def _plan(overrides=(), phases=(0.0, 0.5), pre=80, anneal=20):
     cfg = load_run_config("configs/tiny.yaml", ["schedule.lr_warmup_steps=10", "schedule.anneal_warmup_steps=5", *overrides])
-    phase_of_step = [0] * pre + [1] * anneal
-    return cfg, plan_segments(cfg, phase_of_step, [_Phase(r) for r in phases])
+    return cfg, plan_segments(cfg, pre + anneal, pre if anneal else None, [_Phase(r) for r in phases])
 
 
 def test_anneal_phase_rewarms_to_a_share_of_peak_then_decays_to_zero():

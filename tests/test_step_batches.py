@@ -85,7 +85,7 @@ def test_micro_batch_plan_covers_every_sequence_length_and_fails_early():
     cfg = load_run_config("configs/tiny.yaml")
     schedule = build_schedule(cfg.data)
     plan = micro_batch_plan(cfg, schedule, dp_size=1)
-    assert sorted(plan) == sorted(set(schedule.seq_len.tolist()))
+    assert sorted(plan) == sorted({seq for seq, _ in schedule.shapes()})
     for seq, (mbs, n) in plan.items():
         assert mbs * seq <= cfg.train.micro_batch_size * 1024  # never more tokens than the configured micro-batch
     assert plan[1024] == (8, 4)

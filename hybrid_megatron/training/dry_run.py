@@ -57,7 +57,7 @@ def _shapes(cfg: RunConfig):
     vocab, notes = _vocab(cfg)
     padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
     schedule = build_schedule(cfg.data)
-    return vocab, notes, padded, schedule, int(schedule.seq_len.max())
+    return vocab, notes, padded, schedule, schedule.max_seq_len
 
 
 def peak_memory_bytes(cfg: RunConfig, *, world_size: int) -> float:

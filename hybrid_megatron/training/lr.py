@@ -29,16 +29,17 @@ class Segment:
     wsd_style: str | None = None
 
 
-def plan_segments(cfg: RunConfig, phase_of_step: list[int], phases: list) -> list[Segment]:
-    """Schedule segments for a run whose step s belongs to data phase ``phase_of_step[s]``."""
-    total = len(phase_of_step)
+def plan_segments(cfg: RunConfig, num_steps: int, last_phase_start: int | None, phases: list) -> list[Segment]:
+    """Schedule segments for a run of ``num_steps`` data steps whose last phase starts at step
+    ``last_phase_start`` (None: no step in it); that phase is an anneal when it replays."""
+    total = num_steps
     if cfg.train.train_steps is not None:
         total = cfg.train.train_steps
     o, s = cfg.optim, cfg.schedule
     anneal_start = None
     last = len(phases) - 1
-    if last > 0 and phases[last].replay > 0 and last in phase_of_step[:total]:
-        anneal_start = phase_of_step.index(last)
+    if last > 0 and phases[last].replay > 0 and last_phase_start is not None and last_phase_start < total:
+        anneal_start = last_phase_start
     pre_steps = anneal_start if anneal_start is not None else total
     if s.lr_warmup_steps >= pre_steps:
         raise ConfigError(
@@ -69,7 +70,8 @@ def run_plan(cfg: RunConfig, schedule) -> tuple[int, list[Segment]]:
     total = cfg.train.train_steps or schedule.total_steps
     if total > schedule.total_steps:
         raise ConfigError(f"train.train_steps={total} exceeds the {schedule.total_steps} steps the data phases define")
-    return total, plan_segments(cfg, schedule.phase.tolist(), cfg.data.phases)
+    last = len(cfg.data.phases) - 1
+    return total, plan_segments(cfg, schedule.total_steps, schedule.phase_start(last), cfg.data.phases)
 
 
 def lr_at(seg: Segment, step_in_segment: int) -> float:

@@ -136,7 +136,7 @@ def build_train_state(cfg: RunConfig, rank: int) -> TrainState:
     if vocab < data_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
     schedule = build_schedule(cfg.data)
-    max_seq_len = int(schedule.seq_len.max())
+    max_seq_len = schedule.max_seq_len
     total_steps, lr_segments = run_plan(cfg, schedule)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     micro_batches = micro_batch_plan(cfg, schedule, dp_size)  # fails before the build

@@ -55,9 +55,9 @@ def micro_batch_plan(cfg, schedule, dp_size: int) -> dict[int, tuple[int, int]]:
 
     pp = cfg.parallel.pipeline_model_parallel_size
     interleaved = pat.virtual_pipeline_size(cfg.model.hybrid_layer_pattern, pp) is not None
-    max_seq = int(schedule.seq_len.max())
+    max_seq = schedule.max_seq_len
     plan = {}
-    for seq_len, n_global in sorted(set(zip(schedule.seq_len.tolist(), schedule.num_sequences.tolist()))):
+    for seq_len, n_global in sorted(schedule.shapes()):
         n_local = n_global // dp_size
         mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq, pp if interleaved else 1)
         plan[seq_len] = (mbs, n_local // mbs)
