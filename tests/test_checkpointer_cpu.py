@@ -80,7 +80,8 @@ def _save_at_tp2(rank: int, port: int, save_dir: str) -> None:
     _setup(rank, 2, port, tp=2)
     model = _model(tp=2, seed=0)
     with cpu_only_save_patches():  # megatron's sync writer calls torch.cuda.synchronize()
-        Checkpointer(_config(Path(save_dir), 2), [model], optimizer=None, scheduler=None).save_weights(0)
+        Checkpointer(_config(Path(save_dir), 2), [model], optimizer=None, scheduler=None,
+                     tokenizer={"kind": "bytes", "vocab_size": 257, "eos_id": 256}).save_weights(0)
     full = {}
     for name, dim in (("fc1", 0), ("fc2", 1)):
         shard = getattr(model.module, name).weight.detach()
@@ -128,6 +129,7 @@ def test_weights_only_save_is_committed_with_latest_and_no_training_state(tp2_ch
     assert (tp2_checkpoint / "latest").read_text().strip() == "step-000000"
     step = tp2_checkpoint / "step-000000"
     assert json.loads((step / "train_state.json").read_text()) == {"step": 0, "weights_only": True}
+    assert json.loads((step / "data_tokenizer.json").read_text())["kind"] == "bytes"  # what to-hf exports
     assert sorted(p.name for p in (step / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     import torch.distributed.checkpoint as dcp
 

@@ -10,6 +10,7 @@ Layout under ``save_dir``::
         .metadata          torch_dist's index of the shards (written last by megatron's save)
         run_config.yaml    the resolved run config (a model-only save: its ``model:`` section)
         train_state.json   step, tokens, data-loader state, skipped steps (``weights_only`` for model-only)
+        data_tokenizer.json  the data's tokenizer: kind, vocab size, EOS id, fingerprint (training saves)
         rng/rank-00000.pt  python/numpy/torch/cuda + megatron tracker RNG states of each rank
 
 A save writes ``step-N.tmp/``; once every rank has finished (barrier, or the async finalizer),
@@ -36,6 +37,7 @@ LATEST = "latest"
 METADATA = ".metadata"
 RUN_CONFIG = "run_config.yaml"
 TRAIN_STATE = "train_state.json"
+DATA_TOKENIZER = "data_tokenizer.json"  # the tokenizer of the data the run trained on (kind, vocab, EOS, fingerprint)
 TMP_SUFFIX = ".tmp"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -95,9 +97,26 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def step_files(run_config_yaml: str, train_state: dict) -> dict[str, str]:
+def step_files(run_config_yaml: str, train_state: dict, tokenizer: dict | None = None) -> dict[str, str]:
     """The small files of a step dir, by name."""
-    return {RUN_CONFIG: run_config_yaml, TRAIN_STATE: json.dumps(train_state, indent=1, sort_keys=True) + "\n"}
+    files = {RUN_CONFIG: run_config_yaml, TRAIN_STATE: json.dumps(train_state, indent=1, sort_keys=True) + "\n"}
+    if tokenizer is not None:
+        files[DATA_TOKENIZER] = json.dumps(tokenizer, indent=1, sort_keys=True) + "\n"
+    return files
+
+
+def read_data_tokenizer(step_dir: Path) -> dict | None:
+    """The recorded tokenizer of the run's data, or None (model-only saves and older checkpoints)."""
+    path = Path(step_dir) / DATA_TOKENIZER
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("vocab_size"), int) or not isinstance(info.get("kind"), str):
+        raise ConfigError(f"{path}: needs 'kind' and an integer 'vocab_size'")
+    return info
 
 
 def commit(save_dir: Path, tmp_dir: Path, step: int, files: dict[str, str], keep_last: int | None) -> Path:

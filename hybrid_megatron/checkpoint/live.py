@@ -78,10 +78,12 @@ def load_model_weights(model_chunks, step_dir: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg: RunConfig, model_chunks, optimizer, scheduler):
+    def __init__(self, cfg: RunConfig, model_chunks, optimizer, scheduler, tokenizer: dict | None = None):
+        """``tokenizer``: the data's tokenizer record, stored in every step dir (``convert to-hf`` reads it)."""
         import torch
 
         self.cfg = cfg
+        self.tokenizer = tokenizer
         self.model = model_chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -117,7 +119,7 @@ class Checkpointer:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
             train_state = {**train_state, "scheduler": self.scheduler.state_dict()}
         background = self._async_queue is not None and not weights_only
-        files = ckpt.step_files(dump_yaml(self.cfg), train_state)
+        files = ckpt.step_files(dump_yaml(self.cfg), train_state, self.tokenizer)
         request = dist_checkpointing.save(
             state,
             str(tmp),

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     to_hf.add_argument("out_dir", help="output directory (must be empty or absent, unless --overwrite)")
     to_hf.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                        help="dtype of the written weights; A_log, D, dt_bias stay fp32 (default bf16)")
-    to_hf.add_argument("--tokenizer", help="tokenizer dir or hub name to copy into the output")
+    to_hf.add_argument("--tokenizer", help="tokenizer dir (or a hub name in the local cache) to copy into the output; "
+                       "default: the data tokenizer the checkpoint records (bytes is written as HF tokenizer files)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     to_hf.add_argument("--keep-vocab-padding", action="store_true",
                        help="keep the padded embedding/lm_head rows instead of trimming to the vocab size")

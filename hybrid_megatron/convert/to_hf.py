@@ -31,7 +31,8 @@ class ExportOptions:
     dtype: str = "bf16"
     """bf16 or fp32 for every tensor but A_log, D, dt_bias (always written fp32, as trained)."""
     tokenizer: str | None = None
-    """A tokenizer dir or hub name whose files are copied in; its size sets the vocab when the config has none."""
+    """A tokenizer dir or cached hub name whose files are copied in; default: the tokenizer the checkpoint
+    records for its data (the ``bytes`` one is written as HF files), and its size sets the vocab."""
     overwrite: bool = False
     keep_vocab_padding: bool = False
     max_shard_bytes: int = 2 * 1024**3
@@ -57,18 +58,41 @@ def _load_tokenizer(name: str):
                           "download it first or pass its directory") from None
 
 
-def _resolve_vocab(cfg, padded: int, tokenizer, keep_padding: bool) -> int:
-    """Rows to write: the padded rows with ``keep_padding``, else the config's (or tokenizer's) vocab."""
-    vocab = cfg.vocab_size
+def _recorded_tokenizer(step_dir: Path):
+    """(tokenizer to write or None, vocab size or None) from the checkpoint's record of its data's tokenizer."""
+    recorded = layout.read_data_tokenizer(step_dir)
+    if recorded is None:
+        return None, None
+    if recorded["kind"] == "bytes":
+        from hybrid_megatron.convert.byte_tokenizer import byte_tokenizer
+
+        return byte_tokenizer(), recorded["vocab_size"]
+    path = recorded.get("path")
+    if recorded["kind"] == "hf" and path and Path(path).is_dir():
+        from data_pipeline.tokenizer import HFTokenizer
+
+        if HFTokenizer(path).describe()["fingerprint"] != recorded.get("fingerprint"):
+            raise ConfigError(f"the data's tokenizer at {path} changed since training (fingerprint differs from "
+                              f"{step_dir / layout.DATA_TOKENIZER}): pass the original with --tokenizer")
+        return _load_tokenizer(path), recorded["vocab_size"]
+    log.warning("the data's tokenizer (%s) is not at %s any more: exporting without tokenizer files (pass "
+                "--tokenizer to include them)", recorded["kind"], path)
+    return None, recorded["vocab_size"]
+
+
+def _resolve_vocab(cfg, padded: int, tokenizer, recorded_vocab: int | None, keep_padding: bool) -> int:
+    """Rows to write: the padded rows with ``keep_padding``, else the config's, the recorded data tokenizer's
+    or the given tokenizer's vocabulary."""
+    vocab = cfg.vocab_size or recorded_vocab
     if tokenizer is not None:
         n = len(tokenizer)
         if vocab is not None and n > vocab:
-            raise ConfigError(f"--tokenizer has {n} tokens but the model embeds only model.vocab_size={vocab}")
+            raise ConfigError(f"the tokenizer has {n} tokens but the model embeds only a vocabulary of {vocab}")
         vocab = vocab if vocab is not None else n
     if vocab is None and not keep_padding:
         raise ConfigError(
-            "model.vocab_size is not stored in the checkpoint's run_config.yaml: pass --tokenizer (its size is "
-            "the vocab) or --keep-vocab-padding"
+            "the checkpoint records neither model.vocab_size nor the data's tokenizer: pass --tokenizer (its size "
+            "is the vocab) or --keep-vocab-padding"
         )
     if vocab is not None and vocab > padded:
         raise DataError(f"model.vocab_size={vocab} exceeds the checkpoint's {padded} embedding rows")
@@ -88,14 +112,18 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     step_dir = layout.resolve_step_dir(ckpt_dir)
     cfg = offline.load_model_config(step_dir)
     check_exportable(cfg)  # before anything is read or written
-    tokenizer = _load_tokenizer(opts.tokenizer) if opts.tokenizer else None
+    if opts.tokenizer:
+        tokenizer, recorded_vocab = _load_tokenizer(opts.tokenizer), layout.read_data_tokenizer(step_dir)
+        recorded_vocab = recorded_vocab["vocab_size"] if recorded_vocab else None
+    else:
+        tokenizer, recorded_vocab = _recorded_tokenizer(step_dir)
 
     reader = offline.CheckpointReader(step_dir)
     emb = reader.tensors.get("embedding.word_embeddings.weight")
     if emb is None:
         raise DataError(f"{step_dir}: no embedding.word_embeddings.weight: not a model checkpoint of this project")
     padded = emb[0][0]
-    vocab = _resolve_vocab(cfg, padded, tokenizer, opts.keep_vocab_padding)
+    vocab = _resolve_vocab(cfg, padded, tokenizer, recorded_vocab, opts.keep_vocab_padding)
     _check_keys(reader, cfg, padded, step_dir)
 
     out_dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32

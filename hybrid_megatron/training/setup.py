@@ -122,7 +122,7 @@ def build_train_state(cfg: RunConfig, rank: int) -> TrainState:
     """Builds and resumes the training state of this rank (process groups already initialized)."""
     from megatron.core import parallel_state
 
-    from data_pipeline.loader import build_loader, config_vocab_size
+    from data_pipeline.loader import build_loader, open_sources, tokenizer_info
     from data_pipeline.schedule import build_schedule
     from hybrid_megatron.checkpoint.live import Checkpointer
     from hybrid_megatron.model.build import padded_vocab_size
@@ -131,7 +131,8 @@ def build_train_state(cfg: RunConfig, rank: int) -> TrainState:
     from hybrid_megatron.training.step import micro_batch_plan
 
     ensure_data(cfg, rank)
-    data_vocab = config_vocab_size(cfg.data)
+    data_tokenizer = tokenizer_info(open_sources(cfg.data))
+    data_vocab = data_tokenizer.vocab_size
     vocab = cfg.model.vocab_size or data_vocab
     if vocab < data_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab})")
@@ -144,7 +145,9 @@ def build_train_state(cfg: RunConfig, rank: int) -> TrainState:
     model = build_training_model(cfg, vocab, max_seq_len)
     optimizer = build_optimizer(cfg, model)
     scheduler = PhasedScheduler(optimizer, lr_segments, cfg.optim.weight_decay)
-    checkpointer = Checkpointer(cfg, model, optimizer, scheduler)
+    checkpointer = Checkpointer(cfg, model, optimizer, scheduler,
+                                tokenizer={**data_tokenizer.tokenizer, "vocab_size": data_vocab,
+                                           "eos_id": data_tokenizer.eos_id})
     loader = build_loader(cfg.data, dp_rank, dp_size)
     state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, checkpointer=checkpointer,
                        loader=loader, schedule=schedule, total_steps=total_steps, max_seq_len=max_seq_len,
