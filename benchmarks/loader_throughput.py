@@ -5,7 +5,7 @@
 Builds the sample corpus if missing (``ensure_sample_data``), then for seq 256 and seq 4096 runs one
 loader process (dp_rank 0 of dp_size 1, inline, no workers) over the ``code`` and ``tests`` sources and
 reports samples/s and tokens/s; the baseline decompresses every member of those shards once
-(tokens/s). Prints a table and writes ``benchmarks/results/loader_throughput.json``.
+(tokens/s). Prints a table; ``--out F`` writes the JSON (recorded results: ``benchmarks/results/loader_throughput.json``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/sample")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--out", default="benchmarks/results/loader_throughput.json")
+    ap.add_argument("--out", default=None, help="write the result JSON here (e.g. benchmarks/results/loader_throughput.json "
+                    "to record it); default: print the table only")
     args = ap.parse_args()
     paths = ensure_sample_data(args.data, progress=False)
     sources = {k: paths[k] for k in ("code", "tests")}
@@ -88,8 +89,9 @@ def main() -> int:
         "raw_zstd": raw, "loader": rows,
         "targets": {"seq256_samples_per_s": 1000, "seq4096_tokens_per_s": 1_000_000},
         "meets_targets": rows[0]["samples_per_s"] > 1000 and rows[1]["tokens_per_s"] > 1_000_000}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

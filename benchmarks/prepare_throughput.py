@@ -5,7 +5,7 @@
 Tokenises the sample corpus's extracted ``code`` documents (``<data>/raw/code-*.jsonl``) once with the
 ``bytes`` tokenizer and once with a byte-level BPE tokenizer (vocab 8192) trained locally with the
 ``tokenizers`` library on part of the same text; the tokenizer's training time is not counted. Prints
-a table and writes ``benchmarks/results/prepare_throughput.json``.
+a table; ``--out F`` writes the JSON (recorded results: ``benchmarks/results/prepare_throughput.json``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/sample")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/prepare_throughput.json")
+    ap.add_argument("--out", default=None, help="write the result JSON here (e.g. benchmarks/results/prepare_throughput.json "
+                    "to record it); default: print the table only")
     args = ap.parse_args()
     ensure_sample_data(args.data, progress=False)
     files = sorted(glob.glob(f"{args.data}/raw/code-*.jsonl"))
@@ -73,8 +74,9 @@ def main() -> int:
               "versions": {"python": platform.python_version(), "tokenizers": tokenizers.__version__,
                            "zstandard": zstandard.__version__},
               "config": {"inputs": files, "workers": args.workers, "member_tokens": 262144}, "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

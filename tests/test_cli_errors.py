@@ -33,11 +33,15 @@ TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
      2, "--tokenizer /missing: no such directory"),
     (["convert", "to-hf", str(REPO_ROOT / "tests/fixtures/convert/tp1/ckpt"), "{tmp}/o", "--tokenizer",
       "someone/not-cached-tokenizer"], 2, "not in the Hugging Face cache"),
+    (["convert", "from-hf", "{badhf}", "{tmp}/o"], 3, "config.json: not valid JSON"),
 ])
 def test_one_line_and_an_exit_code(tmp_path, capsys, monkeypatch, argv, code, message):
     monkeypatch.chdir(REPO_ROOT)
     (tmp_path / "empty.yaml").write_text("")
-    argv = [a.replace("{empty}", str(tmp_path / "empty.yaml")).replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "badhf").mkdir()
+    (tmp_path / "badhf" / "config.json").write_text("{ not json")
+    argv = [a.replace("{empty}", str(tmp_path / "empty.yaml")).replace("{tmp}", str(tmp_path))
+            .replace("{badhf}", str(tmp_path / "badhf")) for a in argv]
     assert main(argv) == code
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("20")]  # log lines
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

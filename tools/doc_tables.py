@@ -1,0 +1,124 @@
+"""Regenerates the estimated numbers the docs show, between ``<!-- generated: NAME -->`` and
+``<!-- end generated -->`` markers, from the code that computes them.
+
+    python tools/doc_tables.py            # exit 1 and name every block that drifted
+    python tools/doc_tables.py --write    # rewrite the blocks in place
+
+``tests/test_doc_tables.py`` runs the check, so a change to the memory estimate, the schedule or a recipe
+that moves a documented number fails until the docs are regenerated. Blocks:
+``cluster-7b-dry-run`` (the 7B recipe's dry-run excerpt), ``cluster-7b-layouts`` (the layouts table),
+``data-sample-steps`` (the sample mixture's step count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+
+from hybrid_megatron.devtools import REPO_ROOT
+
+RECIPE = "configs/pretrain_7b.yaml"
+TP1 = ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"]
+# (layout as the table shows it, overrides, GPUs, note after the verdict)
+LAYOUTS = [
+    ("TP 2, SP, PP 1, micro-batch 1, selective (the recipe)", [], 8, ""),
+    ("the recipe at 4 nodes (`--gpus 32`, DP 16)", [], 32, ""),
+    ("TP 2, micro-batch 2", ["train.micro_batch_size=2"], 8, ""),
+    ("TP 1, PP 1", TP1, 8, ""),
+    ("TP 1, PP 1, full recompute", [*TP1, "train.recompute=full"], 8,
+     "weights, FP8 copies, fp32 grads and Adam shards alone do not leave room"),
+    ("TP 1, PP 4", [*TP1, "parallel.pipeline_model_parallel_size=4"], 8,
+     "but the last stage also runs the 131k-vocab head (~30% more FLOPs than the others)"),
+    ("TP 1, PP 1, no distributed optimizer", [*TP1, "parallel.use_distributed_optimizer=false",
+                                              "parallel.overlap_param_gather=false"], 8, ""),
+]
+
+
+def _dry_run(overrides: list[str], gpus: int) -> list[str]:
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.training.dry_run import describe
+
+    return describe(load_run_config(REPO_ROOT / RECIPE, overrides), world_size=gpus).splitlines()
+
+
+def cluster_7b_dry_run() -> str:
+    lines = _dry_run([], 8)
+    keep = [ln for ln in lines if ln.startswith(("parameters:", "FLOPs per token", "run:"))]
+    memory = lines[lines.index("# memory per GPU (estimate)"):]
+    memory = [ln for ln in memory if ln and not ln.startswith("# notes")][:4]
+    return "```\n$ hybrid-megatron pretrain configs/pretrain_7b.yaml --dry-run\n" + "\n".join(keep + memory) + "\n```"
+
+
+def cluster_7b_layouts() -> str:
+    from hybrid_megatron.model.memory import GB, GPU_BYTES
+
+    rows = ["| layout (overrides of the recipe) | total per GPU | verdict |", "| --- | --- | --- |"]
+    for name, overrides, gpus, note in LAYOUTS:
+        worst = next(ln for ln in _dry_run(overrides, gpus) if ln.startswith("worst: "))
+        stage, total = re.match(r"worst: pp stage (\d+), total ([\d.]+) GB", worst).groups()
+        margin = GPU_BYTES / GB - float(total)
+        verdict = f"fits, {margin:.1f} GB to spare" if margin >= 0 else f"does not fit ({-margin:.1f} GB over)"
+        where = f" (stage {stage})" if stage != "0" else ""
+        rows.append(f"| {name} | {total} GB{where} | {verdict}{': ' + note if note else ''} |")
+    return "\n".join(rows)
+
+
+def data_sample_steps() -> str:
+    from data_pipeline.config import load_data_config
+    from data_pipeline.schedule import build_schedule
+
+    sch = build_schedule(load_data_config(REPO_ROOT / "configs" / "data" / "sample.yaml"))
+    return f"{sch.total_steps} steps ({sch.total_tokens:,} tokens)"
+
+
+BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
+    "cluster-7b-dry-run": ("docs/cluster.md", cluster_7b_dry_run),
+    "cluster-7b-layouts": ("docs/cluster.md", cluster_7b_layouts),
+    "data-sample-steps": ("docs/data.md", data_sample_steps),
+}
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- generated: {re.escape(name)} -->)(.*?)(<!-- end generated -->)", re.S)
+
+
+def render(text: str, name: str, body: str) -> str:
+    """``text`` with block ``name`` replaced by ``body`` (a block inside a line stays inline)."""
+    pattern = _pattern(name)
+    match = pattern.search(text)
+    if match is None:
+        raise ValueError(f"no '<!-- generated: {name} -->' block")
+    inline = "\n" not in match.group(2)
+    new = body if inline else f"\n{body}\n"
+    return text[: match.start(2)] + new + text[match.end(2):]
+
+
+def drifted() -> list[str]:
+    """Names of the blocks whose text differs from what the code computes now."""
+    out = []
+    for name, (doc, make) in BLOCKS.items():
+        text = (REPO_ROOT / doc).read_text()
+        if render(text, name, make()) != text:
+            out.append(f"{doc}: {name}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="rewrite the blocks in place")
+    args = ap.parse_args(argv)
+    if args.write:
+        for name, (doc, make) in BLOCKS.items():
+            path = REPO_ROOT / doc
+            path.write_text(render(path.read_text(), name, make()))
+        return 0
+    stale = drifted()
+    for line in stale:
+        print(f"stale: {line} (python tools/doc_tables.py --write)")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
