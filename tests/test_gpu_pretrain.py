@@ -160,3 +160,26 @@ def test_saved_initial_weights_start_another_run_identically(tmp_path):
     curves = {name: [_losses(d)[s]["loss"] for s in range(1, 5)] for name, d in (("a", a), ("b", b), ("c", c))}
     assert curves["b"] == curves["a"], curves
     assert curves["c"][0] != curves["a"][0], curves
+
+
+def test_the_quickstart_checkpoint_exports_without_flags(tmp_path):
+    """A pretrain run on the bytes sample data records its tokenizer: to-hf then needs no flag and writes
+    tokenizer files with the data pipeline's ids."""
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    _ok(run_pretrain(["configs/tiny.yaml", "train.train_steps=6", "schedule.lr_warmup_steps=2",
+                      f"logging.run_dir={run}"]))
+    step = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((step / "data_tokenizer.json").read_text())["kind"] == "bytes"
+    import torch
+
+    rng = torch.load(step / "rng" / "rank-00000.pt", weights_only=True)  # stored for the safe loader
+    assert {"python", "numpy", "torch", "tracker", "cuda"} <= set(rng)
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "hybrid_megatron", "convert", "to-hf", str(run / "checkpoints"),
+                           str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=pretrain_env())
+    _ok(proc)
+    text = "naïve 東京"
+    assert AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
