@@ -83,3 +83,24 @@ def run_audit(config_path: str, dp_size: int, steps: int, state_in: str | None, 
         tmp.write_text(json.dumps(final[0], sort_keys=True) + "\n")
         tmp.replace(state_out)
     return 0
+
+
+def run_validation_audit(config_path: str) -> int:
+    """Prints, per validation source, its documents and how many it shares with each training source (all
+    zero, or a DataError naming the first overlap, exit 3)."""
+    from data_pipeline.config import load_data_config
+    from data_pipeline.holdout import check_disjoint
+    from data_pipeline.loader import open_sources
+    from data_pipeline.shards import SourceIndex
+
+    config = load_data_config(config_path)
+    if config.validation is None:
+        raise ConfigError(f"{config_path}: no data.validation section to audit")
+    validation = {}
+    for name, path in config.validation.source_paths().items():
+        if not path.is_dir():
+            raise ConfigError(f"data.validation.sources.{name}={str(path)!r}: directory does not exist")
+        validation[name] = SourceIndex.open(path, name)
+    report = check_disjoint(open_sources(config), validation)
+    print(json.dumps({"validation": report, "disjoint": True}, sort_keys=True))
+    return 0

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokeniser processes (default 1)")
     p.add_argument("--member-tokens", type=int, default=262144, help="tokens per member (>= 65536)")
     p.add_argument("--shard-bytes", type=int, default=256 * 1024 * 1024, help="approximate shard size")
+    p.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
+                   help="hold this share of documents out for validation (chosen by content, deterministically)")
+    p.add_argument("--holdout-output", metavar="DIR", help="the validation source directory for held-out documents")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prepare-data output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample", nargs="?", const="data/sample", metavar="DIR",
@@ -30,7 +33,9 @@ def register(subparsers) -> None:
     a = dsub.add_parser("audit", help="print, per step and data-parallel rank, what the loader delivers")
     a.add_argument("config", metavar="DATA_CONFIG", help="data config YAML (or a run config with data:)")
     a.add_argument("--dp-size", type=int, default=1)
-    a.add_argument("--steps", type=int, required=True)
+    a.add_argument("--steps", type=int, default=None, help="steps to print (required unless --validation)")
+    a.add_argument("--validation", action="store_true",
+                   help="instead: prove the validation sources share no document with the training sources")
     a.add_argument("--state-in", metavar="F", help="resume from this loader state (JSON)")
     a.add_argument("--state-out", metavar="F", help="write the loader state after the last step (JSON)")
     a.add_argument("--num-workers", type=int, default=None, help="override data.num_workers")
@@ -57,11 +62,18 @@ def _prepare(args: argparse.Namespace) -> int:
     prepare_data(PrepareOptions(inputs=args.input, output=args.output, source=args.source, tokenizer=args.tokenizer,
                                 text_field=args.text_field, workers=args.workers, member_tokens=args.member_tokens,
                                 shard_bytes=args.shard_bytes, overwrite=args.overwrite,
-                                progress=not args.no_progress))
+                                progress=not args.no_progress, holdout_fraction=args.holdout_fraction,
+                                holdout_output=args.holdout_output))
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from data_pipeline.audit import run_audit
+    from data_pipeline.audit import run_audit, run_validation_audit
+    from data_pipeline.errors import ConfigError
+
+    if args.validation:
+        return run_validation_audit(args.config)
+    if args.steps is None:
+        raise ConfigError("data audit needs --steps N (or --validation)")
 
     return run_audit(args.config, args.dp_size, args.steps, args.state_in, args.state_out, args.num_workers)

@@ -174,6 +174,40 @@ class CurriculumConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ValidationConfig:
+    """Held-out data the run evaluates on (``prepare-data --holdout-fraction/--holdout-output`` makes it)."""
+
+    sources: dict[str, str]
+    """Validation source name -> directory; relative paths resolve against the cwd."""
+    tokens: int = 1 << 20
+    """Tokens per evaluation, split evenly over the sources (fewer where a source is smaller)."""
+    seq_len: int | None = None
+    """Sequence length of the validation windows; None: the training's longest."""
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str) -> ValidationConfig:
+        if not isinstance(d, dict):
+            raise _fail(path, d, "must be a mapping")
+        _check_keys(d, {"sources", "tokens", "seq_len"}, path)
+        sources = _take(d, "sources", path, dict)
+        if not sources:
+            raise _fail(f"{path}.sources", sources, "needs at least one validation source")
+        for name, src in sources.items():
+            if not isinstance(src, str) or not src:
+                raise _fail(f"{path}.sources.{name}", src, "must be a directory path")
+        tokens = _take(d, "tokens", path, int, 1 << 20)
+        if tokens <= 0:
+            raise _fail(f"{path}.tokens", tokens, "must be positive")
+        seq_len = d.get("seq_len")
+        if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0):
+            raise _fail(f"{path}.seq_len", seq_len, "must be a positive int or null")
+        return cls(sources={str(k): v for k, v in sources.items()}, tokens=tokens, seq_len=seq_len)
+
+    def source_paths(self) -> dict[str, Path]:
+        return {name: Path(os.path.abspath(p)) for name, p in self.sources.items()}
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Everything that determines which tokens each optimizer step sees.
 
@@ -203,6 +237,8 @@ class DataConfig:
     """Loader processes that prefetch/decompress steps (0 = inline). Never changes the order."""
     batch_size_multiple: int = 8
     """Sequences per step are rounded down to a multiple of this; every data-parallel size must divide it."""
+    validation: ValidationConfig | None = None
+    """Held-out sources for validation loss (``train.eval_interval``); never read for training."""
 
     @classmethod
     def from_dict(cls, d: dict, path: str = "data") -> DataConfig:
@@ -250,9 +286,20 @@ class DataConfig:
         if gbt // longest < bsm:
             raise _fail(f"{path}.global_batch_tokens", gbt,
                         f"holds fewer than batch_size_multiple={bsm} sequences of length {longest}")
+        raw_val = d.get("validation")
+        validation = None if raw_val is None else ValidationConfig.from_dict(raw_val, f"{path}.validation")
+        if validation is not None:
+            clash = sorted(set(validation.sources) & set(sources))
+            if clash:
+                raise _fail(f"{path}.validation.sources.{clash[0]}", validation.sources[clash[0]],
+                            "a validation source needs a name of its own (it is also a training source)")
+            shared = sorted({os.path.abspath(p) for p in validation.sources.values()}
+                            & {os.path.abspath(p) for p in sources.values()})
+            if shared:
+                raise _fail(f"{path}.validation.sources", shared[0], "is also a training source directory")
         return cls(seed=seed, global_batch_tokens=gbt, seq_len=seq_len,
                    sources={str(k): v for k, v in sources.items()}, phases=phases, curriculum=curriculum,
-                   num_workers=num_workers, batch_size_multiple=bsm, **flags)
+                   num_workers=num_workers, batch_size_multiple=bsm, validation=validation, **flags)
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-safe mapping that :meth:`from_dict` accepts back."""
@@ -266,6 +313,7 @@ class DataConfig:
         """Hash of everything that determines the sample order (paths and ``num_workers`` excluded)."""
         d = self.to_dict()
         d.pop("num_workers")
+        d.pop("validation")  # evaluation never changes what training reads
         d["sources"] = sorted(d["sources"])  # names only: moving the data must not break a resume
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

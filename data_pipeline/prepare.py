@@ -47,6 +47,10 @@ class PrepareOptions:
     shard_bytes: int = 256 * 1024 * 1024
     overwrite: bool = False
     progress: bool = True
+    holdout_fraction: float = 0.0
+    """Share of documents (chosen by content, ``holdout.py``) written to ``holdout_output`` instead."""
+    holdout_output: str | None = None
+    """The validation source directory (with ``holdout_fraction`` > 0)."""
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -189,21 +193,30 @@ def prepare_data(opts: PrepareOptions) -> dict:
         raise ConfigError(f"--workers {opts.workers}: must be at least 1")
     if opts.shard_bytes < 1:
         raise ConfigError(f"--shard-bytes {opts.shard_bytes}: must be at least 1")
+    if not 0 <= opts.holdout_fraction < 1:
+        raise ConfigError(f"--holdout-fraction {opts.holdout_fraction}: must be in [0, 1)")
+    if (opts.holdout_fraction > 0) != bool(opts.holdout_output):
+        raise ConfigError("--holdout-fraction and --holdout-output go together (a fraction > 0 and a directory)")
+    if opts.holdout_output and Path(opts.holdout_output).resolve() == Path(opts.output).resolve():
+        raise ConfigError("--holdout-output must differ from --output")
     tok = load_tokenizer(opts.tokenizer)  # validates the tokenizer before any work
     files = expand_inputs(opts.inputs)
     for f in files:
         file_kind(f)
     out = Path(opts.output)
-    _prepare_output(out, opts.overwrite)
-    log.info("prepare-data %s: %d files -> %s (tokenizer %s, %d workers)", opts.source, len(files), out,
-             opts.tokenizer, opts.workers)
+    outs = [out] + ([Path(opts.holdout_output)] if opts.holdout_output else [])
+    for path in outs:
+        _prepare_output(path, opts.overwrite)
+    log.info("prepare-data %s: %d files -> %s (tokenizer %s, %d workers)", opts.source, len(files),
+             " + ".join(map(str, outs)), opts.tokenizer, opts.workers)
     t0 = time.perf_counter()
     try:
         with _term_as_exit():
-            stats = _write_source(opts, files, out, tok)
+            stats = _write_source(opts, files, outs, tok)
     except BaseException:
-        for f in written_files(out):  # nothing half-written stays behind looking like a source
-            f.unlink()
+        for path in outs:
+            for f in written_files(path):  # nothing half-written stays behind looking like a source
+                f.unlink()
         raise
     seconds = time.perf_counter() - t0
     log.info("prepare-data %s: %d docs, %d tokens, %d members in %d shards, %.1f s (%.1f MB/s text, %.0f tok/s)",
@@ -234,17 +247,34 @@ def _term_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _write_source(opts: PrepareOptions, files: list[Path], out: Path, tok) -> dict:
-    """Tokenise in the worker pool, pack and write shards, then stats.json and index.json (last)."""
+class _Output:
+    """One source directory being written: shard writer, packer and counters."""
+
+    def __init__(self, path: Path, opts: PrepareOptions, tok):
+        self.path = path
+        self.writer = ShardWriter(path, opts.shard_bytes, tok.vocab_size)
+        self.packer = _Packer(self.writer, opts.member_tokens)
+        self.docs = self.tokens = 0
+
+    def add(self, tokens: np.ndarray, doc_ends: np.ndarray) -> None:
+        self.packer.add_file(tokens, doc_ends)
+        self.docs += doc_ends.size
+        self.tokens += tokens.size
+
+
+def _write_source(opts: PrepareOptions, files: list[Path], outs: list[Path], tok) -> dict:
+    """Tokenise in the worker pool, pack and write shards (held-out documents to the second output), then
+    stats.json and index.json (last) of each output."""
     import multiprocessing
     import threading
 
     from tqdm import tqdm
 
+    from data_pipeline.holdout import split_documents
+
     ctx = multiprocessing.get_context("spawn")
-    writer = ShardWriter(out, opts.shard_bytes, tok.vocab_size)
-    packer = _Packer(writer, opts.member_tokens)
-    docs = tokens = text_bytes = empty = 0
+    outputs = [_Output(path, opts, tok) for path in outs]
+    text_bytes = empty = 0
     tasks = [(str(f), opts.text_field) for f in files]
     total_in = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_in, unit="B", unit_scale=True, desc=f"prepare {opts.source}", disable=not opts.progress)
@@ -262,25 +292,40 @@ def _write_source(opts: PrepareOptions, files: list[Path], out: Path, tok) -> di
         # the workers at once instead of waiting for the files they are tokenising
         with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(opts.tokenizer, os.getpid(), read)) as pool:
             for _path, toks, doc_ends, nbytes, nempty in pool.imap(_tokenize_file, tasks, chunksize=1):
-                packer.add_file(toks, doc_ends)
-                docs += doc_ends.size
-                tokens += toks.size
+                if opts.holdout_fraction:
+                    train, held = split_documents(toks, doc_ends, opts.holdout_fraction)
+                    outputs[0].add(*train)
+                    outputs[1].add(*held)
+                else:
+                    outputs[0].add(toks, doc_ends)
                 text_bytes += nbytes
                 empty += nempty
     finally:
         done.set()
         watcher.join()
     bar.update(total_in - bar.n)
-    packer.flush()
     bar.close()
+    docs, tokens = sum(o.docs for o in outputs), sum(o.tokens for o in outputs)
     if tokens == 0:
         raise DataError(f"--input {' '.join(opts.inputs)}: no non-empty documents")
-    index = writer.finish(tok.dtype, tok.eos_id)
-    stats = {"source": opts.source, "documents": docs, "empty_documents_skipped": empty, "tokens": tokens,
-             "text_bytes": text_bytes, "input_files": len(files), "input_bytes": total_in,
-             "members": len(index["members"]["name"]), "shards": len(index["shards"]),
-             "tokenizer": tok.describe(), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-             "dtype": index["dtype"], "member_tokens": opts.member_tokens}
-    write_json_atomic(out / STATS_NAME, stats)
-    write_json_atomic(out / INDEX_NAME, index)  # last: its presence marks a complete output
+    if opts.holdout_fraction and not outputs[1].docs:
+        raise DataError(f"--holdout-fraction {opts.holdout_fraction} held out none of the {docs} documents: raise it")
+    if opts.holdout_fraction and not outputs[0].docs:
+        raise DataError(f"--holdout-fraction {opts.holdout_fraction} held out all {docs} documents")
+    common = {"source": opts.source, "empty_documents_skipped": empty, "text_bytes": text_bytes,
+              "input_files": len(files), "input_bytes": total_in, "tokenizer": tok.describe(),
+              "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "member_tokens": opts.member_tokens}
+    for i, out in enumerate(outputs):
+        out.packer.flush()
+        index = out.writer.finish(tok.dtype, tok.eos_id)
+        out.stats = {**common, "documents": out.docs, "tokens": out.tokens, "members": len(index["members"]["name"]),
+                     "shards": len(index["shards"]), "dtype": index["dtype"]}
+        if opts.holdout_fraction:
+            from data_pipeline.holdout import RULE
+
+            out.stats["holdout"] = {"split": "validation" if i else "train", "fraction": opts.holdout_fraction,
+                                    "rule": RULE, "other_side": str(outputs[1 - i].path.resolve())}
+        write_json_atomic(out.path / STATS_NAME, out.stats)
+        write_json_atomic(out.path / INDEX_NAME, index)  # last: its presence marks a complete output
+    stats = outputs[0].stats
     return stats
