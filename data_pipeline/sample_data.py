@@ -7,6 +7,8 @@ download: every machine with Python has the corpus):
 - ``tests``: the standard library's test suite (``test/**.py``), one document per file
 - ``docs``:  docstrings of the library's modules, classes and functions (one document per module) and
   the ``pydoc_data`` help topics (one document per topic), the "high-quality" anneal source
+- ``code_val``, ``tests_val``: 2% of the ``code`` and ``tests`` documents, held out by content
+  (``prepare-data --holdout-fraction``) for the validation loss; never in the training sources
 
 Layout: ``<root>/raw/<source>-NN.jsonl`` (the extracted documents) and ``<root>/<source>/`` (prepare-data
 output). Files that are not UTF-8 or do not parse are skipped and counted in the log. A source whose
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("code", "tests", "docs")
 RAW_PARTS = 4
+# held-out validation sources (prepare-data --holdout-fraction), built with their training source
+HOLDOUT = {"code": "code_val", "tests": "tests_val"}
+HOLDOUT_FRACTION = 0.02
 
 
 def _stdlib_files() -> tuple[list[Path], list[Path]]:
@@ -100,7 +105,7 @@ def _extract(raw: Path) -> None:
 def ensure_sample_data(root: str | Path = "data/sample", workers: int = 2, progress: bool = True) -> dict[str, str]:
     """Build the sample sources under ``root`` when missing; returns ``{source name: directory}``."""
     root = Path(root)
-    out = {name: str(root / name) for name in SOURCES}
+    out = {name: str(root / name) for name in (*SOURCES, *HOLDOUT.values())}
     if not _missing(root):
         log.info("sample data: %s is complete (%s)", root, ", ".join(SOURCES))
         return out
@@ -116,7 +121,9 @@ def ensure_sample_data(root: str | Path = "data/sample", workers: int = 2, progr
 
 
 def _missing(root: Path) -> list[str]:
-    return [n for n in SOURCES if not (root / n / "index.json").is_file()]
+    """Training sources to (re)build: missing themselves, or missing their held-out validation source."""
+    return [n for n in SOURCES if not (root / n / "index.json").is_file()
+            or (n in HOLDOUT and not (root / HOLDOUT[n] / "index.json").is_file())]
 
 
 def _try_lock(lock) -> bool:
@@ -138,5 +145,8 @@ def _build(root: Path, missing: list[str], workers: int, progress: bool) -> None
         _extract(raw)
     for name in missing:
         log.info("sample data: preparing source %s", name)
+        holdout = {"holdout_fraction": HOLDOUT_FRACTION, "holdout_output": str(root / HOLDOUT[name])} \
+            if name in HOLDOUT else {}
         prepare_data(PrepareOptions(inputs=[str(raw / f"{name}-*.jsonl")], output=str(root / name), source=name,
-                                    tokenizer="bytes", workers=workers, overwrite=True, progress=progress))
+                                    tokenizer="bytes", workers=workers, overwrite=True, progress=progress,
+                                    **holdout))

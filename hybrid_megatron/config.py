@@ -137,6 +137,9 @@ class TrainConfig:
     nonfinite_policy: Literal["skip", "stop"] = "stop"
     """A non-finite loss or grad norm before the optimizer step: skip the step, or stop with exit code 4."""
     max_skipped_steps: int = 10
+    eval_interval: int | None = None
+    """Validation loss every this many steps (needs data.validation); with data.validation set it is also
+    taken at the end of the run and before an anneal phase, interval or not."""
     deterministic: bool = False
     """Deterministic kernels: NCCL ring, cuBLAS workspace, TE attention and Mamba-2 SSD backward without
     atomics, fixed Triton tiles, torch's deterministic algorithms (``distributed.enable_determinism``);
@@ -150,6 +153,7 @@ class TrainConfig:
             micro_batch_size=self.micro_batch_size,
             train_steps=self.train_steps,
             exit_after_steps=self.exit_after_steps,
+            eval_interval=self.eval_interval,
             recompute_num_layers=self.recompute_num_layers,
         )
 
@@ -221,6 +225,9 @@ class RunConfig:
                     f"parallel.tensor_model_parallel_size={tp} does not divide {name}={value}"
                 )
         pat.split_stages(m.hybrid_layer_pattern, self.parallel.pipeline_model_parallel_size)
+        if self.train.eval_interval and self.data.validation is None:
+            raise ConfigError("train.eval_interval needs a data.validation section (held-out sources: "
+                              "prepare-data --holdout-fraction F --holdout-output DIR)")
         p = self.precision
         if p.fp8_bf16_layers_at_start + p.fp8_bf16_layers_at_end > m.num_layers:
             raise ConfigError(

@@ -51,6 +51,12 @@ def test_resume_continues_the_same_curve(tmp_path):
     # train.deterministic pins every kernel family (NCCL, cuBLAS, TE attention, Mamba SSD): bit for bit
     differing = [s for s in range(STEPS // 2 + 1, STEPS + 1) if a[s]["loss"] != b[s]["loss"]]
     assert not differing, f"resumed losses differ from the straight run's at steps {differing[:5]}"
+    # configs/tiny.yaml validates at the end of the run: once in each, the same windows, the same weights
+    val = {name: [json.loads(line) for line in (d / "val.jsonl").read_text().splitlines()]
+           for name, d in (("straight", straight), ("split", split))}
+    assert [r["step"] for r in val["straight"]] == [r["step"] for r in val["split"]] == [STEPS], val
+    assert val["straight"][0]["loss"] == val["split"][0]["loss"] and val["split"][0]["tokens"] == 262144
+    assert set(val["split"][0]["loss_by_source"]) == {"code_val", "tests_val"}
 
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:

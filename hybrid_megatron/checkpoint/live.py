@@ -107,7 +107,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         self.finalize()  # at most one save in flight
-        self._sync_params()
+        self.sync_params()
         tmp = self.save_dir / ckpt.tmp_dir_name(step)
         if self.rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ class Checkpointer:
             self._async_queue.schedule_async_request(request)
             log.info("checkpoint of step %d is being written in the background", step)
 
-    def _sync_params(self) -> None:
+    def sync_params(self) -> None:
         """With ``overlap_param_gather`` each DP rank holds only its own shard of the last update until the
         next forward all-gathers the rest: gather now, so the saved weights are this step's everywhere
         (megatron's own loop does the same before a save)."""

@@ -131,6 +131,23 @@ class MetricsLogger:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
         return rates
 
+    def log_validation(self, record: dict) -> None:
+        """One console line and the val/ scalars of an evaluation; its time is left out of the train rates."""
+        self._window_start += record["seconds"]
+        if not self.enabled:
+            return
+        by_source = record["loss_by_source"]
+        log.info(" | ".join([f"validation at step {record['step']}", f"loss {record['loss']:.4f}",
+                             *(f"{k} {v:.4f}" for k, v in by_source.items()),
+                             f"{record['tokens']:,} tokens in {record['seconds']:.1f}s"]))
+        scalars = {"val/loss": record["loss"], **{f"val/loss/{k}": v for k, v in by_source.items()}}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, record["step"])
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -130,8 +130,10 @@ class StepResult:
     skipped: bool
 
 
-def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_seq_len: int) -> StepResult:
-    """Forward/backward over this rank's micro-batches, the finite check, then the optimizer step."""
+def forward_backward(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False
+                     ) -> tuple[float, float]:
+    """This rank's micro-batches through megatron's pipeline schedule; returns (loss sum, loss tokens) over
+    the whole global batch, the same on every rank. With ``forward_only`` no gradient is computed."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -141,9 +143,6 @@ def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_se
     mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq_len,
                                cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
     micro = split_micro_batches(batch, mbs, packed, torch.cuda.current_device())
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     iterators = [iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro)
     reduced = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -152,7 +151,7 @@ def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_se
         num_microbatches=len(micro),
         seq_length=mbs * seq_len if packed else seq_len,
         micro_batch_size=1 if packed else mbs,
-        forward_only=False,
+        forward_only=forward_only,
     )
     # Loss lives on the last pipeline stage: sum over micro-batches and DP, then share along PP so that
     # every rank takes the same skip/stop decision.
@@ -164,6 +163,15 @@ def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_se
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, tokens = stats.tolist()
+    return loss_sum, tokens
+
+
+def train_step(batch: StepBatch, model_chunks, optimizer, scheduler, cfg, max_seq_len: int) -> StepResult:
+    """Forward/backward over this rank's micro-batches, the finite check, then the optimizer step."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = forward_backward(batch, model_chunks, cfg, max_seq_len)
     loss = loss_sum / max(tokens, 1.0)
 
     grad_norm, skipped = optimizer_step(optimizer, loss)

@@ -1,0 +1,71 @@
+"""Validation loss in the loop: forward only, through megatron's pipeline schedule, at any TP/PP/DP.
+
+Every evaluation runs the same windows (``data_pipeline.validation.ValidationSet``: fixed per config and
+data, split over DP ranks identically for every DP size), one source at a time, in micro-batches of the
+training's token budget. The loss is a sum over every validation token (DP-reduced, shared along PP so
+every rank holds it), divided by the token count: overall and per source. Rank 0 appends
+``{"step", "tokens", "loss", "loss_by_source", "seconds"}`` to ``<run_dir>/val.jsonl``; a resumed run
+drops the records past its resume step, so each evaluation appears once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hybrid_megatron.config import RunConfig
+
+VAL_LOG = "val.jsonl"
+
+
+class Validator:
+    def __init__(self, cfg: RunConfig, max_seq_len: int, resume_step: int, is_rank0: bool):
+        from megatron.core import parallel_state
+
+        from data_pipeline.validation import ValidationSet
+        from hybrid_megatron.training.loss_log import LossLog
+
+        self.cfg = cfg
+        self.data = ValidationSet(cfg.data, parallel_state.get_data_parallel_rank(),
+                                  parallel_state.get_data_parallel_world_size(), max_seq_len)
+        self.max_seq_len = max(max_seq_len, self.data.seq_len)
+        self.log = LossLog(Path(cfg.logging.run_dir) / VAL_LOG, resume_step=resume_step) if is_rank0 else None
+        self._cached = None
+
+    def due(self, step: int, total_steps: int, next_phase_is_anneal: bool) -> bool:
+        """After every ``train.eval_interval`` steps, at the end of the run and before an anneal starts."""
+        interval = self.cfg.train.eval_interval
+        return bool(interval and step % interval == 0) or step == total_steps or next_phase_is_anneal
+
+    def evaluate(self, model_chunks, step: int) -> dict:
+        """Runs the validation set; returns (and on rank 0 logs) the record."""
+        import torch
+
+        from hybrid_megatron.training.step import forward_backward
+
+        start = time.perf_counter()
+        for chunk in model_chunks:
+            chunk.eval()
+        sums: dict[str, list[float]] = {}
+        try:
+            with torch.no_grad():
+                if self._cached is None:  # the windows never change: read them once
+                    self._cached = list(self.data.batches())
+                for batch in self._cached:
+                    sums[batch.sources[0]] = forward_backward(batch, model_chunks, self.cfg, self.max_seq_len,
+                                                              forward_only=True)
+        finally:
+            for chunk in model_chunks:
+                chunk.train()
+        total_loss = sum(s for s, _ in sums.values())
+        total_tokens = sum(n for _, n in sums.values())
+        record = {"step": step, "tokens": int(total_tokens), "loss": total_loss / max(total_tokens, 1.0),
+                  "loss_by_source": {k: s / max(n, 1.0) for k, (s, n) in sorted(sums.items())},
+                  "seconds": round(time.perf_counter() - start, 3)}
+        if self.log is not None:
+            self.log.write(record)
+        return record
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
