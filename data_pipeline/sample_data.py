@@ -7,7 +7,7 @@ download: every machine with Python has the corpus):
 - ``tests``: the standard library's test suite (``test/**.py``), one document per file
 - ``docs``:  docstrings of the library's modules, classes and functions (one document per module) and
   the ``pydoc_data`` help topics (one document per topic), the "high-quality" anneal source
-- ``code_val``, ``tests_val``: 2% of the ``code`` and ``tests`` documents, held out by content
+- ``code_val``, ``tests_val``: 2% of the ``code`` and ``tests`` documents (at least ~16), held out by content
   (``prepare-data --holdout-fraction``) for the validation loss; never in the training sources
 
 Layout: ``<root>/raw/<source>-NN.jsonl`` (the extracted documents) and ``<root>/<source>/`` (prepare-data
@@ -31,6 +31,13 @@ RAW_PARTS = 4
 # held-out validation sources (prepare-data --holdout-fraction), built with their training source
 HOLDOUT = {"code": "code_val", "tests": "tests_val"}
 HOLDOUT_FRACTION = 0.02
+MIN_HELD_OUT = 16  # expected documents at least: a Python whose test suite is stripped still gets a validation set
+
+
+def holdout_fraction(num_docs: int) -> float:
+    """2% of the documents, or enough for ``MIN_HELD_OUT`` of them where the corpus is small (the hash-based
+    choice then misses every document with probability about e^-16)."""
+    return min(0.5, max(HOLDOUT_FRACTION, MIN_HELD_OUT / max(num_docs, 1)))
 
 
 def _stdlib_files() -> tuple[list[Path], list[Path]]:
@@ -145,7 +152,8 @@ def _build(root: Path, missing: list[str], workers: int, progress: bool) -> None
         _extract(raw)
     for name in missing:
         log.info("sample data: preparing source %s", name)
-        holdout = {"holdout_fraction": HOLDOUT_FRACTION, "holdout_output": str(root / HOLDOUT[name])} \
+        docs = sum(sum(1 for _ in open(f, encoding="utf-8")) for f in sorted(raw.glob(f"{name}-*.jsonl")))
+        holdout = {"holdout_fraction": holdout_fraction(docs), "holdout_output": str(root / HOLDOUT[name])} \
             if name in HOLDOUT else {}
         prepare_data(PrepareOptions(inputs=[str(raw / f"{name}-*.jsonl")], output=str(root / name), source=name,
                                     tokenizer="bytes", workers=workers, overwrite=True, progress=progress,
