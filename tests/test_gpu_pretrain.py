@@ -55,7 +55,8 @@ def test_resume_continues_the_same_curve(tmp_path):
     val = {name: [json.loads(line) for line in (d / "val.jsonl").read_text().splitlines()]
            for name, d in (("straight", straight), ("split", split))}
     assert [r["step"] for r in val["straight"]] == [r["step"] for r in val["split"]] == [STEPS], val
-    assert val["straight"][0]["loss"] == val["split"][0]["loss"] and val["split"][0]["tokens"] == 262144
+    assert val["straight"][0]["loss"] == val["split"][0]["loss"]
+    assert val["straight"][0]["tokens"] == val["split"][0]["tokens"] <= 262144  # fewer where a source is small
     assert set(val["split"][0]["loss_by_source"]) == {"code_val", "tests_val"}
 
 
