@@ -20,6 +20,7 @@ LAYERS = [
     ("checkpoint", ["hybrid_megatron.checkpoint"]),
     ("training", ["hybrid_megatron.training"]),
     ("convert", ["hybrid_megatron.convert"]),
+    ("eval", ["hybrid_megatron.eval"]),
     ("devtools", ["hybrid_megatron.devtools"]),
     ("cli", ["hybrid_megatron.cli", "hybrid_megatron.__main__", "hybrid_megatron"]),
 ]

@@ -1,0 +1,1 @@
+"""Evaluation: runs compared side by side and scaling fits (``compare``)."""

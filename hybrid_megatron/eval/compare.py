@@ -1,0 +1,205 @@
+"""``hybrid-megatron compare RUN_DIR... --out DIR``: runs side by side, on a CPU.
+
+Reads each run directory as ``pretrain`` leaves it: ``config.yaml`` (the resolved config: parameters by the
+project's own counter, FLOPs per token), ``losses.jsonl`` (train loss per step) and ``val.jsonl``
+(validation loss). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.png`` (every run on one plot,
+train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. With three or more
+runs of different sizes it fits L(N) = E + A N^-alpha to their last validation losses (``scaling.py``),
+with a bootstrap interval for alpha, and lists the red flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_pipeline.errors import ConfigError, DataError
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.config_io import build
+from hybrid_megatron.eval import scaling
+
+log = logging.getLogger(__name__)
+TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (one step is noisy)
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    params: int
+    train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
+    val: list[tuple[int, float, float]] = field(default_factory=list)
+
+    @property
+    def final_train(self) -> float | None:
+        if not self.train:
+            return None
+        tail = self.train[-max(1, int(len(self.train) * TRAIN_TAIL)):]
+        return sum(loss for *_, loss in tail) / len(tail)
+
+    @property
+    def final_val(self) -> float | None:
+        return self.val[-1][2] if self.val else None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: not a JSON record") from None
+    return out
+
+
+def _vocab(cfg: RunConfig, run_dir: Path) -> int:
+    """The run's vocabulary: the config's, the tokenizer its checkpoints record, or its data's."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from hybrid_megatron.checkpoint import layout
+
+    save_dir = Path(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else run_dir / "checkpoints"
+    latest = layout.read_latest(save_dir) if save_dir.is_dir() else None
+    recorded = layout.read_data_tokenizer(latest) if latest else None
+    if recorded:
+        return recorded["vocab_size"]
+    try:
+        from data_pipeline.loader import config_vocab_size
+
+        return config_vocab_size(cfg.data)
+    except (ConfigError, DataError):
+        raise ConfigError(f"{run_dir}: cannot tell the vocabulary (no model.vocab_size, no checkpoint with a "
+                          "recorded tokenizer, data not found)") from None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    from hybrid_megatron.model.build import padded_vocab_size
+    from hybrid_megatron.model.flops import num_parameters, training_flops_per_token
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml (not a run directory written by pretrain)")
+    cfg = build(RunConfig, yaml.safe_load(config_path.read_text()))
+    padded = padded_vocab_size(_vocab(cfg, run_dir), cfg.model, cfg.parallel.tensor_model_parallel_size)
+    run = Run(name=run_dir.name, path=run_dir, params=num_parameters(cfg.model, padded))
+    tokens = flops = 0.0
+    at_step = {}
+    for r in _jsonl(run_dir / "losses.jsonl"):
+        tokens += r["tokens"]
+        flops += r["tokens"] * training_flops_per_token(cfg.model, padded, r["seq_len"])
+        at_step[r["step"]] = (tokens, flops)
+        if not r.get("skipped"):
+            run.train.append((int(tokens), flops, float(r["loss"])))
+    for r in _jsonl(run_dir / "val.jsonl"):
+        if r["step"] in at_step:
+            run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
+    if not run.train:
+        raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
+    return run
+
+
+def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        runs = [Run(f"{r.path.parent.name}/{r.name}", r.path, r.params, r.train, r.val) for r in runs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "params": r.params, "tokens": r.train[-1][0],
+                               "flops": r.train[-1][1], "final_train_loss": r.final_train,
+                               "final_val_loss": r.final_val} for r in runs]}
+    with_val = [r for r in runs if r.final_val is not None]
+    if len({r.params for r in with_val}) >= 3:
+        params = [r.params for r in with_val]
+        losses = [r.final_val for r in with_val]
+        law = scaling.fit_power_law(params, losses)
+        interval = scaling.bootstrap_alpha(params, losses)
+        summary["scaling_fit"] = {"alpha": law.alpha, "alpha_ci": interval, "E": law.E, "A": law.A,
+                                  "runs": len(with_val), "law": "L(N) = E + A * N^-alpha (N: parameters)"}
+        summary["red_flags"] = scaling.red_flags(params, losses, [r.final_train for r in with_val], law.alpha)
+    else:
+        summary["scaling_fit"] = None
+        summary["red_flags"] = []
+        if len(runs) >= 3:
+            summary["note"] = "no fit: fewer than three runs of different sizes have a validation loss"
+    _plot(runs, out)
+    if summary["scaling_fit"]:
+        _plot_fit(with_val, summary["scaling_fit"], out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "report.md").write_text(_report(summary))
+    return summary
+
+
+def _plot(runs: list[Run], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for axis, index, label in (("tokens", 0, "tokens"), ("flops", 1, "training FLOPs")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for k, r in enumerate(runs):
+            color = f"C{k % 10}"
+            ax.plot([p[index] for p in r.train], [p[2] for p in r.train], color=color, alpha=0.6, lw=1,
+                    label=f"{r.name} ({r.params / 1e6:.1f}M) train")
+            if r.val:
+                ax.plot([p[index] for p in r.val], [p[2] for p in r.val], "o-", color=color, ms=4,
+                        label=f"{r.name} validation")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"loss_vs_{axis}.png", dpi=120)
+        plt.close(fig)
+
+
+def _plot_fit(runs: list[Run], fit: dict, out: Path) -> None:
+    """Final validation loss against parameters, with the fitted law."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    law = scaling.PowerLaw(fit["E"], fit["A"], fit["alpha"], 0.0)
+    n = np.array([r.params for r in runs], dtype=np.float64)
+    grid = np.exp(np.linspace(np.log(n.min() / 1.5), np.log(n.max() * 3), 100))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(grid, law(grid), "k--", lw=1, label=f"E + A N^-alpha, alpha {fit['alpha']:.3f}, E {fit['E']:.3f}")
+    for k, r in enumerate(runs):
+        ax.plot([r.params], [r.final_val], "o", color=f"C{k % 10}", label=r.name)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scaling_fit.png", dpi=120)
+    plt.close(fig)
+
+
+def _report(summary: dict) -> str:
+    lines = ["# Runs compared", "", "| run | parameters | tokens | final train loss | final validation loss |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in summary["runs"]:
+        val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} | {val} |")
+    fit = summary["scaling_fit"]
+    lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
+    if fit:
+        ci = fit["alpha_ci"]
+        ci_text = f" (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+        lines += ["## Scaling fit", "", f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} * N^-{fit['alpha']:.4f}{ci_text}, "
+                  f"over {fit['runs']} runs.", "", "![scaling fit](scaling_fit.png)", ""]
+    if summary["red_flags"]:
+        lines += ["## Red flags", ""] + [f"- {flag}" for flag in summary["red_flags"]] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Power-law fits of loss against model size, L(N) = E + A * N^-alpha, with a bootstrap interval.
+
+For a fixed ``alpha`` the law is linear in (E, A), so the fit is an exact least-squares solve inside a
+one-dimensional search over ``alpha`` (a grid, then golden-section refinement): no starting guess, no
+local minimum in (E, A). The bootstrap resamples the runs with replacement and refits; resamples with
+fewer than three distinct sizes are skipped. Red flags follow the go/no-go practice our users cite:
+loss not decreasing with size, a train/validation gap of about zero, and alpha below 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ALPHA_RANGE = (0.001, 3.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PowerLaw:
+    E: float
+    A: float
+    alpha: float
+    sse: float
+
+    def __call__(self, n):
+        return self.E + self.A * np.asarray(n, dtype=np.float64) ** -self.alpha
+
+
+def _solve(n: np.ndarray, loss: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """(E, A, SSE) of the least-squares fit at this alpha."""
+    x = n ** -alpha
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (e, a), *_ = np.linalg.lstsq(design, loss, rcond=None)
+    resid = loss - (e + a * x)
+    return float(e), float(a), float(resid @ resid)
+
+
+def fit_power_law(params, losses) -> PowerLaw:
+    """Least-squares L(N) = E + A N^-alpha over at least three distinct sizes."""
+    n = np.asarray(params, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    if n.size != loss.size or len(np.unique(n)) < 3:
+        raise ValueError("a power-law fit needs losses at three or more distinct model sizes")
+    # scale N so the search is well conditioned whatever the units
+    n = n / np.exp(np.mean(np.log(n)))
+    grid = np.exp(np.linspace(np.log(ALPHA_RANGE[0]), np.log(ALPHA_RANGE[1]), 400))
+    sse = [_solve(n, loss, a)[2] for a in grid]
+    i = int(np.argmin(sse))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+    golden = (np.sqrt(5) - 1) / 2
+    for _ in range(80):  # golden-section refinement of alpha between the grid neighbours
+        c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if _solve(n, loss, c)[2] < _solve(n, loss, d)[2]:
+            hi = d
+        else:
+            lo = c
+    alpha = (lo + hi) / 2
+    e, a, s = _solve(n, loss, alpha)
+    scale = np.exp(np.mean(np.log(np.asarray(params, dtype=np.float64))))
+    return PowerLaw(E=e, A=a * scale**alpha, alpha=float(alpha), sse=s)  # A in the caller's units of N
+
+
+def bootstrap_alpha(params, losses, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of alpha over resampled runs (None when no resample has three distinct sizes)."""
+    n = np.asarray(params, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    alphas = []
+    for _ in range(samples):
+        pick = rng.integers(0, n.size, n.size)
+        if len(np.unique(n[pick])) < 3:
+            continue
+        alphas.append(fit_power_law(n[pick], loss[pick]).alpha)
+    if not alphas:
+        return None
+    low, high = np.percentile(alphas, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def red_flags(params, val_losses, train_losses, alpha: float | None) -> list[str]:
+    """The warning signs of a size sweep, as sentences (empty when none)."""
+    flags = []
+    order = np.argsort(np.asarray(params, dtype=np.float64))
+    ordered = np.asarray(val_losses, dtype=np.float64)[order]
+    if np.any(np.diff(ordered) > 0):
+        flags.append("validation loss does not decrease monotonically with model size")
+    gaps = [abs(v - t) for v, t in zip(val_losses, train_losses) if v is not None and t is not None]
+    if gaps and max(gaps) < 1e-3:
+        flags.append("train and validation loss are the same to 1e-3 in every run: is the validation data "
+                     "really held out?")
+    if alpha is not None and alpha < 0.1:
+        flags.append(f"alpha = {alpha:.3f} < 0.1: scaling this architecture is unlikely to pay")
+    return flags

@@ -1,0 +1,87 @@
+"""`compare` and the scaling fit: known laws are recovered, runs are read as pretrain writes them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from hybrid_megatron.cli import main
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.config_io import to_dict
+from hybrid_megatron.devtools import REPO_ROOT
+from hybrid_megatron.eval import scaling
+from hybrid_megatron.model.build import padded_vocab_size
+from hybrid_megatron.model.flops import num_parameters
+
+TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34}  # Chinchilla's N term
+
+
+def _law(n):
+    return TRUE["E"] + TRUE["A"] * np.asarray(n, dtype=np.float64) ** -TRUE["alpha"]
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.002])
+def test_the_fit_recovers_a_known_law_within_5_percent(noise):
+    n = np.array([2e6, 5e6, 1.3e7, 3.5e7, 9e7])
+    loss = _law(n) + np.random.default_rng(0).normal(0, noise, n.size)
+    law = scaling.fit_power_law(n, loss)
+    for key in ("E", "A", "alpha"):
+        assert getattr(law, key) == pytest.approx(TRUE[key], rel=0.05), (key, law)
+    low, high = scaling.bootstrap_alpha(n, loss, samples=200)
+    assert low <= law.alpha <= high
+
+
+def test_a_fit_needs_three_sizes():
+    with pytest.raises(ValueError, match="three or more distinct model sizes"):
+        scaling.fit_power_law([1e6, 1e6, 2e6], [3.0, 3.0, 2.9])
+
+
+def _run_dir(root, name, hidden, steps=50, flip=False):
+    """A run directory as pretrain writes it, its losses following the known law at its parameter count."""
+    cfg = load_run_config(REPO_ROOT / "configs" / "tiny.yaml",
+                          [f"model.hidden_size={hidden}", "model.vocab_size=257", f"logging.run_dir={root / name}"])
+    n = num_parameters(cfg.model, padded_vocab_size(257, cfg.model, 1))
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    final = float(_law(n)) + (0.5 if flip else 0.0)
+    with open(run / "losses.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            f.write(json.dumps({"step": s, "loss": final + 2.0 / s + 0.01, "tokens": 32768, "seq_len": 1024,
+                                "skipped": False}) + "\n")
+    (run / "val.jsonl").write_text(json.dumps({"step": steps, "loss": final, "tokens": 262144}) + "\n")
+    return n
+
+
+def test_compare_writes_plots_and_report_and_fits_the_sizes(tmp_path, capsys):
+    sizes = {f"h{h}": _run_dir(tmp_path, f"h{h}", h) for h in (256, 384, 512, 768)}
+    out = tmp_path / "cmp"
+    assert main(["compare", *(str(tmp_path / n) for n in sizes), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["params"] for r in summary["runs"]] == list(sizes.values())
+    fit = summary["scaling_fit"]
+    assert fit["alpha"] == pytest.approx(TRUE["alpha"], rel=0.05) and fit["E"] == pytest.approx(TRUE["E"], rel=0.05)
+    assert summary["red_flags"] == []
+    for png in ("loss_vs_tokens.png", "loss_vs_flops.png", "scaling_fit.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| h256 |" in report and "## Scaling fit" in report
+    assert "scaling fit: alpha" in capsys.readouterr().out
+
+
+def test_a_larger_model_with_a_higher_loss_is_a_red_flag(tmp_path):
+    from hybrid_megatron.eval.compare import compare
+
+    for h, flip in ((256, False), (384, False), (512, True)):
+        _run_dir(tmp_path, f"h{h}", h, flip=flip)
+    summary = compare([str(tmp_path / f"h{h}") for h in (256, 384, 512)], tmp_path / "out")
+    assert any("does not decrease monotonically" in f for f in summary["red_flags"])
+
+
+def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path}: no config.yaml (not a run directory written by pretrain)"]
