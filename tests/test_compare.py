@@ -34,6 +34,16 @@ def test_the_fit_recovers_a_known_law_within_5_percent(noise):
     assert low <= law.alpha <= high
 
 
+def test_the_two_variable_fit_recovers_chinchillas_law_within_5_percent():
+    true = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
+    n, d = np.meshgrid([5e6, 2e7, 8e7, 3e8], [2e8, 1e9, 5e9, 2e10])
+    n, d = n.ravel(), d.ravel()
+    loss = true["E"] + true["A"] * n ** -true["alpha"] + true["B"] * d ** -true["beta"]
+    law = scaling.fit_chinchilla(n, d, loss)
+    for key, value in true.items():
+        assert getattr(law, key) == pytest.approx(value, rel=0.05), (key, law)
+
+
 def test_a_fit_needs_three_sizes():
     with pytest.raises(ValueError, match="three or more distinct model sizes"):
         scaling.fit_power_law([1e6, 1e6, 2e6], [3.0, 3.0, 2.9])
@@ -70,6 +80,18 @@ def test_compare_writes_plots_and_report_and_fits_the_sizes(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| h256 |" in report and "## Scaling fit" in report
     assert "scaling fit: alpha" in capsys.readouterr().out
+
+
+def test_runs_that_vary_size_and_tokens_get_the_two_variable_fit(tmp_path):
+    from hybrid_megatron.eval.compare import compare
+
+    dirs = []
+    for h in (256, 384, 512):
+        for steps in (40, 80):
+            _run_dir(tmp_path, f"h{h}-s{steps}", h, steps=steps)
+            dirs.append(str(tmp_path / f"h{h}-s{steps}"))
+    summary = compare(dirs, tmp_path / "out")
+    assert summary["scaling_fit_nd"]["runs"] == 6 and "## Size and tokens" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_a_larger_model_with_a_higher_loss_is_a_red_flag(tmp_path):

@@ -5,7 +5,8 @@ project's own counter, FLOPs per token), ``losses.jsonl`` (train loss per step) 
 (validation loss). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.png`` (every run on one plot,
 train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. With three or more
 runs of different sizes it fits L(N) = E + A N^-alpha to their last validation losses (``scaling.py``),
-with a bootstrap interval for alpha, and lists the red flags.
+with a bootstrap interval for alpha, and lists the red flags; with five or more runs that also differ in
+tokens, L(N, D) = E + A/N^alpha + B/D^beta as well.
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
         summary["red_flags"] = []
         if len(runs) >= 3:
             summary["note"] = "no fit: fewer than three runs of different sizes have a validation loss"
+    summary["scaling_fit_nd"] = None
+    sizes, token_counts = {r.params for r in with_val}, {r.val[-1][0] for r in with_val}
+    if len(with_val) >= 5 and len(sizes) >= 2 and len(token_counts) >= 2:  # runs that vary tokens too
+        law2 = scaling.fit_chinchilla([r.params for r in with_val], [r.val[-1][0] for r in with_val],
+                                      [r.final_val for r in with_val])
+        summary["scaling_fit_nd"] = {"E": law2.E, "A": law2.A, "alpha": law2.alpha, "B": law2.B, "beta": law2.beta,
+                                     "runs": len(with_val), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
     _plot(runs, out)
     if summary["scaling_fit"]:
         _plot_fit(with_val, summary["scaling_fit"], out)
@@ -200,6 +208,10 @@ def _report(summary: dict) -> str:
         ci_text = f" (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
         lines += ["## Scaling fit", "", f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} * N^-{fit['alpha']:.4f}{ci_text}, "
                   f"over {fit['runs']} runs.", "", "![scaling fit](scaling_fit.png)", ""]
+    nd = summary.get("scaling_fit_nd")
+    if nd:
+        lines += ["## Size and tokens", "", f"L(N, D) = {nd['E']:.4f} + {nd['A']:.4g}/N^{nd['alpha']:.4f} + "
+                  f"{nd['B']:.4g}/D^{nd['beta']:.4f}, over {nd['runs']} runs.", ""]
     if summary["red_flags"]:
         lines += ["## Red flags", ""] + [f"- {flag}" for flag in summary["red_flags"]] + [""]
     return "\n".join(lines)

@@ -61,6 +61,58 @@ def fit_power_law(params, losses) -> PowerLaw:
     return PowerLaw(E=e, A=a * scale**alpha, alpha=float(alpha), sse=s)  # A in the caller's units of N
 
 
+@dataclass(frozen=True, slots=True)
+class ChinchillaLaw:
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    sse: float
+
+    def __call__(self, n, d):
+        n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
+        return self.E + self.A * n ** -self.alpha + self.B * d ** -self.beta
+
+
+def _solve2(n: np.ndarray, d: np.ndarray, loss: np.ndarray, alpha: float, beta: float):
+    design = np.stack([np.ones_like(n), n ** -alpha, d ** -beta], axis=1)
+    coef, *_ = np.linalg.lstsq(design, loss, rcond=None)
+    resid = loss - design @ coef
+    return coef, float(resid @ resid)
+
+
+def fit_chinchilla(params, tokens, losses) -> ChinchillaLaw:
+    """Least-squares L(N, D) = E + A/N^alpha + B/D^beta: linear in (E, A, B) for fixed exponents, which are
+    searched on a grid and refined by alternating golden-section steps."""
+    n = np.asarray(params, dtype=np.float64)
+    d = np.asarray(tokens, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or loss.size < 5:
+        raise ValueError("an L(N, D) fit needs five or more runs spanning two or more sizes and token counts")
+    sn, sd = np.exp(np.mean(np.log(n))), np.exp(np.mean(np.log(d)))
+    n, d = n / sn, d / sd
+    grid = np.exp(np.linspace(np.log(ALPHA_RANGE[0]), np.log(ALPHA_RANGE[1]), 90))
+    best = min(((a, b) for a in grid for b in grid), key=lambda ab: _solve2(n, d, loss, *ab)[1])
+    alpha, beta = best
+    golden = (np.sqrt(5) - 1) / 2
+    for _ in range(30):
+        for which in (0, 1):
+            lo, hi = (alpha / 1.2, alpha * 1.2) if which == 0 else (beta / 1.2, beta * 1.2)
+            for _ in range(30):
+                c, e = hi - golden * (hi - lo), lo + golden * (hi - lo)
+                fc = _solve2(n, d, loss, *((c, beta) if which == 0 else (alpha, c)))[1]
+                fe = _solve2(n, d, loss, *((e, beta) if which == 0 else (alpha, e)))[1]
+                hi, lo = (e, lo) if fc < fe else (hi, c)
+            if which == 0:
+                alpha = (lo + hi) / 2
+            else:
+                beta = (lo + hi) / 2
+    (e0, a0, b0), sse = _solve2(n, d, loss, alpha, beta)
+    return ChinchillaLaw(E=float(e0), A=float(a0 * sn**alpha), alpha=float(alpha), B=float(b0 * sd**beta),
+                         beta=float(beta), sse=sse)
+
+
 def bootstrap_alpha(params, losses, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
     """95% interval of alpha over resampled runs (None when no resample has three distinct sizes)."""
     n = np.asarray(params, dtype=np.float64)
