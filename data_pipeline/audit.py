@@ -97,10 +97,10 @@ def run_validation_audit(config_path: str) -> int:
     if config.validation is None:
         raise ConfigError(f"{config_path}: no data.validation section to audit")
     validation = {}
-    for name, path in config.validation.source_paths().items():
-        if not path.is_dir():
-            raise ConfigError(f"data.validation.sources.{name}={str(path)!r}: directory does not exist")
-        validation[name] = SourceIndex.open(path, name)
+    for name, location in config.validation.source_paths().items():
+        if not location.is_dir():
+            raise ConfigError(f"data.validation.sources.{name}={str(location)!r}: directory does not exist")
+        validation[name] = SourceIndex.open(str(location), name)
     report = check_disjoint(open_sources(config), validation)
     print(json.dumps({"validation": report, "disjoint": True}, sort_keys=True))
     return 0

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.errors import ConfigError
+from data_pipeline.storage import Location
 
 SCHEDULES = ("fixed_linear", "fixed_root", "fixed_discrete")
 
@@ -203,8 +204,8 @@ class ValidationConfig:
             raise _fail(f"{path}.seq_len", seq_len, "must be a positive int or null")
         return cls(sources={str(k): v for k, v in sources.items()}, tokens=tokens, seq_len=seq_len)
 
-    def source_paths(self) -> dict[str, Path]:
-        return {name: Path(os.path.abspath(p)) for name, p in self.sources.items()}
+    def source_paths(self) -> dict[str, Location]:
+        return {name: Location(p) for name, p in self.sources.items()}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -222,7 +223,8 @@ class DataConfig:
     seq_len: int
     """Sequence length when there is no curriculum."""
     sources: dict[str, str]
-    """Source name -> directory written by ``prepare-data``; relative paths resolve against the cwd."""
+    """Source name -> directory written by ``prepare-data`` (relative paths resolve against the cwd) or an
+    fsspec URL of one (``s3://``, ``gs://``, ``https://``; ``simplecache::`` in front caches locally)."""
     phases: list[PhaseConfig]
     """Phases in order; the run is their concatenation."""
     curriculum: CurriculumConfig | None = None
@@ -293,8 +295,8 @@ class DataConfig:
             if clash:
                 raise _fail(f"{path}.validation.sources.{clash[0]}", validation.sources[clash[0]],
                             "a validation source needs a name of its own (it is also a training source)")
-            shared = sorted({os.path.abspath(p) for p in validation.sources.values()}
-                            & {os.path.abspath(p) for p in sources.values()})
+            shared = sorted({str(Location(p)) for p in validation.sources.values()}
+                            & {str(Location(p)) for p in sources.values()})
             if shared:
                 raise _fail(f"{path}.validation.sources", shared[0], "is also a training source directory")
         return cls(seed=seed, global_batch_tokens=gbt, seq_len=seq_len,
@@ -305,9 +307,9 @@ class DataConfig:
         """Plain JSON/YAML-safe mapping that :meth:`from_dict` accepts back."""
         return dataclasses.asdict(self)
 
-    def source_paths(self) -> dict[str, Path]:
-        """Source directories resolved against the current working directory."""
-        return {name: Path(os.path.abspath(p)) for name, p in self.sources.items()}
+    def source_paths(self) -> dict[str, Location]:
+        """Source directories resolved against the current working directory, or their URLs."""
+        return {name: Location(p) for name, p in self.sources.items()}
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the sample order (paths and ``num_workers`` excluded)."""

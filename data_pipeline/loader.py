@@ -70,10 +70,10 @@ class TokenizerInfo:
 def open_sources(config: DataConfig) -> dict[str, SourceIndex]:
     """Open every source's index; ConfigError for a missing directory, DataError for damaged data."""
     out = {}
-    for name, path in config.source_paths().items():
-        if not path.is_dir():
-            raise ConfigError(f"data.sources.{name}={config.sources[name]!r}: directory {path} does not exist")
-        out[name] = SourceIndex.open(path, name)
+    for name, location in config.source_paths().items():
+        if not location.is_dir():
+            raise ConfigError(f"data.sources.{name}={config.sources[name]!r}: directory {location} does not exist")
+        out[name] = SourceIndex.open(str(location), name)
     return out
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import zstandard
 
 from data_pipeline.errors import DataError
+from data_pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 class SourceIndex:
     """The index of one source directory, validated against the shard files on disk."""
 
-    root: Path
+    location: Location
+    shard_names: list[str]
     dtype: np.dtype
     eos_id: int
-    shard_paths: list[Path]
     member_shard: np.ndarray
     member_name: list[str]
     member_offset: np.ndarray
@@ -136,6 +137,16 @@ class SourceIndex:
     vocab_size: int
 
     @property
+    def root(self) -> str:
+        """The source directory or URL (what the loader's worker processes reopen)."""
+        return str(self.location)
+
+    @property
+    def shard_paths(self) -> list[str]:
+        """Shard files as paths (local) or URLs, for display and for readers such as ``tar`` or webdataset."""
+        return [self.location.name_of(n) for n in self.shard_names]
+
+    @property
     def num_members(self) -> int:
         return len(self.member_name)
 
@@ -143,20 +154,25 @@ class SourceIndex:
     def num_tokens(self) -> int:
         return int(self.member_tokens.sum())
 
+    @property
+    def remote(self) -> bool:
+        return self.location.remote
+
     @classmethod
     def open(cls, root: str | os.PathLike, label: str = "") -> SourceIndex:
-        """Read ``index.json``/``stats.json`` and check every shard exists with the recorded size."""
-        root = Path(root)
-        what = f"source {label} ({root})" if label else f"source {root}"
-        if not root.is_dir():
+        """Read ``index.json``/``stats.json`` and check every shard exists with the recorded size (a local
+        directory or an fsspec URL: ``storage.Location``)."""
+        location = Location(root)
+        what = f"source {label} ({location})" if label else f"source {location}"
+        if not location.is_dir():
             raise DataError(f"{what}: directory does not exist")
-        index_path = root / INDEX_NAME
-        if not index_path.is_file():
+        index_path = location.name_of(INDEX_NAME)
+        if not location.exists(INDEX_NAME):
             raise DataError(f"{what}: no {INDEX_NAME} (not a prepare-data output, or it was interrupted)")
-        raw = index_path.read_bytes()
+        raw = location.read_bytes(INDEX_NAME)
         try:
             index = json.loads(raw)
-            stats = json.loads((root / STATS_NAME).read_text())
+            stats = json.loads(location.read_bytes(STATS_NAME))
         except (OSError, ValueError) as exc:
             raise DataError(f"{what}: unreadable {INDEX_NAME}/{STATS_NAME}: {exc}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
@@ -166,27 +182,28 @@ class SourceIndex:
         _require(index["members"], {k: list for k in ("shard", "name", "offset", "size", "tokens")},
                  f"{index_path}: members")
         if not isinstance(stats, dict) or not isinstance(stats.get("vocab_size"), int) or stats["vocab_size"] < 1:
-            raise DataError(f"{root / STATS_NAME}: no positive integer 'vocab_size'")
-        shard_paths = []
+            raise DataError(f"{location.name_of(STATS_NAME)}: no positive integer 'vocab_size'")
+        shard_names = []
         for shard in index["shards"]:
             _require(shard, {"name": str, "bytes": int}, f"{index_path}: a shard entry")
-            path = root / shard["name"]
-            if path.resolve().parent != root.resolve():  # a name like ../../etc/passwd or a sub-path
-                raise DataError(f"{index_path}: shard name {shard['name']!r} points outside {root}")
-            if not path.is_file():
-                raise DataError(f"{path}: shard listed in {INDEX_NAME} is missing")
-            size = path.stat().st_size
+            name = shard["name"]
+            if not location.contains(name):  # a name like ../../etc/passwd or a sub-path
+                raise DataError(f"{index_path}: shard name {name!r} points outside {location}")
+            if not location.exists(name):
+                raise DataError(f"{location.name_of(name)}: shard listed in {INDEX_NAME} is missing")
+            size = location.size(name)
             if size != shard["bytes"]:
-                raise DataError(f"{path}: shard is {size} bytes, index says {shard['bytes']} (truncated or rewritten)")
-            shard_paths.append(path)
+                raise DataError(f"{location.name_of(name)}: shard is {size} bytes, index says {shard['bytes']} "
+                                "(truncated or rewritten)")
+            shard_names.append(name)
         m = index["members"]
         if not m["name"]:
             raise DataError(f"{what}: has no members (empty corpus)")
-        return cls(root=root, dtype=np.dtype(index["dtype"]), eos_id=int(index["eos_id"]), shard_paths=shard_paths,
-                   member_shard=np.asarray(m["shard"], np.int64), member_name=list(m["name"]),
-                   member_offset=np.asarray(m["offset"], np.int64), member_size=np.asarray(m["size"], np.int64),
-                   member_tokens=np.asarray(m["tokens"], np.int64), stats=stats,
-                   fingerprint=hashlib.sha256(raw).hexdigest()[:16], vocab_size=int(stats["vocab_size"]))
+        return cls(location=location, shard_names=shard_names, dtype=np.dtype(index["dtype"]),
+                   eos_id=int(index["eos_id"]), member_shard=np.asarray(m["shard"], np.int64),
+                   member_name=list(m["name"]), member_offset=np.asarray(m["offset"], np.int64),
+                   member_size=np.asarray(m["size"], np.int64), member_tokens=np.asarray(m["tokens"], np.int64),
+                   stats=stats, fingerprint=hashlib.sha256(raw).hexdigest()[:16], vocab_size=int(stats["vocab_size"]))
 
 
 def _require(obj, fields: dict[str, type], where: str) -> None:
@@ -212,15 +229,20 @@ class MemberReader:
             f = self._files[shard] = open(self.index.shard_paths[shard], "rb")  # noqa: SIM115 (kept open)
         return f
 
+    def _blob(self, shard: int, offset: int, size: int) -> bytes:
+        if self.index.remote:  # one ranged GET per member: only the bytes this step needs
+            return self.index.location.read_range(self.index.shard_names[shard], offset, size)
+        f = self._file(shard)
+        f.seek(offset)
+        return f.read(size)
+
     def read(self, member: int) -> np.ndarray:
         """Return the token array of ``member``; DataError naming shard and member on any damage."""
         ix = self.index
         shard = int(ix.member_shard[member])
         where = f"{ix.shard_paths[shard]}: member {ix.member_name[member]}"
-        f = self._file(shard)
-        f.seek(int(ix.member_offset[member]))
         size = int(ix.member_size[member])
-        blob = f.read(size)
+        blob = self._blob(shard, int(ix.member_offset[member]), size)
         if len(blob) != size:
             raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
         expected = int(ix.member_tokens[member]) * ix.dtype.itemsize

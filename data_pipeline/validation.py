@@ -57,10 +57,10 @@ class ValidationSet:
         self.config, self.dp_rank, self.dp_size = config, dp_rank, dp_size
         self.seq_len = config.validation.seq_len or seq_len
         self.indexes = {}
-        for name, path in config.validation.source_paths().items():
-            if not path.is_dir():
-                raise ConfigError(f"data.validation.sources.{name}={str(path)!r}: directory does not exist")
-            self.indexes[name] = SourceIndex.open(path, name)
+        for name, location in config.validation.source_paths().items():
+            if not location.is_dir():
+                raise ConfigError(f"data.validation.sources.{name}={str(location)!r}: directory does not exist")
+            self.indexes[name] = SourceIndex.open(str(location), name)
         training = tokenizer_info(open_sources(config))
         for name, ix in self.indexes.items():
             if ix.stats.get("tokenizer", {}).get("fingerprint") != training.tokenizer.get("fingerprint"):

@@ -155,7 +155,7 @@ def worker_record(cfg, source: Path, out_dir: Path, reference: str = "fp32") -> 
     te_model = _fresh_model(cfg)  # the reference comes from exactly the fixture's checkpoint
     load_model_weights([te_model], step_dir)
 
-    docs = cfg.data.source_paths().get("docs") or next(iter(cfg.data.source_paths().values()))
+    docs = Path(str(cfg.data.source_paths().get("docs") or next(iter(cfg.data.source_paths().values()))))
     tokens = sample_tokens(docs, (BATCH - 1) * WINDOW_STRIDE + SEQ)
     ids = windows_from_tokens(tokens).cuda()
     te_logits = forward_logits(te_model, ids, padded)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
     """(vocab size, notes). Data sources that are missing are a note when the model pins the vocab."""
-    missing = [f"{name}: {path}" for name, path in cfg.data.source_paths().items() if not path.exists()]
+    missing = [f"{name}: {loc}" for name, loc in cfg.data.source_paths().items() if not loc.is_dir()]
     notes = []
     if missing and cfg.build_sample_data:
         from data_pipeline.tokenizer import ByteTokenizer

@@ -23,7 +23,7 @@ def ensure_data(cfg: RunConfig, rank: int) -> None:
     """Builds the sample shards first when the config asks for them and they are missing (rank 0)."""
     import torch
 
-    missing = [p for p in cfg.data.source_paths().values() if not p.exists()]
+    missing = [str(loc) for loc in cfg.data.source_paths().values() if not loc.remote and not loc.is_dir()]
     if missing and cfg.build_sample_data and rank == 0:
         from data_pipeline.sample_data import ensure_sample_data
 
