@@ -174,6 +174,17 @@ class CurriculumConfig:
                 raise _fail(f"{path}.max_tokens", self.max_tokens, "must be increasing")
 
 
+def _take_sources(d: dict, path: str, empty: str) -> dict:
+    """The ``sources`` mapping of a section: name -> a non-empty directory path or URL."""
+    sources = _take(d, "sources", path, dict)
+    if not sources:
+        raise _fail(f"{path}.sources", sources, empty)
+    for name, src in sources.items():
+        if not isinstance(src, str) or not src:
+            raise _fail(f"{path}.sources.{name}", src, "must be a directory path")
+    return sources
+
+
 @dataclass(kw_only=True, slots=True)
 class ValidationConfig:
     """Held-out data the run evaluates on (``prepare-data --holdout-fraction/--holdout-output`` makes it)."""
@@ -190,12 +201,7 @@ class ValidationConfig:
         if not isinstance(d, dict):
             raise _fail(path, d, "must be a mapping")
         _check_keys(d, {"sources", "tokens", "seq_len"}, path)
-        sources = _take(d, "sources", path, dict)
-        if not sources:
-            raise _fail(f"{path}.sources", sources, "needs at least one validation source")
-        for name, src in sources.items():
-            if not isinstance(src, str) or not src:
-                raise _fail(f"{path}.sources.{name}", src, "must be a directory path")
+        sources = _take_sources(d, path, "needs at least one validation source")
         tokens = _take(d, "tokens", path, int, 1 << 20)
         if tokens <= 0:
             raise _fail(f"{path}.tokens", tokens, "must be positive")
@@ -253,12 +259,7 @@ class DataConfig:
         seq_len = _take(d, "seq_len", path, int)
         if seq_len <= 0:
             raise _fail(f"{path}.seq_len", seq_len, "must be positive")
-        sources = _take(d, "sources", path, dict)
-        if not sources:
-            raise _fail(f"{path}.sources", sources, "needs at least one source")
-        for name, src in sources.items():
-            if not isinstance(src, str) or not src:
-                raise _fail(f"{path}.sources.{name}", src, "must be a directory path")
+        sources = _take_sources(d, path, "needs at least one source")
         raw_phases = _take(d, "phases", path, list)
         if not raw_phases:
             raise _fail(f"{path}.phases", raw_phases, "needs at least one phase")

@@ -17,7 +17,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import ConfigError
 from hybrid_megatron.config_io import apply_overrides, build, load_yaml
 from hybrid_megatron.model import pattern as pat
-from hybrid_megatron.model.config import ModelConfig, positive as _positive
+from hybrid_megatron.model.config import ModelConfig, positive
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,7 +31,7 @@ class ParallelConfig:
     overlap_param_gather: bool = False
 
     def __post_init__(self) -> None:
-        _positive(
+        positive(
             "parallel",
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
@@ -90,7 +90,7 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr, adam_eps=self.adam_eps)
+        positive("optim", lr=self.lr, adam_eps=self.adam_eps)
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
         for name in ("adam_beta1", "adam_beta2"):
@@ -148,7 +148,7 @@ class TrainConfig:
     Slower: for verifying resume and layouts bit for bit."""
 
     def __post_init__(self) -> None:
-        _positive(
+        positive(
             "train",
             micro_batch_size=self.micro_batch_size,
             train_steps=self.train_steps,
@@ -178,7 +178,7 @@ class CheckpointConfig:
     start from the very same weights with ``checkpoint.load=<save_dir>/step-000000``."""
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", save_interval=self.save_interval, keep_last=self.keep_last)
+        positive("checkpoint", save_interval=self.save_interval, keep_last=self.keep_last)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -192,7 +192,7 @@ class LoggingConfig:
     """None: WANDB_MODE from the environment, else offline."""
 
     def __post_init__(self) -> None:
-        _positive("logging", log_interval=self.log_interval)
+        positive("logging", log_interval=self.log_interval)
 
 
 @dataclass(kw_only=True, slots=True)
