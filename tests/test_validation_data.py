@@ -105,3 +105,18 @@ def test_a_validation_set_too_small_for_one_batch_is_one_line(split):
     root, _ = split
     with pytest.raises(ConfigError, match="gives no batch of 4 windows"):
         ValidationSet(_config(root, tokens=256), 0, 1, seq_len=256)
+
+
+def test_evaluations_fall_on_the_interval_the_anneal_and_the_end():
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.training.validate import evaluation_due
+
+    from data_pipeline.schedule import build_schedule
+
+    cfg = load_run_config("configs/tiny.yaml")
+    sch = build_schedule(cfg.data)
+    anneal = sch.phase_start(1)
+    due = [s for s in range(1, sch.total_steps + 1)
+           if evaluation_due(s, sch.total_steps, cfg.train.eval_interval, s == anneal)]
+    assert due == sorted({*range(200, sch.total_steps + 1, 200), anneal, sch.total_steps})
+    assert evaluation_due(7, 10, None, False) is False and evaluation_due(10, 10, None, False) is True

@@ -18,6 +18,11 @@ from hybrid_megatron.config import RunConfig
 VAL_LOG = "val.jsonl"
 
 
+def evaluation_due(step: int, total_steps: int, interval: int | None, next_phase_is_anneal: bool) -> bool:
+    """After ``step`` steps: every ``interval`` steps, at the end of the run, and right before an anneal."""
+    return bool(interval and step % interval == 0) or step == total_steps or next_phase_is_anneal
+
+
 class Validator:
     def __init__(self, cfg: RunConfig, max_seq_len: int, resume_step: int, is_rank0: bool):
         from megatron.core import parallel_state
@@ -33,9 +38,7 @@ class Validator:
         self._cached = None
 
     def due(self, step: int, total_steps: int, next_phase_is_anneal: bool) -> bool:
-        """After every ``train.eval_interval`` steps, at the end of the run and before an anneal starts."""
-        interval = self.cfg.train.eval_interval
-        return bool(interval and step % interval == 0) or step == total_steps or next_phase_is_anneal
+        return evaluation_due(step, total_steps, self.cfg.train.eval_interval, next_phase_is_anneal)
 
     def evaluate(self, model_chunks, step: int) -> dict:
         """Runs the validation set; returns (and on rank 0 logs) the record."""
