@@ -21,6 +21,16 @@ def register(subparsers) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
                    help="hold this share of documents out for validation (chosen by content, deterministically)")
     p.add_argument("--holdout-output", metavar="DIR", help="the validation source directory for held-out documents")
+    p.add_argument("--tasks", type=int, default=0, metavar="N",
+                   help="run as N datatrove tasks (--workers at a time), resumable: a rerun finishes what is "
+                        "missing; default 0: one process")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="with --tasks: run the tasks here (local) or submit them as a SLURM array job plus a merge "
+                        "job that depends on it (slurm; datatrove's executors)")
+    p.add_argument("--slurm-partition", metavar="P", help="--executor slurm: the partition")
+    p.add_argument("--slurm-time", default="04:00:00", metavar="T", help="--executor slurm: time limit per task")
+    p.add_argument("--slurm-cpus-per-task", type=int, default=4, metavar="N", help="--executor slurm: CPUs per task")
+    p.add_argument("--merge", metavar="DIR", help="only write index.json/stats.json over a finished --tasks run in DIR")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prepare-data output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample", nargs="?", const="data/sample", metavar="DIR",
@@ -54,6 +64,12 @@ def _prepare(args: argparse.Namespace) -> int:
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
+    if args.merge:
+        from data_pipeline.distributed import merge
+
+        stats = merge(args.merge)
+        print(f"{args.merge}: {stats['members']} members in {stats['shards']} shards, {stats['tokens']} tokens")
+        return 0
     missing = [f"--{n}" for n in ("input", "output", "source") if not getattr(args, n)]
     if missing:
         raise ConfigError(f"prepare-data needs {', '.join(missing)} (or --sample)")
@@ -63,7 +79,9 @@ def _prepare(args: argparse.Namespace) -> int:
                                 text_field=args.text_field, workers=args.workers, member_tokens=args.member_tokens,
                                 shard_bytes=args.shard_bytes, overwrite=args.overwrite,
                                 progress=not args.no_progress, holdout_fraction=args.holdout_fraction,
-                                holdout_output=args.holdout_output))
+                                holdout_output=args.holdout_output, tasks=args.tasks, executor=args.executor,
+                                slurm={"partition": args.slurm_partition, "time": args.slurm_time,
+                                       "cpus_per_task": args.slurm_cpus_per_task}))
     return 0
 
 

@@ -21,11 +21,11 @@ import numpy as np
 
 from data_pipeline.errors import ConfigError, DataError
 from data_pipeline.shards import INDEX_NAME, STATS_NAME, ShardWriter, write_json_atomic, written_files
+from data_pipeline.tokenize_pack import Packer, tokenize_file
 
 log = logging.getLogger(__name__)
 
 MIN_MEMBER_TOKENS = 65536
-_ENCODE_BATCH = 256  # documents per tokenizer call
 
 _worker_tok = None
 _worker_progress = None  # a shared counter of input bytes read, for the parent's progress bar
@@ -51,6 +51,12 @@ class PrepareOptions:
     """Share of documents (chosen by content, ``holdout.py``) written to ``holdout_output`` instead."""
     holdout_output: str | None = None
     """The validation source directory (with ``holdout_fraction`` > 0)."""
+    tasks: int = 0
+    """0: one process with a worker pool; N >= 1: N datatrove tasks (``distributed.py``), resumable."""
+    executor: str = "local"
+    """With ``tasks``: ``local`` runs them here, ``slurm`` submits them (and the merge) to SLURM."""
+    slurm: dict | None = None
+    """``executor=slurm``: ``partition``, ``time``, ``cpus_per_task``."""
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -101,82 +107,24 @@ def _report(n: int) -> None:
 
 
 def _tokenize_file(args: tuple[str, str]) -> tuple[str, np.ndarray, np.ndarray, int, int]:
-    """Tokenise one file: (path, tokens with EOS after each doc, doc end offsets, text bytes, empty docs)."""
-    from data_pipeline.readers import iter_documents
-
+    """Pool task: ``tokenize_file`` with this worker's tokenizer and progress counter."""
     path, text_field = args
-    tok = _worker_tok
-    pieces: list[np.ndarray] = []
-    text_bytes = empty = 0
-    batch: list[str] = []
-    eos = np.asarray([tok.eos_id], dtype=tok.dtype)
-    for text in iter_documents(path, text_field, progress=_report if _worker_progress is not None else None):
-        if not text:
-            empty += 1
-            continue
-        text_bytes += len(text.encode("utf-8"))
-        batch.append(text)
-        if len(batch) >= _ENCODE_BATCH:
-            _check_and_append(path, tok.encode_batch(batch), pieces, eos, tok.eos_id)
-            batch.clear()
-    if batch:
-        _check_and_append(path, tok.encode_batch(batch), pieces, eos, tok.eos_id)
-    tokens = np.concatenate(pieces) if pieces else np.empty(0, tok.dtype)
-    lengths = np.fromiter((p.size for p in pieces), np.int64, len(pieces))
-    doc_ends = np.cumsum(lengths)[1::2]
-    return path, tokens, doc_ends, text_bytes, empty
+    return tokenize_file(path, text_field, _worker_tok, _report if _worker_progress is not None else None)
 
 
-def _check_and_append(path, encoded, pieces, eos, eos_id) -> None:
-    for ids in encoded:
-        if (ids == eos_id).any():
-            raise DataError(f"{path}: document {len(pieces) // 2} tokenises to EOS inside its text")
-        pieces.append(ids)
-        pieces.append(eos)
-
-
-class _Packer:
-    """Greedy packing of whole documents into members of at least ``target`` tokens."""
-
-    def __init__(self, writer: ShardWriter, target: int):
-        self.writer, self.target = writer, target
-        self.buf: list[np.ndarray] = []
-        self.buf_tokens = self.buf_docs = 0
-
-    def add_file(self, tokens: np.ndarray, doc_ends: np.ndarray) -> None:
-        start = 0  # token offset in this file not yet buffered
-        first_doc = 0
-        while first_doc < doc_ends.size:
-            need = self.target - self.buf_tokens
-            # first document end that brings the buffer to the target
-            j = int(np.searchsorted(doc_ends, start + need, side="left"))
-            if j >= doc_ends.size:
-                self.buf.append(tokens[start:])
-                self.buf_tokens += tokens.size - start
-                self.buf_docs += doc_ends.size - first_doc
-                return
-            end = int(doc_ends[j])
-            self.buf.append(tokens[start:end])
-            self.buf_tokens += end - start
-            self.buf_docs += j + 1 - first_doc
-            self.flush()
-            start, first_doc = end, j + 1
-
-    def flush(self) -> None:
-        if self.buf_tokens:
-            self.writer.add(np.concatenate(self.buf), self.buf_docs)
-        self.buf, self.buf_tokens, self.buf_docs = [], 0, 0
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"--output {out}: not empty (pass --overwrite to replace a previous prepare-data)")
         for f in out.iterdir():
-            if f.name in (INDEX_NAME, STATS_NAME) or (f.name.startswith("shard-") and f.suffix == ".tar"):
+            if f in written_files(out):
                 f.unlink()
+            elif f.name == "parts" and f.is_dir():  # a distributed run's records (distributed.py)
+                import shutil
+
+                shutil.rmtree(f)
             else:
                 log.warning("--overwrite keeps %s (not a prepare-data file)", f)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,14 +147,34 @@ def prepare_data(opts: PrepareOptions) -> dict:
         raise ConfigError("--holdout-fraction and --holdout-output go together (a fraction > 0 and a directory)")
     if opts.holdout_output and Path(opts.holdout_output).resolve() == Path(opts.output).resolve():
         raise ConfigError("--holdout-output must differ from --output")
+    if opts.tasks < 0:
+        raise ConfigError(f"--tasks {opts.tasks}: must be >= 0 (0: one process)")
+    if opts.executor not in ("local", "slurm"):
+        raise ConfigError(f"--executor {opts.executor}: must be local or slurm")
+    if opts.executor == "slurm" and not opts.tasks:
+        raise ConfigError("--executor slurm needs --tasks N")
+    if opts.executor == "slurm" and not (opts.slurm or {}).get("partition"):
+        raise ConfigError("--executor slurm needs --slurm-partition")
+    if opts.tasks and opts.holdout_fraction:
+        raise ConfigError("--holdout-fraction is not available with --tasks yet: prepare the held-out split "
+                          "in one process")
     tok = load_tokenizer(opts.tokenizer)  # validates the tokenizer before any work
     files = expand_inputs(opts.inputs)
     for f in files:
         file_kind(f)
     out = Path(opts.output)
+    if opts.tasks:
+        from data_pipeline.distributed import PARTS, PLAN, run_local, submit_slurm
+
+        if not (out / PARTS / PLAN).is_file() or opts.overwrite:  # else: resume the unfinished run
+            prepare_output(out, opts.overwrite)
+        if opts.executor == "slurm":
+            submit_slurm(opts, files, opts.tasks, opts.slurm)
+            return {}
+        return run_local(opts, files, opts.tasks, opts.workers)
     outs = [out] + ([Path(opts.holdout_output)] if opts.holdout_output else [])
     for path in outs:
-        _prepare_output(path, opts.overwrite)
+        prepare_output(path, opts.overwrite)
     log.info("prepare-data %s: %d files -> %s (tokenizer %s, %d workers)", opts.source, len(files),
              " + ".join(map(str, outs)), opts.tokenizer, opts.workers)
     t0 = time.perf_counter()
@@ -253,7 +221,7 @@ class _Output:
     def __init__(self, path: Path, opts: PrepareOptions, tok):
         self.path = path
         self.writer = ShardWriter(path, opts.shard_bytes, tok.vocab_size)
-        self.packer = _Packer(self.writer, opts.member_tokens)
+        self.packer = Packer(self.writer, opts.member_tokens)
         self.docs = self.tokens = 0
 
     def add(self, tokens: np.ndarray, doc_ends: np.ndarray) -> None:

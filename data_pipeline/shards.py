@@ -39,8 +39,8 @@ STATS_NAME = "stats.json"
 _BLOCK = 512  # tar block size
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:06d}.tar"
+def shard_name(i: int, prefix: str = "shard-") -> str:
+    return f"{prefix}{i:06d}.tar"
 
 
 class ShardWriter:
@@ -49,8 +49,11 @@ class ShardWriter:
     Members are written with a fixed mtime/owner so that the same inputs give the same bytes.
     """
 
-    def __init__(self, out_dir: Path, shard_bytes: int, vocab_size: int, zstd_level: int = 3):
+    def __init__(self, out_dir: Path, shard_bytes: int, vocab_size: int, zstd_level: int = 3,
+                 prefix: str = "shard-"):
+        """``prefix``: shard file names are ``<prefix><6-digit number>.tar``."""
         self.out_dir = out_dir
+        self.prefix = prefix
         self.shard_bytes = shard_bytes
         self.vocab_size = vocab_size
         self._compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
@@ -64,7 +67,7 @@ class ShardWriter:
 
         self._close_current()
         self._shard += 1
-        self._path = self.out_dir / shard_name(self._shard)
+        self._path = self.out_dir / shard_name(self._shard, self.prefix)
         self._writer = wds.TarWriter(str(self._path), encoder=False, mtime=0, user="data", group="data",
                                      mode=0o444)
 
@@ -110,7 +113,7 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
 def written_files(out_dir: Path) -> list[Path]:
     """The files ``prepare-data`` writes into a source directory (what an interrupted run leaves)."""
     return [f for f in out_dir.iterdir()
-            if f.name in (INDEX_NAME, STATS_NAME) or (f.name.startswith("shard-") and f.suffix == ".tar")]
+            if f.name in (INDEX_NAME, STATS_NAME) or (f.name.startswith(("shard-", "part-")) and f.suffix == ".tar")]
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -7,7 +7,8 @@
 ``tests/test_doc_tables.py`` runs the check, so a change to the memory estimate, the schedule or a recipe
 that moves a documented number fails until the docs are regenerated. Blocks:
 ``cluster-7b-dry-run`` (the 7B recipe's dry-run excerpt), ``cluster-7b-layouts`` (the layouts table),
-``data-sample-steps`` (the sample mixture's step count).
+``data-sample-steps`` (the sample mixture's step count), ``data-scale-projection`` (prepare-data wall time at
+cluster scale from the measured per-core rates).
 """
 
 from __future__ import annotations
@@ -73,10 +74,27 @@ def data_sample_steps() -> str:
     return f"{sch.total_steps} steps ({sch.total_tokens:,} tokens)"
 
 
+def data_scale_projection() -> str:
+    """Wall time to prepare 20T tokens from the measured per-worker rates (benchmarks/results/prepare_throughput.json)."""
+    import json
+
+    measured = json.loads((REPO_ROOT / "benchmarks" / "results" / "prepare_throughput.json").read_text())
+    workers = measured["config"]["workers"]
+    rows = ["| tokenizer | tokens/s per core (measured) | 1 node | 8 nodes | 32 nodes | 128 nodes |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in measured["results"]:
+        per_core = r["tokens_per_s"] / workers
+        hours = [20e12 / (per_core * 64 * nodes) / 3600 for nodes in (1, 8, 32, 128)]
+        rows.append(f"| {r['tokenizer']} | {per_core / 1e6:.2f}M | " + " | ".join(
+            f"{h / 24:.1f} days" if h >= 48 else f"{h:.1f} h" for h in hours) + " |")
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "cluster-7b-dry-run": ("docs/cluster.md", cluster_7b_dry_run),
     "cluster-7b-layouts": ("docs/cluster.md", cluster_7b_layouts),
     "data-sample-steps": ("docs/data.md", data_sample_steps),
+    "data-scale-projection": ("docs/data.md", data_scale_projection),
 }
 
 
