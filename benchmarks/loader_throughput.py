@@ -21,10 +21,9 @@ import numpy as np
 import zstandard
 
 
-from data_pipeline.config import DataConfig
-from data_pipeline.loader import build_loader
 from data_pipeline.sample_data import ensure_sample_data
 from data_pipeline.shards import SourceIndex
+from hybrid_megatron.devtools.data_bench import run_loader
 
 
 def raw_decompress(paths: list[str]) -> dict:
@@ -34,30 +33,12 @@ def raw_decompress(paths: list[str]) -> dict:
     for p in paths:
         ix = SourceIndex.open(p)
         for shard_no, shard in enumerate(ix.shard_paths):
-            blob = shard.read_bytes()
+            blob = Path(shard).read_bytes()
             for m in np.flatnonzero(ix.member_shard == shard_no):
                 off, size = int(ix.member_offset[m]), int(ix.member_size[m])
                 tokens += len(dctx.decompress(blob[off:off + size])) // ix.dtype.itemsize
     seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
-
-
-def run_loader(sources: dict[str, str], seq_len: int, gbt: int, steps: int) -> dict:
-    cfg = DataConfig.from_dict({"seed": 1, "global_batch_tokens": gbt, "seq_len": seq_len, "sources": sources,
-                                "phases": [{"name": "pretrain", "tokens": gbt * (steps + 1),
-                                            "weights": {"code": 0.6, "tests": 0.4}}]})
-    loader = build_loader(cfg, 0, 1)
-    next(loader)  # opens files; not timed
-    samples = tokens = 0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        b = next(loader)
-        samples += b.input_ids.shape[0]
-        tokens += b.num_tokens
-    seconds = time.perf_counter() - t0
-    loader.close()
-    return {"seq_len": seq_len, "global_batch_tokens": gbt, "steps": steps, "samples": samples, "tokens": tokens,
-            "seconds": seconds, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
 
 
 def main() -> int:

@@ -126,3 +126,34 @@ def test_the_slurm_executor_submits_an_array_and_a_dependent_merge_that_build_th
 def test_slurm_needs_a_partition_and_tasks(inputs, tmp_path, capsys):
     assert _prepare(inputs, tmp_path / "x", 2, 1, "--executor", "slurm") == 2
     assert "--executor slurm needs --slurm-partition" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_a_rerun_completes_only_what_is_missing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(4):  # ~2 s of tokenising each, so the kill lands inside the run
+        (raw / f"big-{i}.txt").write_text(f"document {i} " + "lorem ipsum dolor sit amet " * 300_000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hybrid_megatron", "prepare-data", "--input", str(raw / "*.txt"), "--output", str(out),
+           "--source", "big", "--tasks", "4", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "parts" / "000000.json").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (out / "parts").glob("0*.json"))
+    assert done_before and len(done_before) < 4, done_before  # killed mid-way
+    assert not (out / "index.json").exists()
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    clean = tmp_path / "clean"
+    assert subprocess.run([*cmd[:cmd.index("--output") + 1], str(clean), *cmd[cmd.index("--output") + 2:]],
+                          capture_output=True, timeout=300).returncode == 0
+    assert _digest(out) == _digest(clean)

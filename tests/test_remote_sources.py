@@ -3,11 +3,6 @@ one line for a missing object, retries for transient failures."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import os
-import threading
-
 import fsspec
 import pytest
 
@@ -17,6 +12,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import build_loader
 from data_pipeline.shards import SourceIndex
 from data_pipeline.storage import Location
+from hybrid_megatron.devtools.http_server import serve_directory
 
 
 @pytest.fixture(scope="module")
@@ -40,37 +36,11 @@ def _batches(source: str, steps: int = 6):
         loader.close()
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """The standard library's file server plus single byte-range GETs (what object stores answer)."""
-
-    def log_message(self, *args, **kwargs):
-        pass
-
-    def do_GET(self):
-        spec = self.headers.get("Range")
-        path = self.translate_path(self.path)
-        if not spec or not spec.startswith("bytes=") or not os.path.isfile(path):
-            return super().do_GET()
-        start, _, end = spec[len("bytes="):].partition("-")
-        data = open(path, "rb").read()
-        start, end = int(start), min(int(end) if end else len(data) - 1, len(data) - 1)
-        body = data[start:end + 1]
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture(scope="module")
 def http_url(local):
     """The source directory served over HTTP on the loopback interface for the module's tests."""
-    handler = functools.partial(_RangeHandler, directory=str(local.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{local.name}"
-    server.shutdown()
+    with serve_directory(local.parent) as base:
+        yield f"{base}/{local.name}"
 
 
 def _to_memory(local, name: str) -> str:
@@ -127,3 +97,45 @@ def test_transient_failures_are_retried_and_a_persistent_one_names_the_object(lo
 def test_an_unknown_protocol_is_one_line():
     with pytest.raises(DataError, match="nosuchproto://x: cannot open this URL"):
         Location("nosuchproto://x")
+
+
+def _audit(source: str, tmp_path, capsys, name: str, *args: str) -> list[str]:
+    import json
+
+    from hybrid_megatron.cli import main
+
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(json.dumps(_config(source).to_dict()))
+    capsys.readouterr()
+    assert main(["data", "audit", str(cfg), "--num-workers", "0", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_data_audit_over_http_equals_local_disk_resume_included(local, http_url, tmp_path, capsys):
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp")
+    straight = _audit(str(local), tmp_path, capsys, "local", "--steps", "8")
+    assert _audit(http_url, tmp_path, capsys, "remote", "--steps", "8") == straight
+    state = tmp_path / "state.json"
+    first = _audit(http_url, tmp_path, capsys, "a", "--steps", "4", "--state-out", str(state))
+    rest = _audit(http_url, tmp_path, capsys, "b", "--steps", "4", "--state-in", str(state))
+    assert first + rest == straight
+
+
+def test_a_server_that_drops_connections_is_retried_then_fails_in_one_line(local, monkeypatch):
+    pytest.importorskip("aiohttp", reason="fsspec's HTTP filesystem needs aiohttp")
+    import data_pipeline.storage as storage
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.0)
+    with serve_directory(local.parent, drop_every=2) as base:  # every second connection dies
+        assert SourceIndex.open(f"{base}/{local.name}", "web").num_members > 0
+    with serve_directory(local.parent, drop_every=1) as base:  # every connection dies
+        with pytest.raises(DataError, match=r"http://127\.0\.0\.1:\d+/web.*failed after 3 attempts"):
+            SourceIndex.open(f"{base}/{local.name}", "web")
+
+
+def test_a_simplecache_url_reads_through_a_local_copy(local, tmp_path):
+    url = _to_memory(local, "web-cached")
+    cached = f"simplecache::{url}"
+    want, _ = _batches(str(local), steps=2)
+    got, _ = _batches(cached, steps=2)
+    assert got == want and SourceIndex.open(cached, "web").remote

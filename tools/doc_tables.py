@@ -90,11 +90,29 @@ def data_scale_projection() -> str:
     return "\n".join(rows)
 
 
+def data_scale_measured() -> str:
+    """Loader tokens/s from a loopback HTTP server and local disk, prepare-data with 1 and 2 tasks
+    (benchmarks/results/data_scale_cpu.json)."""
+    import json
+
+    m = json.loads((REPO_ROOT / "benchmarks" / "results" / "data_scale_cpu.json").read_text())
+    target = m["loader_target_tokens_per_s"]
+    rows = ["| case | tokens/s | note |", "| --- | --- | --- |"]
+    for name, label in (("local", "loader, seq 4096, local disk"), ("http_loopback", "loader, seq 4096, HTTP (127.0.0.1)")):
+        r = m["loader"][name]
+        rows.append(f"| {label} | {r['tokens_per_s'] / 1e6:.1f}M | {r['tokens_per_s'] / target:.0f}x the 15x-H200 target |")
+    for name, r in m["prepare"].items():
+        rows.append(f"| prepare-data, bytes, {name.replace('_', ' ')} | {r['tokens_per_s'] / 1e6:.2f}M | "
+                    f"{r['tokens'] / 1e6:.1f}M tokens in {r['seconds']:.1f} s |")
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "cluster-7b-dry-run": ("docs/cluster.md", cluster_7b_dry_run),
     "cluster-7b-layouts": ("docs/cluster.md", cluster_7b_layouts),
     "data-sample-steps": ("docs/data.md", data_sample_steps),
     "data-scale-projection": ("docs/data.md", data_scale_projection),
+    "data-scale-measured": ("docs/data.md", data_scale_measured),
 }
 
 
