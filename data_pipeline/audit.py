@@ -90,17 +90,11 @@ def run_validation_audit(config_path: str) -> int:
     zero, or a DataError naming the first overlap, exit 3)."""
     from data_pipeline.config import load_data_config
     from data_pipeline.holdout import check_disjoint
-    from data_pipeline.loader import open_sources
-    from data_pipeline.shards import SourceIndex
+    from data_pipeline.loader import open_sources, open_validation_sources
 
     config = load_data_config(config_path)
     if config.validation is None:
         raise ConfigError(f"{config_path}: no data.validation section to audit")
-    validation = {}
-    for name, location in config.validation.source_paths().items():
-        if not location.is_dir():
-            raise ConfigError(f"data.validation.sources.{name}={str(location)!r}: directory does not exist")
-        validation[name] = SourceIndex.open(str(location), name)
-    report = check_disjoint(open_sources(config), validation)
+    report = check_disjoint(open_sources(config), open_validation_sources(config))
     print(json.dumps({"validation": report, "disjoint": True}, sort_keys=True))
     return 0

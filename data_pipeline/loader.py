@@ -68,11 +68,21 @@ class TokenizerInfo:
 
 
 def open_sources(config: DataConfig) -> dict[str, SourceIndex]:
-    """Open every source's index; ConfigError for a missing directory, DataError for damaged data."""
+    """Open every training source's index; ConfigError for a missing directory, DataError for damaged data."""
+    return _open(config.source_paths(), config.sources, "data.sources")
+
+
+def open_validation_sources(config: DataConfig) -> dict[str, SourceIndex]:
+    """The same for ``data.validation.sources``."""
+    v = config.validation
+    return _open(v.source_paths(), v.sources, "data.validation.sources")
+
+
+def _open(locations: dict, given: dict[str, str], section: str) -> dict[str, SourceIndex]:
     out = {}
-    for name, location in config.source_paths().items():
+    for name, location in locations.items():
         if not location.is_dir():
-            raise ConfigError(f"data.sources.{name}={config.sources[name]!r}: directory {location} does not exist")
+            raise ConfigError(f"{section}.{name}={given[name]!r}: directory {location} does not exist")
         out[name] = SourceIndex.open(str(location), name)
     return out
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import ConfigError, DataError
-from data_pipeline.loader import StepBatch, open_sources, tokenizer_info
+from data_pipeline.loader import StepBatch, TokenizerInfo, open_sources, open_validation_sources, tokenizer_info
 from data_pipeline.packing import build_arrays, sample_hash
 from data_pipeline.shards import SourceIndex
 from data_pipeline.streams import SourceStream
@@ -50,18 +50,16 @@ def plan(config: DataConfig, indexes: dict[str, SourceIndex], seq_len: int) -> l
 class ValidationSet:
     """This data-parallel rank's validation windows, one batch per source."""
 
-    def __init__(self, config: DataConfig, dp_rank: int, dp_size: int, seq_len: int):
+    def __init__(self, config: DataConfig, dp_rank: int, dp_size: int, seq_len: int,
+                 training: TokenizerInfo | None = None):
+        """``training``: the training data's tokenizer when the caller has it (else its sources are opened)."""
         if config.validation is None:
             raise ConfigError("no data.validation section: there is nothing to validate on")
         config.check_dp_size(dp_size)
         self.config, self.dp_rank, self.dp_size = config, dp_rank, dp_size
         self.seq_len = config.validation.seq_len or seq_len
-        self.indexes = {}
-        for name, location in config.validation.source_paths().items():
-            if not location.is_dir():
-                raise ConfigError(f"data.validation.sources.{name}={str(location)!r}: directory does not exist")
-            self.indexes[name] = SourceIndex.open(str(location), name)
-        training = tokenizer_info(open_sources(config))
+        self.indexes = open_validation_sources(config)
+        training = training or tokenizer_info(open_sources(config))
         for name, ix in self.indexes.items():
             if ix.stats.get("tokenizer", {}).get("fingerprint") != training.tokenizer.get("fingerprint"):
                 raise DataError(f"validation source {name} was tokenised with another tokenizer than the training data")

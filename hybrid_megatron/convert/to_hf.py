@@ -58,15 +58,14 @@ def _load_tokenizer(name: str):
                           "download it first or pass its directory") from None
 
 
-def _recorded_tokenizer(step_dir: Path):
-    """(tokenizer to write or None, vocab size or None) from the checkpoint's record of its data's tokenizer."""
-    recorded = layout.read_data_tokenizer(step_dir)
+def _recorded_tokenizer(step_dir: Path, recorded: dict | None):
+    """The tokenizer to write (or None) from the checkpoint's record of its data's tokenizer."""
     if recorded is None:
-        return None, None
+        return None
     if recorded["kind"] == "bytes":
         from hybrid_megatron.convert.byte_tokenizer import byte_tokenizer
 
-        return byte_tokenizer(), recorded["vocab_size"]
+        return byte_tokenizer()
     path = recorded.get("path")
     if recorded["kind"] == "hf" and path and Path(path).is_dir():
         from data_pipeline.tokenizer import HFTokenizer
@@ -74,10 +73,10 @@ def _recorded_tokenizer(step_dir: Path):
         if HFTokenizer(path).describe()["fingerprint"] != recorded.get("fingerprint"):
             raise ConfigError(f"the data's tokenizer at {path} changed since training (fingerprint differs from "
                               f"{step_dir / layout.DATA_TOKENIZER}): pass the original with --tokenizer")
-        return _load_tokenizer(path), recorded["vocab_size"]
+        return _load_tokenizer(path)
     log.warning("the data's tokenizer (%s) is not at %s any more: exporting without tokenizer files (pass "
                 "--tokenizer to include them)", recorded["kind"], path)
-    return None, recorded["vocab_size"]
+    return None
 
 
 def _resolve_vocab(cfg, padded: int, tokenizer, recorded_vocab: int | None, keep_padding: bool) -> int:
@@ -112,11 +111,9 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     step_dir = layout.resolve_step_dir(ckpt_dir)
     cfg = offline.load_model_config(step_dir)
     check_exportable(cfg)  # before anything is read or written
-    if opts.tokenizer:
-        tokenizer, recorded_vocab = _load_tokenizer(opts.tokenizer), layout.read_data_tokenizer(step_dir)
-        recorded_vocab = recorded_vocab["vocab_size"] if recorded_vocab else None
-    else:
-        tokenizer, recorded_vocab = _recorded_tokenizer(step_dir)
+    recorded = layout.read_data_tokenizer(step_dir)
+    recorded_vocab = recorded["vocab_size"] if recorded else None
+    tokenizer = _load_tokenizer(opts.tokenizer) if opts.tokenizer else _recorded_tokenizer(step_dir, recorded)
 
     reader = offline.CheckpointReader(step_dir)
     emb = reader.tensors.get("embedding.word_embeddings.weight")

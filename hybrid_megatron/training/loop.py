@@ -72,9 +72,8 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
     if cfg.data.validation is not None:
         from hybrid_megatron.training.validate import Validator
 
-        validator = Validator(cfg, state.max_seq_len, resume_step=step, is_rank0=is_rank0)
-    last = len(cfg.data.phases) - 1
-    anneal_start = state.schedule.phase_start(last) if last > 0 and cfg.data.phases[last].replay > 0 else None
+        validator = Validator(cfg, state.max_seq_len, resume_step=step, is_rank0=is_rank0,
+                              training_tokenizer=state.data_tokenizer)
     skipped_total, window_steps, started_at = 0, 0, step
     window_loss = LossWindow()
     code = 0
@@ -112,7 +111,7 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
                                                 "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
                                                 "seq_len": batch.seq_len, "window_steps": window_steps})
                 window_steps = 0
-            if validator is not None and validator.due(step, total_steps, step == anneal_start):
+            if validator is not None and validator.due(step, total_steps, step == state.anneal_start):
                 checkpointer.sync_params()  # overlapped param gather: this step's weights on every rank
                 metrics.log_validation(validator.evaluate(model, step))
             checkpointer.maybe_finalize()

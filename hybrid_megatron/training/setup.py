@@ -104,6 +104,8 @@ class TrainState:
     vocab_size: int
     padded_vocab_size: int
     micro_batches: dict[int, tuple[int, int]]  # seq_len -> (sequences per micro-batch, micro-batches per step)
+    data_tokenizer: object  # data_pipeline.loader.TokenizerInfo shared by every training source
+    anneal_start: int | None  # the step the anneal phase's LR segment starts at (None: no anneal in the run)
     step: int = 0  # the step training starts at (after a resume)
     resume_dir: Path | None = None  # the checkpoint it resumed from, if any
 
@@ -153,7 +155,8 @@ def build_train_state(cfg: RunConfig, rank: int) -> TrainState:
                        loader=loader, schedule=schedule, total_steps=total_steps, max_seq_len=max_seq_len,
                        vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, cfg.model,
                                                                              cfg.parallel.tensor_model_parallel_size),
-                       micro_batches=micro_batches)
+                       micro_batches=micro_batches, data_tokenizer=data_tokenizer,
+                       anneal_start=lr_segments[1].start if len(lr_segments) > 1 else None)
     try:
         state.resume_dir = checkpointer.find_resume_point()
         if state.resume_dir is not None:

@@ -24,7 +24,7 @@ def evaluation_due(step: int, total_steps: int, interval: int | None, next_phase
 
 
 class Validator:
-    def __init__(self, cfg: RunConfig, max_seq_len: int, resume_step: int, is_rank0: bool):
+    def __init__(self, cfg: RunConfig, max_seq_len: int, resume_step: int, is_rank0: bool, training_tokenizer=None):
         from megatron.core import parallel_state
 
         from data_pipeline.validation import ValidationSet
@@ -32,7 +32,7 @@ class Validator:
 
         self.cfg = cfg
         self.data = ValidationSet(cfg.data, parallel_state.get_data_parallel_rank(),
-                                  parallel_state.get_data_parallel_world_size(), max_seq_len)
+                                  parallel_state.get_data_parallel_world_size(), max_seq_len, training_tokenizer)
         self.max_seq_len = max(max_seq_len, self.data.seq_len)
         self.log = LossLog(Path(cfg.logging.run_dir) / VAL_LOG, resume_step=resume_step) if is_rank0 else None
         self._cached = None
