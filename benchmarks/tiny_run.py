@@ -82,8 +82,8 @@ def summarize(records: list[dict], cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hybrid_megatron.devtools.bench import versions
     from hybrid_megatron.devtools.gpu_launch import device_name, launch
+    from hybrid_megatron.training.environment import versions
 
     from data_pipeline.errors import DataError
     from data_pipeline.loader import config_vocab_size

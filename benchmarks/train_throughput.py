@@ -35,6 +35,7 @@ from pathlib import Path
 import hybrid_megatron.devtools.bench as C
 from hybrid_megatron.devtools import REPO_ROOT
 from hybrid_megatron.devtools.gpu_launch import kill_session
+from hybrid_megatron.training.environment import device_name, versions
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
@@ -279,7 +280,7 @@ def run_case(spec: dict, args: argparse.Namespace, gemm_tflops: float | None) ->
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = sum(times)
-    row.update(C.rates(row["tokens_per_step"] * args.steps, seconds, numbers["flops_per_token"], C.device_name(),
+    row.update(C.rates(row["tokens_per_step"] * args.steps, seconds, numbers["flops_per_token"], device_name(),
                        gemm_tflops=gemm_tflops))
     row.update(C.peak_memory_gib())
     row.update(step_s_median=sorted(times)[len(times) // 2], step_s_min=min(times), step_s_max=max(times),
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         settings.update(step_tokens=args.step_tokens, micro_tokens=args.micro_tokens, scaling_seqs=args.scaling_seqs)
     result = C.ResultFile(args.out, C.header("train_throughput", sys.argv, settings))
-    result.update(device=C.device_name(), versions=C.versions(), models={m: C.MODELS[m] for m in
+    result.update(device=device_name(), versions=versions(), models={m: C.MODELS[m] for m in
                                                                           sorted({s["model"] for s in specs})})
     start = time.perf_counter()
     gemm = None

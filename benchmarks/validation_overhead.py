@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hybrid_megatron.devtools.bench import versions
+from hybrid_megatron.training.environment import versions
 from hybrid_megatron.devtools.gpu_launch import device_name, launch
 
 

@@ -17,6 +17,7 @@ import torch
 from benchmarks import train_throughput as T
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
 from hybrid_megatron.devtools import bench as C
+from hybrid_megatron.training.environment import versions
 from hybrid_megatron.devtools import fixture_spec as FS
 from hybrid_megatron.devtools import fixture_worker as W
 from hybrid_megatron.model import pattern as pat
@@ -155,7 +156,7 @@ def test_result_file_is_valid_json_after_every_row(tmp_path):
     result = C.ResultFile(path, C.header("train_throughput", ["benchmarks/train_throughput.py"], {"steps": 2}))
     assert json.loads(path.read_text())["cases"] == []
     result.add({"name": "a", "tokens_per_s": 1.0})
-    result.update(device="NVIDIA H100", versions=C.versions())
+    result.update(device="NVIDIA H100", versions=versions())
     data = json.loads(path.read_text())
     assert data["cases"] == [{"name": "a", "tokens_per_s": 1.0}] and data["device"] == "NVIDIA H100"
     assert "synthetic" in data["data"] and data["settings"] == {"steps": 2} and "torch" in data["versions"]

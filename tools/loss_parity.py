@@ -65,7 +65,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
-from hybrid_megatron.devtools.bench import tokens_per_s, versions
+from hybrid_megatron.devtools.bench import tokens_per_s
+from hybrid_megatron.training.environment import versions
 from hybrid_megatron.devtools.gpu_launch import device_name, gpu_memory_bytes, launch, launch_command, visible_gpus
 from hybrid_megatron.devtools.parity_suites import SUITES, Run, Suite, expected_steps, needed_later, run_overrides
 

@@ -106,7 +106,7 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
         row.update(check_fixture(out_dir, args.max_fixture_bytes))
     except Exception as exc:
         return {**row, "status": "failed", "error": f"fixture check: {exc}"}
-    from hybrid_megatron.devtools.bench import versions  # the same version record the benchmarks write
+    from hybrid_megatron.training.environment import versions  # the same version record the benchmarks write
 
     meta = {k: v for k, v in row.items() if k not in ("attempts",)}
     meta.update(recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), versions=versions(), device=device_name())

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hybrid_megatron.devtools import REPO_ROOT
-from hybrid_megatron.devtools.bench import versions
+from hybrid_megatron.training.environment import versions
 from hybrid_megatron.devtools.gpu_launch import device_name, launch
 
 COMPARED = ("step", "loss", "grad_norm", "lr", "tokens", "seq_len", "phase", "skipped")

@@ -153,25 +153,6 @@ def rates(tokens: int, seconds: float, flops_per_token: float, device_name: str,
 # environment
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "megatron-core", "transformer-engine", "transformer_engine_torch", "mamba-ssm",
-                 "causal-conv1d"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 def measure_gemm_tflops(n: int = 8192, iters: int = 30) -> float:
     """Dense bf16 [n, n] x [n, n] matmul throughput on the current GPU (TFLOP/s)."""
     import torch
