@@ -253,7 +253,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     (relative to the working directory). A ``data=PATH`` override swaps in another data config
     before the ``data.key=value`` overrides apply, whatever their order.
     """
-    raw = load_yaml(path)
+    return run_config_from_dict(load_yaml(path), overrides)
+
+
+def run_config_from_dict(raw: dict, overrides: list[str] | None = None) -> RunConfig:
+    """``load_run_config`` for a mapping already read (a checkpoint's stored run config)."""
+    raw = dict(raw)
     overrides = list(overrides or [])
     swaps = [o for o in overrides if o.partition("=")[0] == "data"]
     if swaps:

@@ -44,12 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def require_gpu() -> None:
+def require_gpu(verb: str = "pretrain", hint: str = "; `--dry-run` works without one") -> None:
     """Fails with one line before megatron is imported (its import prints pages of warnings on a CPU)."""
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError("pretrain needs a CUDA GPU (none visible); `--dry-run` works without one")
+        raise ConfigError(f"{verb} needs a CUDA GPU (none visible){hint}")
 
 
 def initialize(cfg: RunConfig) -> Ranks:

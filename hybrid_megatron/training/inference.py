@@ -17,8 +17,8 @@ import yaml
 
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.checkpoint import layout
-from hybrid_megatron.config import RunConfig
-from hybrid_megatron.config_io import apply_overrides, build, to_dict
+from hybrid_megatron.config import RunConfig, run_config_from_dict
+from hybrid_megatron.config_io import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run_config_of_checkpoint(checkpoint: str | Path, overrides: list[str] | None
             raise ConfigError(f"{step_dir} is a model-only checkpoint (no data section in {layout.RUN_CONFIG}): "
                               "pass a run config for the rest")
         raw = {**to_dict(base), "model": raw["model"]}
-    return step_dir, build(RunConfig, apply_overrides(raw, list(overrides or [])))
+    return step_dir, run_config_from_dict(raw, overrides)
 
 
 def load_model_for_inference(cfg: RunConfig, step_dir: str | Path, max_seq_len: int | None = None) -> InferenceModel:
@@ -59,7 +59,7 @@ def load_model_for_inference(cfg: RunConfig, step_dir: str | Path, max_seq_len: 
     step_dir = Path(step_dir)
     saved = yaml.safe_load((step_dir / layout.RUN_CONFIG).read_text()) or {}
     check_architecture(saved.get("model", {}), to_dict(cfg.model), step_dir)
-    vocab = cfg.model.vocab_size or _embedding_rows(step_dir)
+    vocab = checkpoint_vocab_size(cfg, step_dir)
     if max_seq_len is None:
         max_seq_len = cfg.data.seq_len if cfg.data.curriculum is None else cfg.data.curriculum.max_seq_len
     # wrapped first, as in training: the fp32 SSM params then receive the checkpoint's fp32 values
@@ -70,6 +70,11 @@ def load_model_for_inference(cfg: RunConfig, step_dir: str | Path, max_seq_len: 
     log.info("loaded %s for inference (%d chunk(s) on this rank)", step_dir, len(chunks))
     tp = cfg.parallel.tensor_model_parallel_size
     return InferenceModel(cfg, chunks, step_dir, vocab, padded_vocab_size(vocab, cfg.model, tp))
+
+
+def checkpoint_vocab_size(cfg: RunConfig, step_dir: Path) -> int:
+    """The config's vocabulary, else the padded one stored in the checkpoint (reads only its metadata)."""
+    return cfg.model.vocab_size or _embedding_rows(step_dir)
 
 
 def _embedding_rows(step_dir: Path) -> int:

@@ -110,7 +110,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, loss_of=None):
+    """One micro-batch through the model; ``loss_of(mb)`` makes the loss function (default: the training
+    loss, a token sum)."""
     mb: MicroBatch = next(data_iterator)
     output = model(
         mb.input_ids,
@@ -119,7 +121,11 @@ def forward_step(data_iterator, model):
         labels=mb.labels,
         packed_seq_params=mb.packed_seq_params,
     )
-    return output, partial(loss_func, mb.loss_mask)
+    return output, (loss_of or _training_loss)(mb)
+
+
+def _training_loss(mb: MicroBatch):
+    return partial(loss_func, mb.loss_mask)
 
 
 @dataclass
@@ -130,11 +136,11 @@ class StepResult:
     skipped: bool
 
 
-def forward_backward(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False
-                     ) -> tuple[float, float]:
-    """This rank's micro-batches through megatron's pipeline schedule; returns (loss sum, loss tokens) over
-    the whole global batch, the same on every rank. With ``forward_only`` no gradient is computed."""
-    from megatron.core import parallel_state
+def run_schedule(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False,
+                 loss_of=None) -> list[dict]:
+    """This rank's micro-batches of ``batch`` through megatron's pipeline schedule; returns the loss
+    functions' reports (one per micro-batch, on the last pipeline stage; empty elsewhere). Micro-batches
+    hold ``train.micro_batch_size`` sequences of ``max_seq_len`` tokens' worth."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     packed = cfg.data.reset_at_document_boundaries
@@ -144,8 +150,8 @@ def forward_backward(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forw
                                cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
     micro = split_micro_batches(batch, mbs, packed, torch.cuda.current_device())
     iterators = [iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro)
-    reduced = get_forward_backward_func()(
-        forward_step_func=forward_step,
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, loss_of=loss_of),
         data_iterator=iterators,
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(micro),
@@ -153,16 +159,30 @@ def forward_backward(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forw
         micro_batch_size=1 if packed else mbs,
         forward_only=forward_only,
     )
-    # Loss lives on the last pipeline stage: sum over micro-batches and DP, then share along PP so that
-    # every rank takes the same skip/stop decision.
-    stats = torch.zeros(2, device="cuda", dtype=torch.float64)
+
+
+def sum_over_ranks(reports: list[dict], key: str, shape) -> torch.Tensor:
+    """The sum of ``report[key]`` over micro-batches and data-parallel ranks (fp64), shared along the
+    pipeline so that every rank holds it (the reports live on the last stage)."""
+    from megatron.core import parallel_state
+
+    total = torch.zeros(shape, device="cuda", dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        for item in reduced:
-            stats += item["lm loss"].double()
-        torch.distributed.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        for item in reports:
+            total += item[key].double()
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, tokens = stats.tolist()
+        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total
+
+
+def forward_backward(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False
+                     ) -> tuple[float, float]:
+    """This rank's micro-batches through megatron's pipeline schedule; returns (loss sum, loss tokens) over
+    the whole global batch, the same on every rank (so every rank takes the same skip/stop decision).
+    With ``forward_only`` no gradient is computed."""
+    reports = run_schedule(batch, model_chunks, cfg, max_seq_len, forward_only)
+    loss_sum, tokens = sum_over_ranks(reports, "lm loss", 2).tolist()
     return loss_sum, tokens
 
 

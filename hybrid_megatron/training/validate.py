@@ -42,29 +42,17 @@ class Validator:
 
     def evaluate(self, model_chunks, step: int) -> dict:
         """Runs the validation set; returns (and on rank 0 logs) the record."""
-        import torch
-
-        from hybrid_megatron.training.step import forward_backward
-
         start = time.perf_counter()
         for chunk in model_chunks:
             chunk.eval()
-        sums: dict[str, list[float]] = {}
         try:
-            with torch.no_grad():
-                if self._cached is None:  # the windows never change: read them once
-                    self._cached = list(self.data.batches())
-                for batch in self._cached:
-                    sums[batch.sources[0]] = forward_backward(batch, model_chunks, self.cfg, self.max_seq_len,
-                                                              forward_only=True)
+            if self._cached is None:  # the windows never change: read them once
+                self._cached = list(self.data.batches())
+            sums = loss_by_source(self._cached, model_chunks, self.cfg, self.max_seq_len)
         finally:
             for chunk in model_chunks:
                 chunk.train()
-        total_loss = sum(s for s, _ in sums.values())
-        total_tokens = sum(n for _, n in sums.values())
-        record = {"step": step, "tokens": int(total_tokens), "loss": total_loss / max(total_tokens, 1.0),
-                  "loss_by_source": {k: s / max(n, 1.0) for k, (s, n) in sorted(sums.items())},
-                  "seconds": round(time.perf_counter() - start, 3)}
+        record = {"step": step, **summarize(sums), "seconds": round(time.perf_counter() - start, 3)}
         if self.log is not None:
             self.log.write(record)
         return record
@@ -72,3 +60,25 @@ class Validator:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+def loss_by_source(batches, model_chunks, cfg, max_seq_len: int) -> dict[str, tuple[float, float]]:
+    """Forward only over validation batches (one source each): source -> (loss sum, loss tokens), summed over
+    every rank's windows and the same on every rank."""
+    import torch
+
+    from hybrid_megatron.training.step import forward_backward
+
+    sums = {}
+    with torch.no_grad():
+        for batch in batches:
+            sums[batch.sources[0]] = forward_backward(batch, model_chunks, cfg, max_seq_len, forward_only=True)
+    return sums
+
+
+def summarize(sums: dict[str, tuple[float, float]]) -> dict:
+    """{"tokens", "loss", "loss_by_source"}: the mean over every token, and per source."""
+    total_loss = sum(s for s, _ in sums.values())
+    total_tokens = sum(n for _, n in sums.values())
+    return {"tokens": int(total_tokens), "loss": total_loss / max(total_tokens, 1.0),
+            "loss_by_source": {k: s / max(n, 1.0) for k, (s, n) in sorted(sums.items())}}
