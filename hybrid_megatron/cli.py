@@ -23,7 +23,7 @@ _VERB_MODULES = (
     "hybrid_megatron.training.cli",  # pretrain
     "data_pipeline.cli",  # prepare-data, data audit
     "hybrid_megatron.convert.cli",  # convert to-hf / from-hf
-    "hybrid_megatron.eval.cli",  # compare
+    "hybrid_megatron.eval.cli",  # eval, compare
 )
 
 

@@ -107,3 +107,16 @@ def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path}: no config.yaml (not a run directory written by pretrain)"]
+
+
+def test_three_sizes_fit_exactly_and_get_no_interval(tmp_path, capsys):
+    n = [2e6, 5e6, 1.3e7]
+    assert scaling.bootstrap_alpha(n, _law(n)) is None
+    for h in (256, 384, 512):
+        _run_dir(tmp_path, f"h{h}", h)
+    out = tmp_path / "out"
+    assert main(["compare", *(str(tmp_path / f"h{h}") for h in (256, 384, 512)), "--out", str(out)]) == 0
+    fit = json.loads((out / "summary.json").read_text())["scaling_fit"]
+    assert fit["alpha_ci"] is None and "no degrees of freedom" in fit["note"]
+    assert "a fourth size gives one" in capsys.readouterr().out
+    assert "Three sizes: the three parameters" in (out / "report.md").read_text()

@@ -8,14 +8,11 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 from data_pipeline.tokenizer import ByteTokenizer
 from hybrid_megatron.checkpoint import layout
 from hybrid_megatron.cli import main
-from hybrid_megatron.devtools import REPO_ROOT
-
-FIXTURE = REPO_ROOT / "tests" / "fixtures" / "convert" / "tp1" / "ckpt"  # trained on the bytes sample data
+from tests.checkpoint_helpers import quickstart_checkpoint
 TEXT = "def naïve(): return '東京 🚀'\n\ttabs and  spaces"
 
 
@@ -23,15 +20,7 @@ TEXT = "def naïve(): return '東京 🚀'\n\ttabs and  spaces"
 def quickstart_ckpt(tmp_path_factory):
     """The fixture checkpoint as `pretrain configs/tiny.yaml` leaves it: vocab_size unset in the run config,
     the data's tokenizer recorded beside it."""
-    save_dir = tmp_path_factory.mktemp("run") / "checkpoints"
-    shutil.copytree(FIXTURE, save_dir)
-    step = save_dir / "step-000000"
-    run_config = yaml.safe_load((step / layout.RUN_CONFIG).read_text())
-    run_config["model"]["vocab_size"] = None
-    (step / layout.RUN_CONFIG).write_text(yaml.safe_dump(run_config))
-    files = layout.step_files("unused", {}, ByteTokenizer().describe())
-    (step / layout.DATA_TOKENIZER).write_text(files[layout.DATA_TOKENIZER])
-    return save_dir
+    return quickstart_checkpoint(tmp_path_factory.mktemp("run") / "checkpoints")
 
 
 def test_without_a_record_the_export_still_asks_for_a_tokenizer(quickstart_ckpt, tmp_path, capsys):

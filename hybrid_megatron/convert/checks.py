@@ -50,6 +50,27 @@ def export_problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+def hf_cuda_conv_problem(cfg: ModelConfig) -> str | None:
+    """Why the exported model cannot run on transformers' CUDA path with causal-conv1d installed, or None.
+
+    transformers' NemotronH mixer hands causal-conv1d a column slice of the in_proj output, transposed (no
+    copy): the row stride is the in_proj width, and causal-conv1d's channel-last kernel refuses strides that
+    are not multiples of 8 ("causal_conv1d with channel last layout requires strides ... to be multiples of
+    8"). Measured: hidden 384 with 12 Mamba heads (width 1804) fails; 256 and 512 (1288, 2320) run."""
+    if pat.MAMBA not in pat.layers(cfg.hybrid_layer_pattern):
+        return None
+    from hybrid_megatron.model.geometry import mamba_widths
+
+    w = mamba_widths(cfg)
+    width = 2 * w.d_inner + 2 * w.bc + w.heads
+    if width % 8 == 0:
+        return None
+    return (f"the Mamba in_proj width 2*d_inner + 2*groups*state + heads = {width} is not a multiple of 8: "
+            "transformers' NemotronH passes causal-conv1d a strided view of it that its CUDA kernel refuses; "
+            "pick a number of Mamba heads that makes the width a multiple of 8, or run the exported model "
+            "where causal-conv1d is not installed (transformers' torch path)")
+
+
 def check_exportable(cfg: ModelConfig) -> None:
     problems = export_problems(cfg)
     if problems:

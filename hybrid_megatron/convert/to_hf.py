@@ -18,7 +18,7 @@ from pathlib import Path
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.checkpoint import layout, offline
 from hybrid_megatron.convert import mapping
-from hybrid_megatron.convert.checks import check_exportable
+from hybrid_megatron.convert.checks import check_exportable, hf_cuda_conv_problem
 from hybrid_megatron.convert.hf_config import to_hf_config
 from hybrid_megatron.convert.safetensors_stream import ShardWriter, plan_shards, write_index
 from hybrid_megatron.convert.staging import check_output, staged_output
@@ -123,6 +123,9 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     vocab = _resolve_vocab(cfg, padded, tokenizer, recorded_vocab, opts.keep_vocab_padding)
     _check_keys(reader, cfg, padded, step_dir)
 
+    cuda_problem = hf_cuda_conv_problem(cfg)
+    if cuda_problem:
+        log.warning("%s", cuda_problem)
     out_dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
     groups = mapping.model_groups(cfg)
     entries = []

@@ -1,11 +1,13 @@
-"""`hybrid-megatron compare RUN_DIR... --out DIR` (CPU)."""
+"""`hybrid-megatron eval CKPT --suite ...` (GPU) and `hybrid-megatron compare RUN_DIR... --out DIR` (CPU)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub) -> None:
+    _register_eval(sub)
     p = sub.add_parser("compare", help="runs side by side: loss against tokens and FLOPs, scaling fit (CPU)",
                        description="Train and validation loss of several run directories on one plot, their "
                                    "final losses side by side, and with three or more sizes a fit of "
@@ -25,9 +27,65 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{r['name']}: {r['params']:,} params, {r['tokens']:,} tokens, train {r['final_train_loss']:.4f}, "
               f"validation {val}")
     if fit:
-        print(f"scaling fit: alpha {fit['alpha']:.4f}, E {fit['E']:.4f}, A {fit['A']:.4g}, alpha 95% interval "
-              f"{fit['alpha_ci']}")
+        ci = fit["alpha_ci"]
+        ci_text = f"alpha 95% interval {ci[0]:.4f}-{ci[1]:.4f}" if ci else fit["note"]
+        print(f"scaling fit: alpha {fit['alpha']:.4f}, E {fit['E']:.4f}, A {fit['A']:.4g}; {ci_text}")
     for flag in summary["red_flags"]:
         print(f"red flag: {flag}")
     print(f"report: {args.out}/report.md")
+    return 0
+
+
+def _register_eval(sub) -> None:
+    from hybrid_megatron.eval.suites import SUITES
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: validation loss, loss by position, lm-eval tasks (GPU)",
+                       description="Evaluates a checkpoint on one or more GPUs (torchrun or srun for several) and "
+                                   "writes results.json, report.md and PNG plots. Suites: "
+                                   + "; ".join(f"{s.name}: {s.summary}" for s in SUITES.values())
+                                   + ". Overrides (key=value) apply to the checkpoint's run config, e.g. "
+                                     "parallel.tensor_model_parallel_size=2 or data=PATH.")
+    p.add_argument("checkpoint", help="a step dir, or a save dir whose 'latest' is followed")
+    p.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides of the checkpoint's run config")
+    p.add_argument("--suite", required=True, help=f"comma-separated suites ({', '.join(SUITES)})")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: <run dir>/eval/<step dir>)")
+    p.add_argument("--config", metavar="YAML", help="run config supplying what a model-only checkpoint lacks "
+                                                    "(data, parallel): e.g. after convert from-hf")
+    p.add_argument("--lengths", default="1,2,4,8", help="length: multiples of the training length (default 1,2,4,8)")
+    p.add_argument("--bin-size", type=int, help="length: positions per bin (default: training length / 8)")
+    p.add_argument("--length-tokens", type=int, help="length: tokens per length (default data.validation.tokens)")
+    p.add_argument("--tasks", help="lm-eval: comma-separated task names")
+    p.add_argument("--task-dir", type=Path, help="lm-eval: a directory of task YAMLs (relative data files resolve "
+                                                 "against it)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: each task's)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval: batch size (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hybrid_megatron.eval import run
+    from hybrid_megatron.eval.suites import EvalOptions, parse_lengths, parse_list, parse_suites
+    from hybrid_megatron.training.distributed import discover_ranks
+
+    opts = EvalOptions(suites=parse_suites(args.suite), lengths=parse_lengths(args.lengths), bin_size=args.bin_size,
+                       length_tokens=args.length_tokens,
+                       tasks=parse_list(args.tasks, "--tasks") if args.tasks is not None else [],
+                       task_dir=args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size, progress=not args.no_progress)
+    base = None
+    if args.config:
+        from hybrid_megatron.config import load_run_config
+
+        base = load_run_config(args.config, [])
+    step_dir, cfg = run.resolve(args.checkpoint, args.overrides, opts, discover_ranks().world_size, base)
+    out = Path(args.out) if args.out else run.default_out(step_dir)
+    results = run.evaluate(step_dir, cfg, opts, out)
+    if results is not None:
+        from hybrid_megatron.eval.report import headline
+
+        for name, value in headline(results).items():
+            print(f"{name}: {value:.4f}")
+        print(f"report: {out}/report.md")
     return 0

@@ -1,8 +1,9 @@
 """``hybrid-megatron compare RUN_DIR... --out DIR``: runs side by side, on a CPU.
 
 Reads each run directory as ``pretrain`` leaves it: ``config.yaml`` (the resolved config: parameters by the
-project's own counter, FLOPs per token), ``losses.jsonl`` (train loss per step) and ``val.jsonl``
-(validation loss). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.png`` (every run on one plot,
+project's own counter, FLOPs per token), ``losses.jsonl`` (train loss per step), ``val.jsonl``
+(validation loss) and ``eval/<step dir>/results.json`` (``hybrid-megatron eval``; the latest step's are
+shown side by side). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.png`` (every run on one plot,
 train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. With three or more
 runs of different sizes it fits L(N) = E + A N^-alpha to their last validation losses (``scaling.py``),
 with a bootstrap interval for alpha, and lists the red flags; with five or more runs that also differ in
@@ -21,7 +22,7 @@ import yaml
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import scaling
+from hybrid_megatron.eval import report, scaling
 
 log = logging.getLogger(__name__)
 TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (one step is noisy)
@@ -34,6 +35,8 @@ class Run:
     params: int
     train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
     val: list[tuple[int, float, float]] = field(default_factory=list)
+    eval_step: int | None = None
+    eval: dict[str, float] = field(default_factory=dict)  # headline numbers of the latest eval results
 
     @property
     def final_train(self) -> float | None:
@@ -103,19 +106,30 @@ def load_run(run_dir: str | Path) -> Run:
             run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
     if not run.train:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
+    latest = _latest_eval(run_dir)
+    if latest is not None:
+        run.eval_step, run.eval = latest["step"], report.headline(latest)
     return run
+
+
+def _latest_eval(run_dir: Path) -> dict | None:
+    """The eval results of the run's latest evaluated checkpoint (``eval/step-N/results.json``)."""
+    found = sorted(run_dir.glob(f"eval/step-*/{report.RESULTS}"), key=lambda p: p.parent.name)
+    return report.read(found[-1]) if found else None
 
 
 def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        runs = [Run(f"{r.path.parent.name}/{r.name}", r.path, r.params, r.train, r.val) for r in runs]
+        runs = [Run(f"{r.path.parent.name}/{r.name}", r.path, r.params, r.train, r.val, r.eval_step, r.eval)
+                for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "params": r.params, "tokens": r.train[-1][0],
                                "flops": r.train[-1][1], "final_train_loss": r.final_train,
-                               "final_val_loss": r.final_val} for r in runs]}
+                               "final_val_loss": r.final_val, "eval_step": r.eval_step, "eval": r.eval}
+                              for r in runs]}
     with_val = [r for r in runs if r.final_val is not None]
     if len({r.params for r in with_val}) >= 3:
         params = [r.params for r in with_val]
@@ -124,6 +138,9 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
         interval = scaling.bootstrap_alpha(params, losses)
         summary["scaling_fit"] = {"alpha": law.alpha, "alpha_ci": interval, "E": law.E, "A": law.A,
                                   "runs": len(with_val), "law": "L(N) = E + A * N^-alpha (N: parameters)"}
+        if interval is None:
+            summary["scaling_fit"]["note"] = ("three sizes: the three parameters pass through every point (no "
+                                              "degrees of freedom left), so there is no interval; a fourth size gives one")
         summary["red_flags"] = scaling.red_flags(params, losses, [r.final_train for r in with_val], law.alpha)
     else:
         summary["scaling_fit"] = None
@@ -201,13 +218,15 @@ def _report(summary: dict) -> str:
     for r in summary["runs"]:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         lines.append(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} | {val} |")
+    lines += _eval_table(summary["runs"])
     fit = summary["scaling_fit"]
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
     if fit:
         ci = fit["alpha_ci"]
         ci_text = f" (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
         lines += ["## Scaling fit", "", f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} * N^-{fit['alpha']:.4f}{ci_text}, "
-                  f"over {fit['runs']} runs.", "", "![scaling fit](scaling_fit.png)", ""]
+                  f"over {fit['runs']} runs." + (f" {fit['note'][0].upper()}{fit['note'][1:]}." if "note" in fit else ""),
+                  "", "![scaling fit](scaling_fit.png)", ""]
     nd = summary.get("scaling_fit_nd")
     if nd:
         lines += ["## Size and tokens", "", f"L(N, D) = {nd['E']:.4f} + {nd['A']:.4g}/N^{nd['alpha']:.4f} + "
@@ -215,3 +234,18 @@ def _report(summary: dict) -> str:
     if summary["red_flags"]:
         lines += ["## Red flags", ""] + [f"- {flag}" for flag in summary["red_flags"]] + [""]
     return "\n".join(lines)
+
+
+def _eval_table(runs: list[dict]) -> list[str]:
+    """The eval results side by side: one row per metric, one column per run ('-' where a run lacks it)."""
+    metrics = sorted({m for r in runs for m in r["eval"]})
+    if not metrics:
+        return []
+    lines = ["", "## Evaluations (`hybrid-megatron eval`, each run's latest evaluated checkpoint)", "",
+             "| metric | " + " | ".join(f"{r['name']} (step {r['eval_step']})" if r["eval"] else r["name"]
+                                      for r in runs) + " |",
+             "| --- |" + " --- |" * len(runs)]
+    for m in metrics:
+        cells = [f"{r['eval'][m]:.4f}" if m in r["eval"] else "-" for r in runs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines

@@ -114,9 +114,13 @@ def fit_chinchilla(params, tokens, losses) -> ChinchillaLaw:
 
 
 def bootstrap_alpha(params, losses, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
-    """95% interval of alpha over resampled runs (None when no resample has three distinct sizes)."""
+    """95% interval of alpha over resampled runs. None with fewer than four distinct sizes: three parameters
+    fitted to three sizes pass through every point, and every resample that can be fitted is the same
+    three sizes again, so an "interval" would only repeat the estimate."""
     n = np.asarray(params, dtype=np.float64)
     loss = np.asarray(losses, dtype=np.float64)
+    if len(np.unique(n)) < 4:
+        return None
     rng = np.random.default_rng(seed)
     alphas = []
     for _ in range(samples):

@@ -1,0 +1,164 @@
+"""What ``eval`` writes: ``results.json``, ``report.md`` and PNG plots (matplotlib, Agg), and the headline
+numbers ``compare`` puts side by side. Pure functions of the results dict: they run on a CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RESULTS = "results.json"
+REPORT = "report.md"
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    suites = results["suites"]
+    plots = {}
+    if "ppl" in suites:
+        plots["ppl"] = _plot_ppl(suites["ppl"], out)
+    if "length" in suites:
+        plots["length"] = _plot_length(suites["length"], out)
+    if "lm-eval" in suites:
+        plots["lm-eval"] = _plot_lm_eval(suites["lm-eval"], out)
+    results = {**results, "plots": plots}
+    tmp = out / f".{RESULTS}.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out / RESULTS)
+    (out / REPORT).write_text(markdown(results))
+
+
+def read(path: Path) -> dict:
+    from data_pipeline.errors import DataError
+
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable eval results ({exc})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("suites"), dict):
+        raise DataError(f"{path}: not eval results (no 'suites')")
+    return results
+
+
+def headline(results: dict) -> dict[str, float]:
+    """Flat {name: value} of the numbers worth a column: overall and per-source validation loss, loss past
+    the training length per window, and every lm-eval metric (without standard errors)."""
+    out = {}
+    suites = results["suites"]
+    if "ppl" in suites:
+        out["ppl/loss"] = suites["ppl"]["loss"]
+        for name, row in suites["ppl"]["by_source"].items():
+            out[f"ppl/loss/{name}"] = row["loss"]
+    if "length" in suites:
+        for k, row in suites["length"]["by_length"].items():
+            out[f"length/{k}/loss"] = row["loss"]
+    if "lm-eval" in suites:
+        for task, row in suites["lm-eval"]["tasks"].items():
+            for metric, value in row.items():
+                if not metric.endswith("_stderr") and "_stderr," not in metric:
+                    out[f"lm-eval/{task}/{metric}"] = value
+    return out
+
+
+def markdown(results: dict) -> str:
+    suites = results["suites"]
+    lines = [f"# Evaluation of {results['checkpoint']}", "",
+             f"Step {results['step']}, {results['params']:,} parameters, pattern `{results['pattern']}`, "
+             f"evaluated at TP={results['layout']['tp']} PP={results['layout']['pp']} DP={results['layout']['dp']}.",
+             ""]
+    if "ppl" in suites:
+        s = suites["ppl"]
+        lines += ["## Validation loss (`ppl`)", "", f"Windows of {s['seq_len']} tokens.", "",
+                  "| source | loss | perplexity | tokens |", "| --- | --- | --- | --- |"]
+        for name, row in s["by_source"].items():
+            lines.append(f"| {name} | {row['loss']:.4f} | {row['ppl']:.3f} | {row['tokens']:,} |")
+        lines += [f"| **all** | **{s['loss']:.4f}** | **{s['ppl']:.3f}** | {s['tokens']:,} |", "",
+                  "![validation loss](ppl.png)", ""]
+    if "length" in suites:
+        s = suites["length"]
+        lines += ["## Loss by position (`length`)", "",
+                  f"Training length {s['train_len']}; positions in bins of {s['bin_size']} (the position inside "
+                  "the document when documents are packed with resets).", "",
+                  "| window | loss | tokens | loss past the training length |", "| --- | --- | --- | --- |"]
+        for k, row in s["by_length"].items():
+            past = row["beyond_train_len"]
+            past_text = f"{past['loss']:.4f} ({past['tokens']:,} tokens)" if past else "-"
+            lines.append(f"| {k} ({row['window']}) | {row['loss']:.4f} | {row['tokens']:,} | {past_text} |")
+        lines += ["", "![loss by position](length.png)", ""]
+    if "lm-eval" in suites:
+        s = suites["lm-eval"]
+        lines += ["## lm-evaluation-harness (`lm-eval`)", "",
+                  f"lm-eval {s['lm_eval_version']}, exported model in {s['dtype']} on {s['device']}"
+                  + (f", at most {s['limit']} documents per task" if s["limit"] else "") + ".", "",
+                  "| task | metric | value | stderr | documents |", "| --- | --- | --- | --- | --- |"]
+        for task, row in s["tasks"].items():
+            for metric, value in sorted(row.items()):
+                if metric.endswith("_stderr"):
+                    continue
+                err = row.get(f"{metric}_stderr")
+                err_text = f"{err:.4f}" if isinstance(err, float) and err == err else "-"
+                lines.append(f"| {task} | {metric} | {value:.4f} | {err_text} | {s['samples'].get(task)} |")
+        lines += ["", "![lm-eval](lm_eval.png)", ""]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_ppl(s: dict, out: Path) -> str:
+    plt = _pyplot()
+    names = list(s["by_source"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 4))
+    ax.bar(names + ["all"], [s["by_source"][n]["loss"] for n in names] + [s["loss"]],
+           color=[f"C{k % 10}" for k in range(len(names))] + ["k"])
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "ppl.png", dpi=120)
+    plt.close(fig)
+    return "ppl.png"
+
+
+def _plot_length(s: dict, out: Path) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for k, (name, row) in enumerate(s["by_length"].items()):
+        mids = [(b["start"] + b["end"]) / 2 for b in row["bins"]]
+        ax.plot(mids, [b["loss"] for b in row["bins"]], "-", color=f"C{k % 10}", lw=1.2,
+                label=f"{name} ({row['window']} tokens)")
+    ax.axvline(s["train_len"], color="k", ls="--", lw=0.8, label="training length")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "length.png", dpi=120)
+    plt.close(fig)
+    return "length.png"
+
+
+def _plot_lm_eval(s: dict, out: Path) -> str:
+    plt = _pyplot()
+    labels, values, errors = [], [], []
+    for task, row in s["tasks"].items():
+        for metric, value in sorted(row.items()):
+            if not metric.endswith("_stderr"):
+                labels.append(f"{task}\n{metric}")
+                values.append(value)
+                err = row.get(f"{metric}_stderr")
+                errors.append(err if isinstance(err, float) and err == err else 0.0)
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 4))
+    ax.bar(range(len(values)), values, yerr=errors, color=[f"C{k % 10}" for k in range(len(values))], capsize=3)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "lm_eval.png", dpi=120)
+    plt.close(fig)
+    return "lm_eval.png"

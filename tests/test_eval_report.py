@@ -1,0 +1,79 @@
+"""What `eval` writes (results.json, report.md, PNGs) and how `compare` shows eval results side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_megatron.eval import report
+from hybrid_megatron.eval.compare import compare
+from tests.test_compare import _run_dir
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _results(step: int, loss: float) -> dict:
+    bins = [{"start": b * 128, "end": (b + 1) * 128, "loss": loss + 1.0 / (b + 1), "tokens": 1000} for b in range(16)]
+    return {
+        "checkpoint": f"/runs/x/checkpoints/step-{step:06d}", "step": step, "pattern": "M-M*-", "params": 1234567,
+        "layout": {"tp": 1, "pp": 1, "dp": 1},
+        "suites": {
+            "ppl": {"loss": loss, "ppl": 2.0, "tokens": 2048, "seq_len": 1024,
+                    "by_source": {"code_val": {"loss": loss - 0.1, "ppl": 1.9, "tokens": 1024},
+                                  "tests_val": {"loss": loss + 0.1, "ppl": 2.1, "tokens": 1024}}},
+            "length": {"train_len": 1024, "bin_size": 128, "by_length": {
+                "1x": {"window": 1024, "loss": loss, "ppl": 2.0, "tokens": 8000, "beyond_train_len": None,
+                       "bins": bins[:8]},
+                "2x": {"window": 2048, "loss": loss + 0.05, "ppl": 2.1, "tokens": 16000,
+                       "beyond_train_len": {"loss": loss + 0.2, "ppl": 2.3, "tokens": 8000}, "bins": bins}}},
+            "lm-eval": {"tasks": {"python_next_line": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.75,
+                                                       "acc_norm_stderr": 0.09}},
+                        "samples": {"python_next_line": 24}, "num_fewshot": {}, "limit": None, "dtype": "bfloat16",
+                        "device": "cuda", "lm_eval_version": "0.4.13", "task_dir": None},
+        },
+    }
+
+
+def test_write_gives_json_markdown_and_a_plot_per_suite(tmp_path):
+    report.write(_results(400, 1.3), tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["plots"] == {"ppl": "ppl.png", "length": "length.png", "lm-eval": "lm_eval.png"}
+    for png in written["plots"].values():
+        assert (tmp_path / png).read_bytes()[:8] == PNG
+    md = (tmp_path / "report.md").read_text()
+    assert "| code_val | 1.2000 |" in md and "| **all** | **1.3000** |" in md
+    assert "| 2x (2048) | 1.3500 | 16,000 | 1.5000 (8,000 tokens) |" in md
+    assert "| python_next_line | acc | 0.5000 | 0.1000 | 24 |" in md
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_headline_numbers():
+    h = report.headline(_results(400, 1.3))
+    assert h["ppl/loss"] == 1.3 and h["ppl/loss/tests_val"] == pytest.approx(1.4)
+    assert h["length/2x/loss"] == pytest.approx(1.35)
+    assert h["lm-eval/python_next_line/acc_norm"] == 0.75 and "lm-eval/python_next_line/acc_stderr" not in h
+
+
+def test_compare_shows_each_runs_latest_eval_side_by_side(tmp_path):
+    for h in (256, 384):
+        _run_dir(tmp_path, f"h{h}", h)
+    report.write(_results(100, 2.0), tmp_path / "h256" / "eval" / "step-000100")
+    report.write(_results(50, 1.5), tmp_path / "h256" / "eval" / "step-000050")
+    summary = compare([str(tmp_path / "h256"), str(tmp_path / "h384")], tmp_path / "out")
+    first, second = summary["runs"]
+    assert first["eval_step"] == 100 and first["eval"]["ppl/loss"] == 2.0
+    assert second["eval_step"] is None and second["eval"] == {}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| metric | h256 (step 100) | h384 |" in md and "| ppl/loss | 2.0000 | - |" in md
+
+
+def test_damaged_results_are_one_line(tmp_path):
+    from data_pipeline.errors import DataError
+
+    _run_dir(tmp_path, "h256", 256)
+    bad = tmp_path / "h256" / "eval" / "step-000010"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable eval results"):
+        compare([str(tmp_path / "h256")], tmp_path / "out")
