@@ -58,3 +58,15 @@ def test_curve_and_the_loss_past_the_training_length():
     assert past["tokens"] == 4 and past["loss"] == pytest.approx(13 / 4) and past["ppl"] == pytest.approx(math.exp(3.25))
     assert positions.beyond(rows, 400) is None
     assert positions.num_bins(1000, 128) == 8 and positions.num_bins(1024, 128) == 8
+
+
+def test_octave_groups_pool_late_bins_exactly():
+    rows = [{"start": b * 128, "end": (b + 1) * 128, "loss": 1.0 + 0.01 * b, "tokens": 100 + b} for b in range(64)]
+    groups = positions.octave_groups(rows)
+    assert sum(g["tokens"] for g in groups) == sum(r["tokens"] for r in rows)
+    total = sum(r["loss"] * r["tokens"] for r in rows)
+    assert sum(g["loss"] * g["tokens"] for g in groups) == pytest.approx(total, rel=1e-12)
+    assert [(g["start"], g["end"]) for g in groups[:3]] == [(0, 128), (128, 256), (256, 384)]  # early bins kept
+    assert groups[-1]["end"] == 8192 and groups[-1]["end"] - groups[-1]["start"] > 1024  # late bins pooled
+    starts = [g["start"] for g in groups]
+    assert starts == sorted(starts) and all(a["end"] == b["start"] for a, b in zip(groups, groups[1:]))

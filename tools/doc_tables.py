@@ -8,7 +8,8 @@
 that moves a documented number fails until the docs are regenerated. Blocks:
 ``cluster-7b-dry-run`` (the 7B recipe's dry-run excerpt), ``cluster-7b-layouts`` (the layouts table),
 ``data-sample-steps`` (the sample mixture's step count), ``data-scale-projection`` (prepare-data wall time at
-cluster scale from the measured per-core rates).
+cluster scale from the measured per-core rates), ``data-scale-measured`` and ``eval-size-sweep`` (recorded
+measurements, so that the doc and its source file cannot part).
 """
 
 from __future__ import annotations
@@ -107,12 +108,36 @@ def data_scale_measured() -> str:
     return "\n".join(rows)
 
 
+def eval_size_sweep() -> str:
+    """The tiny hybrid at four widths on the same tokens: parameters, validation loss, loss past the training
+    length, the local lm-eval tasks, and the L(N) fit (benchmarks/results/size_sweep_h200/size_sweep.json)."""
+    import json
+
+    m = json.loads((REPO_ROOT / "benchmarks" / "results" / "size_sweep_h200" / "size_sweep.json").read_text())
+    rows = ["| hidden | parameters | validation loss | loss at positions 1024-8191 (8x windows) | python_next_line acc "
+            "| python_bpb bits/byte |", "| --- | --- | --- | --- | --- | --- |"]
+    for run, summary in zip(m["runs"], m["compare"]["runs"]):
+        suites = run["eval"]["suites"]
+        past = suites["length"]["by_length"]["8x"]["beyond_train_len"]
+        tasks = suites.get("lm-eval", {}).get("tasks")
+        lm = (f"{tasks['python_next_line']['acc']:.3f} | {tasks['python_bpb']['bits_per_byte']:.3f}" if tasks
+              else "not run (see below) | -")
+        rows.append(f"| {run['hidden']} | {summary['params'] / 1e6:.1f}M | {suites['ppl']['loss']:.4f} | "
+                    f"{past['loss']:.4f} | {lm} |")
+    fit = m["compare"]["scaling_fit"]
+    low, high = fit["alpha_ci"]
+    rows += ["", f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} N^-{fit['alpha']:.2f}, alpha's 95% bootstrap interval "
+             f"{low:.2f}-{high:.2f} ({fit['runs']} runs, {m['compare']['runs'][0]['tokens'] / 1e6:.1f}M tokens each)."]
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "cluster-7b-dry-run": ("docs/cluster.md", cluster_7b_dry_run),
     "cluster-7b-layouts": ("docs/cluster.md", cluster_7b_layouts),
     "data-sample-steps": ("docs/data.md", data_sample_steps),
     "data-scale-projection": ("docs/data.md", data_scale_projection),
     "data-scale-measured": ("docs/data.md", data_scale_measured),
+    "eval-size-sweep": ("README.md", eval_size_sweep),
 }
 
 

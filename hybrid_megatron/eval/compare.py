@@ -22,7 +22,7 @@ import yaml
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import report, scaling
+from hybrid_megatron.eval import plots, report, scaling
 
 log = logging.getLogger(__name__)
 TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (one step is noisy)
@@ -163,13 +163,8 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
 
 
 def _plot(runs: list[Run], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for axis, index, label in (("tokens", 0, "tokens"), ("flops", 1, "training FLOPs")):
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, ax = plots.pyplot().subplots(figsize=(8, 5))
         for k, r in enumerate(runs):
             color = f"C{k % 10}"
             ax.plot([p[index] for p in r.train], [p[2] for p in r.train], color=color, alpha=0.6, lw=1,
@@ -180,36 +175,24 @@ def _plot(runs: list[Run], out: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"loss_vs_{axis}.png", dpi=120)
-        plt.close(fig)
+        plots.save(fig, ax, out / f"loss_vs_{axis}.png", legend_size=7)
 
 
 def _plot_fit(runs: list[Run], fit: dict, out: Path) -> None:
     """Final validation loss against parameters, with the fitted law."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     law = scaling.PowerLaw(fit["E"], fit["A"], fit["alpha"], 0.0)
     n = np.array([r.params for r in runs], dtype=np.float64)
     grid = np.exp(np.linspace(np.log(n.min() / 1.5), np.log(n.max() * 3), 100))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plots.pyplot().subplots(figsize=(6, 4.5))
     ax.plot(grid, law(grid), "k--", lw=1, label=f"E + A N^-alpha, alpha {fit['alpha']:.3f}, E {fit['E']:.3f}")
     for k, r in enumerate(runs):
         ax.plot([r.params], [r.final_val], "o", color=f"C{k % 10}", label=r.name)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "scaling_fit.png", dpi=120)
-    plt.close(fig)
+    plots.save(fig, ax, out / "scaling_fit.png", legend_size=7)
 
 
 def _report(summary: dict) -> str:

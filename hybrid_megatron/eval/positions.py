@@ -44,3 +44,20 @@ def beyond(rows: list[dict], train_len: int) -> dict | None:
         return None
     loss = sum(r["loss"] * r["tokens"] for r in past) / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def octave_groups(rows: list[dict], per_octave: int = 4) -> list[dict]:
+    """Consecutive bins merged into groups of 1/``per_octave`` octave of position (exactly: token-weighted),
+    for a plot on a log axis: early positions keep their bins, late ones pool enough tokens to read."""
+    if not rows:
+        return []
+    width = rows[0]["end"] - rows[0]["start"]
+    groups: dict[int, dict] = {}
+    for r in rows:
+        g = math.floor(per_octave * math.log2((r["start"] + r["end"]) / width))  # by the bin's middle
+        cur = groups.setdefault(g, {"start": r["start"], "end": r["end"], "loss_sum": 0.0, "tokens": 0})
+        cur["end"] = r["end"]
+        cur["loss_sum"] += r["loss"] * r["tokens"]
+        cur["tokens"] += r["tokens"]
+    return [{"start": g["start"], "end": g["end"], "loss": g["loss_sum"] / g["tokens"], "tokens": g["tokens"]}
+            for _, g in sorted(groups.items())]

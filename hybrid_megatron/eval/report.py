@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from hybrid_megatron.eval import plots, positions
+
 RESULTS = "results.json"
 REPORT = "report.md"
 
@@ -102,50 +104,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_ppl(s: dict, out: Path) -> str:
-    plt = _pyplot()
     names = list(s["by_source"])
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 4))
+    fig, ax = plots.pyplot().subplots(figsize=(max(4, 1.2 * len(names) + 2), 4))
     ax.bar(names + ["all"], [s["by_source"][n]["loss"] for n in names] + [s["loss"]],
            color=[f"C{k % 10}" for k in range(len(names))] + ["k"])
     ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "ppl.png", dpi=120)
-    plt.close(fig)
-    return "ppl.png"
+    return plots.save(fig, ax, out / "ppl.png", legend_size=None, grid_axis="y")
 
 
 def _plot_length(s: dict, out: Path) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plots.pyplot().subplots(figsize=(8, 5))
     for k, (name, row) in enumerate(s["by_length"].items()):
-        mids = [(b["start"] + b["end"]) / 2 for b in row["bins"]]
-        ax.plot(mids, [b["loss"] for b in row["bins"]], "-", color=f"C{k % 10}", lw=1.2,
+        groups = positions.octave_groups(row["bins"])
+        mids = [(b["start"] + b["end"]) / 2 for b in groups]
+        ax.plot(mids, [b["loss"] for b in groups], "o-", color=f"C{k % 10}", lw=1.2, ms=3,
                 label=f"{name} ({row['window']} tokens)")
     ax.axvline(s["train_len"], color="k", ls="--", lw=0.8, label="training length")
     ax.set_xscale("log")
-    ax.set_xlabel("token position")
+    ax.set_xlabel("token position (bins pooled per quarter octave)")
     ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "length.png", dpi=120)
-    plt.close(fig)
-    return "length.png"
+    return plots.save(fig, ax, out / "length.png")
 
 
 def _plot_lm_eval(s: dict, out: Path) -> str:
-    plt = _pyplot()
     labels, values, errors = [], [], []
     for task, row in s["tasks"].items():
         for metric, value in sorted(row.items()):
@@ -154,11 +136,7 @@ def _plot_lm_eval(s: dict, out: Path) -> str:
                 values.append(value)
                 err = row.get(f"{metric}_stderr")
                 errors.append(err if isinstance(err, float) and err == err else 0.0)
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 4))
+    fig, ax = plots.pyplot().subplots(figsize=(max(4, 1.3 * len(labels) + 2), 4))
     ax.bar(range(len(values)), values, yerr=errors, color=[f"C{k % 10}" for k in range(len(values))], capsize=3)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "lm_eval.png", dpi=120)
-    plt.close(fig)
-    return "lm_eval.png"
+    return plots.save(fig, ax, out / "lm_eval.png", legend_size=None, grid_axis="y")
