@@ -36,6 +36,15 @@ def register(subparsers) -> None:
     p.add_argument("--sample", nargs="?", const="data/sample", metavar="DIR",
                    help="build the sample corpus (Python standard library, bytes tokenizer) in DIR "
                         "(default data/sample) and exit")
+    syn = p.add_argument_group("synthetic sources (a loss-mask channel: only answers are trained)")
+    syn.add_argument("--synthetic", choices=("mqar",), help="write a synthetic task instead of tokenising --input: "
+                     "mqar (multi-query associative recall) into --output")
+    syn.add_argument("--num-kv-pairs", default="4,8,16,32,64", metavar="N,N,...",
+                     help="mqar: key-value pairs per item, items cycle through them (default 4,8,16,32,64)")
+    syn.add_argument("--seq-len", type=int, default=512, help="mqar: tokens per item, EOS included (default 512)")
+    syn.add_argument("--vocab", type=int, default=8192, help="mqar: vocabulary size, PAD and EOS included (default 8192)")
+    syn.add_argument("--docs", type=int, default=100000, help="mqar: number of items (default 100000)")
+    syn.add_argument("--seed", type=int, default=0, help="mqar: seed (use another one for a validation source)")
     p.set_defaults(func=_prepare)
 
     d = subparsers.add_parser("data", help="inspect data configs")
@@ -64,6 +73,8 @@ def _prepare(args: argparse.Namespace) -> int:
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
+    if args.synthetic:
+        return _synthetic(args)
     if args.merge:
         from data_pipeline.distributed import merge
 
@@ -82,6 +93,28 @@ def _prepare(args: argparse.Namespace) -> int:
                                 holdout_output=args.holdout_output, tasks=args.tasks, executor=args.executor,
                                 slurm={"partition": args.slurm_partition, "time": args.slurm_time,
                                        "cpus_per_task": args.slurm_cpus_per_task}))
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import ConfigError
+    from data_pipeline.synthetic import MqarOptions, write_mqar
+
+    if args.input or args.holdout_fraction or args.tasks or args.sample is not None:
+        raise ConfigError("--synthetic writes its own items: drop --input/--holdout-fraction/--tasks/--sample")
+    if not args.output:
+        raise ConfigError("--synthetic needs --output DIR")
+    pairs = []
+    for item in args.num_kv_pairs.split(","):
+        if not item.strip().isdigit():
+            raise ConfigError(f"--num-kv-pairs {args.num_kv_pairs!r}: expected comma-separated positive integers")
+        pairs.append(int(item))
+    opts = MqarOptions(num_kv_pairs=tuple(pairs), seq_len=args.seq_len, vocab=args.vocab, docs=args.docs,
+                       seed=args.seed)
+    stats = write_mqar(args.output, opts, source=args.source or args.synthetic, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+    print(f"{args.output}: {stats['documents']} {args.synthetic} items, {stats['tokens']} tokens, "
+          f"pairs {stats['synthetic']['items_by_pairs']}")
     return 0
 
 

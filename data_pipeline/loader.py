@@ -114,12 +114,14 @@ class _Materializer:
     def __init__(self, paths: dict[str, str], seed: int, eos_id: int, reset: bool, eod_mask_loss: bool):
         self.streams = {n: SourceStream(n, SourceIndex.open(p, n), seed) for n, p in paths.items()}
         self.eos_id, self.reset, self.eod_mask_loss = eos_id, reset, eod_mask_loss
+        self.masked = any(s.has_masks for s in self.streams.values())
 
     def run(self, seq_len: int, sources: list[str], starts: list[int]) -> dict:
         windows = np.empty((len(starts), seq_len + 1), np.int64)
+        targets = np.empty_like(windows, dtype=np.uint8) if self.masked else None
         for row, (src, start) in enumerate(zip(sources, starts)):
-            self.streams[src].read_into(windows[row], start)
-        arrays = build_arrays(windows, self.eos_id, self.reset, self.eod_mask_loss)
+            self.streams[src].read_into(windows[row], start, None if targets is None else targets[row])
+        arrays = build_arrays(windows, self.eos_id, self.reset, self.eod_mask_loss, targets)
         arrays["hashes"] = [sample_hash(w) for w in windows]
         return arrays
 

@@ -15,13 +15,15 @@ import hashlib
 import numpy as np
 
 
-def build_arrays(windows_NL1: np.ndarray, eos_id: int, reset: bool, eod_mask_loss: bool) -> dict[str, np.ndarray]:
-    """Model inputs for windows ``[N, L+1]`` (int64)."""
+def build_arrays(windows_NL1: np.ndarray, eos_id: int, reset: bool, eod_mask_loss: bool,
+                 targets_NL1: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Model inputs for windows ``[N, L+1]`` (int64). ``targets_NL1``: the sources' loss-mask channel for the
+    same tokens (1: train on the token as a label); a label outside it is not trained."""
     n, l1 = windows_NL1.shape
     seq_len = l1 - 1
     input_ids = np.ascontiguousarray(windows_NL1[:, :-1])
     labels = np.ascontiguousarray(windows_NL1[:, 1:])
-    loss_mask = np.ones((n, seq_len), np.float32)
+    loss_mask = np.ones((n, seq_len), np.float32) if targets_NL1 is None else targets_NL1[:, 1:].astype(np.float32)
     if eod_mask_loss:
         loss_mask[input_ids == eos_id] = 0.0
     if reset:

@@ -9,6 +9,11 @@ A source directory written by ``prepare-data`` holds::
                            so a reader seeks straight to any member without scanning a tar
     stats.json             source, documents, tokens, tokenizer, vocab size (see ``prepare.py``)
 
+A source may carry a loss-mask channel (synthetic tasks such as MQAR train on answer tokens only): each
+member is then followed in the same tar sample by ``<id>.mask.zst``, a zstd frame of one uint8 per token
+(1: the token is a training target), and ``index.json`` says ``"masks": true`` and records the mask's
+offset and size per member. Sources without it train on every token.
+
 Document boundaries are the EOS tokens: the tokenizers never emit EOS inside a document (``prepare``
 checks it), so a reader finds every boundary without a separate table.
 
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "hybrid-megatron-tokens/1"
 MEMBER_EXT = "tokens.zst"
+MASK_EXT = "mask.zst"
 INDEX_NAME = "index.json"
 STATS_NAME = "stats.json"
 _BLOCK = 512  # tar block size
@@ -50,8 +56,9 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, shard_bytes: int, vocab_size: int, zstd_level: int = 3,
-                 prefix: str = "shard-"):
-        """``prefix``: shard file names are ``<prefix><6-digit number>.tar``."""
+                 prefix: str = "shard-", masks: bool = False):
+        """``prefix``: shard file names are ``<prefix><6-digit number>.tar``; ``masks``: every member comes
+        with its loss mask."""
         self.out_dir = out_dir
         self.prefix = prefix
         self.shard_bytes = shard_bytes
@@ -61,6 +68,9 @@ class ShardWriter:
         self._shard = -1
         self.shards: list[dict] = []
         self.members: dict[str, list] = {k: [] for k in ("shard", "name", "offset", "size", "tokens", "docs")}
+        self.masks = masks
+        if masks:
+            self.members.update(mask_offset=[], mask_size=[])
 
     def _open_next(self) -> None:
         import webdataset as wds
@@ -77,27 +87,40 @@ class ShardWriter:
             self.shards.append({"name": self._path.name, "bytes": self._path.stat().st_size})
             self._writer = None
 
-    def add(self, tokens: np.ndarray, num_docs: int) -> None:
-        """Compress ``tokens`` (whole documents, EOS-terminated) into the next member."""
-        check_token_range(tokens, self.vocab_size, f"member {len(self.members['name']):08d} being written")
+    def add(self, tokens: np.ndarray, num_docs: int, mask: np.ndarray | None = None) -> None:
+        """Compress ``tokens`` (whole documents, EOS-terminated) into the next member, with its loss mask
+        (one 0/1 per token) when the writer was made with ``masks``."""
+        where = f"member {len(self.members['name']):08d} being written"
+        check_token_range(tokens, self.vocab_size, where)
+        if self.masks != (mask is not None):
+            raise ValueError(f"{where}: a mask {'is required' if self.masks else 'was given to a writer without masks'}")
+        if mask is not None:
+            check_mask(mask, tokens.size, where)
         payload = self._compressor.compress(np.ascontiguousarray(tokens).astype(tokens.dtype.newbyteorder("<"),
                                                                                  copy=False).tobytes())
         if self._writer is None or self._writer.tarstream.offset >= self.shard_bytes:
             self._open_next()
         key = f"{len(self.members['name']):08d}"
-        self._writer.write({"__key__": key, MEMBER_EXT: payload})
-        # the data of the member just written ends at the stream offset, padded to a whole block
-        padded = -(-len(payload) // _BLOCK) * _BLOCK
-        offset = self._writer.tarstream.offset - padded
+        offset = self._write(key, MEMBER_EXT, payload)
         for k, v in (("shard", self._shard), ("name", f"{key}.{MEMBER_EXT}"), ("offset", offset),
                      ("size", len(payload)), ("tokens", int(tokens.size)), ("docs", num_docs)):
             self.members[k].append(v)
+        if mask is not None:  # same key, same shard: one webdataset sample with both files
+            mask_payload = self._compressor.compress(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+            self.members["mask_offset"].append(self._write(key, MASK_EXT, mask_payload))
+            self.members["mask_size"].append(len(mask_payload))
+
+    def _write(self, key: str, ext: str, payload: bytes) -> int:
+        """Appends one file; returns the offset of its data (which ends at the stream offset, padded to a
+        whole block)."""
+        self._writer.write({"__key__": key, ext: payload})
+        return self._writer.tarstream.offset - -(-len(payload) // _BLOCK) * _BLOCK
 
     def finish(self, dtype: np.dtype, eos_id: int) -> dict:
         """Close the last shard and return the index mapping (the caller writes it)."""
         self._close_current()
         return {"format": FORMAT, "dtype": np.dtype(dtype).newbyteorder("<").str, "eos_id": eos_id,
-                "shards": self.shards, "members": self.members}
+                "shards": self.shards, "members": self.members, **({"masks": True} if self.masks else {})}
 
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
@@ -108,6 +131,13 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     if high >= vocab_size or low < 0:
         bad = high if high >= vocab_size else low
         raise DataError(f"{where}: token id {bad} outside the source's vocabulary of {vocab_size}")
+
+
+def check_mask(mask: np.ndarray, size: int, where: str) -> None:
+    if mask.shape != (size,):
+        raise DataError(f"{where}: loss mask of shape {mask.shape} for {size} tokens")
+    if mask.size and int(np.max(mask)) > 1:
+        raise DataError(f"{where}: loss mask holds {int(np.max(mask))} (only 0 and 1 are allowed)")
 
 
 def written_files(out_dir: Path) -> list[Path]:
@@ -138,6 +168,12 @@ class SourceIndex:
     stats: dict
     fingerprint: str
     vocab_size: int
+    member_mask_offset: np.ndarray | None = None  # with a loss-mask channel
+    member_mask_size: np.ndarray | None = None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.member_mask_offset is not None
 
     @property
     def root(self) -> str:
@@ -202,11 +238,19 @@ class SourceIndex:
         m = index["members"]
         if not m["name"]:
             raise DataError(f"{what}: has no members (empty corpus)")
+        masks = {}
+        if index.get("masks"):
+            _require(m, {"mask_offset": list, "mask_size": list}, f"{index_path}: members (a source with masks)")
+            if not len(m["mask_offset"]) == len(m["mask_size"]) == len(m["name"]):
+                raise DataError(f"{index_path}: {len(m['mask_offset'])} mask entries for {len(m['name'])} members")
+            masks = {"member_mask_offset": np.asarray(m["mask_offset"], np.int64),
+                     "member_mask_size": np.asarray(m["mask_size"], np.int64)}
         return cls(location=location, shard_names=shard_names, dtype=np.dtype(index["dtype"]),
                    eos_id=int(index["eos_id"]), member_shard=np.asarray(m["shard"], np.int64),
                    member_name=list(m["name"]), member_offset=np.asarray(m["offset"], np.int64),
                    member_size=np.asarray(m["size"], np.int64), member_tokens=np.asarray(m["tokens"], np.int64),
-                   stats=stats, fingerprint=hashlib.sha256(raw).hexdigest()[:16], vocab_size=int(stats["vocab_size"]))
+                   stats=stats, fingerprint=hashlib.sha256(raw).hexdigest()[:16], vocab_size=int(stats["vocab_size"]),
+                   **masks)
 
 
 def _require(obj, fields: dict[str, type], where: str) -> None:
@@ -239,25 +283,40 @@ class MemberReader:
         f.seek(offset)
         return f.read(size)
 
-    def read(self, member: int) -> np.ndarray:
-        """Return the token array of ``member``; DataError naming shard and member on any damage."""
-        ix = self.index
-        shard = int(ix.member_shard[member])
-        where = f"{ix.shard_paths[shard]}: member {ix.member_name[member]}"
-        size = int(ix.member_size[member])
-        blob = self._blob(shard, int(ix.member_offset[member]), size)
+    def _decompress(self, shard: int, offset: int, size: int, expected: int, where: str) -> bytes:
+        blob = self._blob(shard, offset, size)
         if len(blob) != size:
             raise DataError(f"{where}: truncated ({len(blob)} of {size} bytes)")
-        expected = int(ix.member_tokens[member]) * ix.dtype.itemsize
         try:
             data = self._dctx.decompress(blob, max_output_size=expected)
         except zstandard.ZstdError as exc:
             raise DataError(f"{where}: corrupt zstd data ({exc})") from None
         if len(data) != expected:
             raise DataError(f"{where}: decompressed to {len(data)} bytes, index says {expected}")
+        return data
+
+    def read(self, member: int) -> np.ndarray:
+        """Return the token array of ``member``; DataError naming shard and member on any damage."""
+        ix = self.index
+        shard = int(ix.member_shard[member])
+        where = f"{ix.shard_paths[shard]}: member {ix.member_name[member]}"
+        data = self._decompress(shard, int(ix.member_offset[member]), int(ix.member_size[member]),
+                                int(ix.member_tokens[member]) * ix.dtype.itemsize, where)
         tokens = np.frombuffer(data, dtype=ix.dtype)
         check_token_range(tokens, ix.vocab_size, where)
         return tokens
+
+    def read_mask(self, member: int) -> np.ndarray:
+        """The loss mask of ``member`` (uint8, one per token) of a source with masks."""
+        ix = self.index
+        shard = int(ix.member_shard[member])
+        where = f"{ix.shard_paths[shard]}: mask of member {ix.member_name[member]}"
+        tokens = int(ix.member_tokens[member])
+        data = self._decompress(shard, int(ix.member_mask_offset[member]), int(ix.member_mask_size[member]), tokens,
+                                where)
+        mask = np.frombuffer(data, dtype=np.uint8)
+        check_mask(mask, tokens, where)
+        return mask
 
     def close(self) -> None:
         for f in self._files.values():

@@ -4,7 +4,8 @@ A source's stream is the endless concatenation of its epochs; epoch ``e`` lists 
 in ``default_rng([seed, crc32(name), e]).permutation``, each member's documents in file order. A
 position in the stream is a token count, so progress survives changes of the sequence length. A window
 may straddle two members or two epochs. Members are decompressed on demand and kept in a small LRU
-cache; only the members that a window touches are read.
+cache; only the members that a window touches are read. A source with a loss-mask channel gives each
+window's mask from the same positions, so masks follow the tokens through every resume and DP size.
 """
 
 from __future__ import annotations
@@ -55,35 +56,42 @@ class EpochLayout:
 
 
 class SourceStream:
-    """Reads token windows of one source's stream, decompressing members through an LRU cache."""
+    """Reads token windows of one source's stream (and their loss masks), decompressing members through
+    LRU caches."""
 
     def __init__(self, name: str, index: SourceIndex, seed: int, cache_members: int = 8):
         self.name = name
         self.layout = EpochLayout(name, index, seed)
         self.reader = MemberReader(index)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.has_masks = index.has_masks
+        self._caches: dict[str, OrderedDict[int, np.ndarray]] = {"tokens": OrderedDict(), "mask": OrderedDict()}
         self._cache_members = cache_members
         self.members_decoded = 0
 
-    def _member(self, m: int) -> np.ndarray:
-        arr = self._cache.get(m)
+    def _member(self, m: int, what: str = "tokens") -> np.ndarray:
+        cache = self._caches[what]
+        arr = cache.get(m)
         if arr is not None:
-            self._cache.move_to_end(m)
+            cache.move_to_end(m)
             return arr
-        arr = self.reader.read(m)
-        self.members_decoded += 1
-        self._cache[m] = arr
-        if len(self._cache) > self._cache_members:
-            self._cache.popitem(last=False)
+        arr = self.reader.read(m) if what == "tokens" else self.reader.read_mask(m)
+        self.members_decoded += what == "tokens"
+        cache[m] = arr
+        if len(cache) > self._cache_members:
+            cache.popitem(last=False)
         return arr
 
-    def read_into(self, out: np.ndarray, start: int) -> None:
-        """Fill ``out`` (1-D) with the stream's tokens from position ``start``."""
+    def read_into(self, out: np.ndarray, start: int, mask_out: np.ndarray | None = None) -> None:
+        """Fill ``out`` (1-D) with the stream's tokens from position ``start``, and ``mask_out`` (same size)
+        with their loss mask (all ones for a source without a mask channel)."""
         pos = 0
         for member, off, count in self.layout.pieces(start, out.size):
             out[pos:pos + count] = self._member(member)[off:off + count]
+            if mask_out is not None:
+                mask_out[pos:pos + count] = self._member(member, "mask")[off:off + count] if self.has_masks else 1
             pos += count
 
     def close(self) -> None:
         self.reader.close()
-        self._cache.clear()
+        for cache in self._caches.values():
+            cache.clear()

@@ -79,11 +79,14 @@ class ValidationSet:
             stream = SourceStream(p.name, self.indexes[p.name], data.seed)
             try:
                 windows = np.empty((local, self.seq_len + 1), np.int64)
+                targets = np.empty_like(windows, dtype=np.uint8) if stream.has_masks else None
                 for row in range(local):
-                    stream.read_into(windows[row], (first + row) * self.seq_len)
+                    stream.read_into(windows[row], (first + row) * self.seq_len,
+                                     None if targets is None else targets[row])
             finally:
                 stream.close()
-            arrays = build_arrays(windows, self.eos_id, data.reset_at_document_boundaries, data.eod_mask_loss)
+            arrays = build_arrays(windows, self.eos_id, data.reset_at_document_boundaries, data.eod_mask_loss,
+                                  targets)
             yield StepBatch(step=-1, phase="validation", seq_len=self.seq_len, sources=[p.name] * local,
                             hashes=[sample_hash(w) for w in windows], tokens_by_source={p.name: local * self.seq_len},
                             **arrays)
