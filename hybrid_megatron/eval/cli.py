@@ -60,20 +60,29 @@ def _register_eval(sub) -> None:
     p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
     p.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples (default: each task's)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval: batch size (default 8)")
+    p.add_argument("--kv-pairs", help="mqar/state: key-value pairs per item (default: the training source's)")
+    p.add_argument("--seq-lens", help="mqar/state: item lengths (default: the training source's)")
+    p.add_argument("--items", type=int, default=512, help="mqar/state: items per (pairs, length) cell (default 512)")
+    p.add_argument("--seed", type=int, help="mqar/state: seed of the items (default: one the run's sources did not use)")
+    p.add_argument("--attention-window", type=int, default=0,
+                   help="state: tokens before the first query that attention still sees under its cut (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from hybrid_megatron.eval import run
-    from hybrid_megatron.eval.suites import EvalOptions, parse_lengths, parse_list, parse_suites
+    from hybrid_megatron.eval.suites import EvalOptions, parse_ints, parse_lengths, parse_list, parse_suites
     from hybrid_megatron.training.distributed import discover_ranks
 
     opts = EvalOptions(suites=parse_suites(args.suite), lengths=parse_lengths(args.lengths), bin_size=args.bin_size,
                        length_tokens=args.length_tokens,
                        tasks=parse_list(args.tasks, "--tasks") if args.tasks is not None else [],
                        task_dir=args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot,
-                       batch_size=args.batch_size, progress=not args.no_progress)
+                       batch_size=args.batch_size, progress=not args.no_progress,
+                       kv_pairs=parse_ints(args.kv_pairs, "--kv-pairs") if args.kv_pairs else None,
+                       seq_lens=parse_ints(args.seq_lens, "--seq-lens") if args.seq_lens else None,
+                       items=args.items, seed=args.seed, attention_window=args.attention_window)
     base = None
     if args.config:
         from hybrid_megatron.config import load_run_config

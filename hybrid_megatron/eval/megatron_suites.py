@@ -32,6 +32,8 @@ def model_max_length(cfg: RunConfig, opts: EvalOptions) -> int:
     longest = training_length(cfg)
     if "length" in opts.suites:
         longest *= max(opts.lengths)
+    if opts.seq_lens and {"mqar", "state"} & set(opts.suites):
+        longest = max(longest, max(opts.seq_lens))
     return max(longest, cfg.data.validation.seq_len or 0) if cfg.data.validation else longest
 
 

@@ -23,6 +23,10 @@ def write(results: dict, out: Path) -> None:
         plots["length"] = _plot_length(suites["length"], out)
     if "lm-eval" in suites:
         plots["lm-eval"] = _plot_lm_eval(suites["lm-eval"], out)
+    if "mqar" in suites:
+        plots["mqar"] = _plot_mqar(suites["mqar"], out)
+    if "state" in suites:
+        plots["state"] = _plot_state(suites["state"], out)
     results = {**results, "plots": plots}
     tmp = out / f".{RESULTS}.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
@@ -59,6 +63,14 @@ def headline(results: dict) -> dict[str, float]:
             for metric, value in row.items():
                 if not metric.endswith("_stderr") and "_stderr," not in metric:
                     out[f"lm-eval/{task}/{metric}"] = value
+    for c in suites.get("mqar", {}).get("cells", []):
+        out[f"mqar/{c['seq_len']}/{c['pairs']}/accuracy"] = c["accuracy"]
+    for c in suites.get("state", {}).get("cells", []):
+        for cond, acc in c["accuracy"].items():
+            out[f"state/{c['seq_len']}/{c['pairs']}/{cond}/accuracy"] = acc
+        for cut in ("ssm_cut", "attention_cut"):
+            if isinstance(c[cut], dict) and c[cut]["reliance"] is not None:
+                out[f"state/{c['seq_len']}/{c['pairs']}/{cut}/reliance"] = c[cut]["reliance"]
     return out
 
 
@@ -101,7 +113,38 @@ def markdown(results: dict) -> str:
                 err_text = f"{err:.4f}" if isinstance(err, float) and err == err else "-"
                 lines.append(f"| {task} | {metric} | {value:.4f} | {err_text} | {s['samples'].get(task)} |")
         lines += ["", "![lm-eval](lm_eval.png)", ""]
+    if "mqar" in suites:
+        s = suites["mqar"]
+        lines += ["## Multi-query associative recall (`mqar`)", "",
+                  f"{s['items_per_cell']} unseen items per cell (seed {s['seed']}); accuracy over answers.", "",
+                  "| pairs | length | accuracy | items all right | answers |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['pairs']} | {c['seq_len']} | {c['accuracy']:.4f} | {c['items_all_right']:.4f} | {c['answers']:,} |"
+                  for c in s["cells"]]
+        lines += ["", "![mqar](mqar.png)", ""]
+    if "state" in suites:
+        lines += _state_markdown(suites["state"])
     return "\n".join(lines)
+
+
+def _state_markdown(s: dict) -> list[str]:
+    lines = ["## Memory reliance (`state`)", "",
+             f"{s['items_per_cell']} unseen MQAR items per cell. SSM cut: the Mamba layers restart at the first query "
+             "(attention still sees the bindings). Attention cut: attention sees "
+             f"{s['attention_window']} tokens before the first query (the SSM intact). Reliance = (full - cut) / full; "
+             "p: McNemar's exact test on the paired answers.", "",
+             "| pairs | length | answers | full | SSM cut | reliance | p | attention cut | reliance | p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in s["cells"]:
+        cells = [str(c["pairs"]), str(c["seq_len"]), f"{c['answers']:,}", f"{c['accuracy']['full']:.4f}"]
+        for cut in ("ssm_cut", "attention_cut"):
+            if isinstance(c[cut], dict):
+                rel = c[cut]["reliance"]
+                cells += [f"{c['accuracy'][cut]:.4f}", "-" if rel is None else f"{rel:.3f}",
+                          f"{c[cut]['mcnemar']['p_value']:.2g}"]
+            else:
+                cells += ["n/a", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "![state](state.png)", ""]
 
 
 def _plot_ppl(s: dict, out: Path) -> str:
@@ -140,3 +183,31 @@ def _plot_lm_eval(s: dict, out: Path) -> str:
     ax.bar(range(len(values)), values, yerr=errors, color=[f"C{k % 10}" for k in range(len(values))], capsize=3)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     return plots.save(fig, ax, out / "lm_eval.png", legend_size=None, grid_axis="y")
+
+
+def _plot_mqar(s: dict, out: Path) -> str:
+    fig, ax = plots.pyplot().subplots(figsize=(6, 4.5))
+    for k, length in enumerate(sorted({c["seq_len"] for c in s["cells"]})):
+        cells = sorted((c for c in s["cells"] if c["seq_len"] == length), key=lambda c: c["pairs"])
+        ax.plot([c["pairs"] for c in cells], [c["accuracy"] for c in cells], "o-", color=f"C{k % 10}",
+                label=f"length {length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("key-value pairs")
+    ax.set_ylabel("accuracy (answers)")
+    ax.set_ylim(-0.02, 1.02)
+    return plots.save(fig, ax, out / "mqar.png")
+
+
+def _plot_state(s: dict, out: Path) -> str:
+    conditions = ("full", "ssm_cut", "attention_cut")
+    cells = s["cells"]
+    fig, ax = plots.pyplot().subplots(figsize=(max(5, 1.2 * len(cells) + 2), 4.5))
+    width = 0.8 / len(conditions)
+    for k, cond in enumerate(conditions):
+        ax.bar([i + k * width for i in range(len(cells))], [c["accuracy"].get(cond, 0.0) for c in cells], width,
+               color=f"C{k}", label=cond.replace("_", " "))
+    ax.set_xticks([i + width for i in range(len(cells))], [f"{c['pairs']} pairs\n{c['seq_len']}" for c in cells],
+                  fontsize=7)
+    ax.set_ylabel("accuracy (answers)")
+    ax.set_ylim(0, 1.02)
+    return plots.save(fig, ax, out / "state.png", grid_axis="y")

@@ -47,6 +47,10 @@ def resolve(checkpoint: str, overrides: list[str], opts: EvalOptions, world_size
                           "with prepare-data --holdout-fraction")
     if "lm-eval" in opts.suites:
         check_hf_cuda(cfg)
+    if {"mqar", "state"} & set(opts.suites):
+        from hybrid_megatron.eval.recall_suites import grid
+
+        grid(cfg, opts)
     return step_dir, cfg
 
 
@@ -119,6 +123,7 @@ def _megatron_part(step_dir: Path, cfg: RunConfig, opts: EvalOptions) -> dict:
     from tqdm import tqdm
 
     from hybrid_megatron.eval import megatron_suites as ms
+    from hybrid_megatron.eval import recall_suites
     from hybrid_megatron.training import distributed
     from hybrid_megatron.training.inference import load_model_for_inference
     from hybrid_megatron.training.setup import ensure_data
@@ -136,6 +141,10 @@ def _megatron_part(step_dir: Path, cfg: RunConfig, opts: EvalOptions) -> dict:
                 out["suites"]["ppl"] = ms.run_ppl(model.chunks, cfg, tokenizer, bar)
             if "length" in opts.suites:
                 out["suites"]["length"] = ms.run_length(model.chunks, cfg, opts, tokenizer, bar)
+            if "mqar" in opts.suites:
+                out["suites"]["mqar"] = recall_suites.run_mqar(model.chunks, cfg, opts, model.vocab_size, bar)
+            if "state" in opts.suites:
+                out["suites"]["state"] = recall_suites.run_state(model.chunks, cfg, opts, model.vocab_size, bar)
         del model
         torch.cuda.empty_cache()
         return out

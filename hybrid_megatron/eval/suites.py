@@ -26,6 +26,10 @@ SUITES = {s.name: s for s in (
     Suite("ppl", True, True, "loss and perplexity per validation source"),
     Suite("length", True, True, "loss by token position for sequences of 1x, 2x, 4x and 8x the training length"),
     Suite("lm-eval", False, False, "EleutherAI's lm-evaluation-harness on the exported Hugging Face model"),
+    Suite("mqar", True, False, "multi-query associative recall accuracy by key-value pairs and sequence length "
+                               "(a model trained on prepare-data --synthetic mqar)"),
+    Suite("state", True, False, "MQAR with the SSM state cut and with attention cut before the queries: accuracy, "
+                                "memory-reliance scores, McNemar's exact test"),
 )}
 
 
@@ -46,6 +50,16 @@ class EvalOptions:
     """``lm-eval``: at most this many documents per task."""
     num_fewshot: int | None = None
     batch_size: int = 8
+    kv_pairs: list[int] | None = None
+    """``mqar``/``state``: key-value pairs per item; None: the training source's."""
+    seq_lens: list[int] | None = None
+    """``mqar``/``state``: item lengths; None: the training source's."""
+    items: int = 512
+    """``mqar``/``state``: items per (pairs, length) cell."""
+    seed: int | None = None
+    """``mqar``/``state``: the items' seed; None: the training source's plus an offset (never one it used)."""
+    attention_window: int = 0
+    """``state``: tokens before the first query that attention still sees under the attention cut."""
     progress: bool = True
 
 
@@ -66,13 +80,17 @@ def parse_suites(text: str) -> list[str]:
     return names
 
 
-def parse_lengths(text: str) -> list[int]:
+def parse_ints(text: str, flag: str, what: str = "a positive integer") -> list[int]:
     out = []
-    for item in parse_list(text, "--lengths"):
+    for item in parse_list(text, flag):
         if not item.isdigit() or int(item) < 1:
-            raise ConfigError(f"--lengths: {item!r} is not a positive whole multiple of the training length")
+            raise ConfigError(f"{flag}: {item!r} is not {what}")
         out.append(int(item))
     return sorted(out)
+
+
+def parse_lengths(text: str) -> list[int]:
+    return parse_ints(text, "--lengths", "a positive whole multiple of the training length")
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -85,6 +103,10 @@ def check_options(opts: EvalOptions) -> None:
         raise ConfigError(f"--batch-size {opts.batch_size}: must be at least 1")
     if opts.limit is not None and opts.limit < 1:
         raise ConfigError(f"--limit {opts.limit}: must be at least 1")
+    if opts.items < 1:
+        raise ConfigError(f"--items {opts.items}: must be at least 1")
+    if opts.attention_window < 0:
+        raise ConfigError(f"--attention-window {opts.attention_window}: must be >= 0")
     if "lm-eval" in opts.suites:
         if not opts.tasks:
             raise ConfigError("--suite lm-eval needs --tasks (lm-evaluation-harness task names)")

@@ -29,6 +29,7 @@ class MicroBatch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     packed_seq_params: object | None
+    layer_params: dict | None = None  # per layer type ("mamba", "attention"): other boundaries (model/segments.py)
 
 
 def micro_batch_size_for(n_local: int, seq_len: int, micro_batch_size: int, max_seq_len: int,
@@ -64,9 +65,18 @@ def micro_batch_plan(cfg, schedule, dp_size: int) -> dict[int, tuple[int, int]]:
     return plan
 
 
-def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> list[MicroBatch]:
+def packed_params(seq_idx_NL: np.ndarray, device):
+    """megatron's thd PackedSeqParams for rows flattened into one: documents where ``seq_idx`` changes."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    cu = cu_seqlens(seq_idx_NL)
+    lengths = np.diff(cu)
+    cu_t = torch.from_numpy(cu).to(device=device, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, max_seqlen_q=int(lengths.max()),
+                           max_seqlen_kv=int(lengths.max()), total_tokens=int(cu[-1]))
+
+
+def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> list[MicroBatch]:
     out = []
     n = batch.input_ids.shape[0]
     for start in range(0, n, mbs):
@@ -76,26 +86,13 @@ def split_micro_batches(batch: StepBatch, mbs: int, packed: bool, device) -> lis
             x = torch.from_numpy(np.ascontiguousarray(a[sl])).to(dtype)
             return (x.reshape(1, -1) if packed else x).to(device, non_blocking=True)
 
-        params = None
-        if packed:
-            cu = cu_seqlens(batch.seq_idx[sl])
-            lengths = np.diff(cu)
-            cu_t = torch.from_numpy(cu).to(device=device, dtype=torch.int32)
-            params = PackedSeqParams(
-                qkv_format="thd",
-                cu_seqlens_q=cu_t,
-                cu_seqlens_kv=cu_t,
-                max_seqlen_q=int(lengths.max()),
-                max_seqlen_kv=int(lengths.max()),
-                total_tokens=int(cu[-1]),
-            )
         out.append(
             MicroBatch(
                 input_ids=t(batch.input_ids),
                 labels=t(batch.labels),
                 loss_mask=t(batch.loss_mask, torch.float32),
                 position_ids=t(batch.position_ids),
-                packed_seq_params=params,
+                packed_seq_params=packed_params(batch.seq_idx[sl], device) if packed else None,
             )
         )
     return out
@@ -110,17 +107,21 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model, loss_of=None):
+def forward_step(data_iterator, model, loss_of=None, logits: bool = False):
     """One micro-batch through the model; ``loss_of(mb)`` makes the loss function (default: the training
-    loss, a token sum)."""
+    loss, a token sum). ``logits``: the last stage outputs logits ([b, s, vocab / TP]) instead of per-token
+    losses. A micro-batch's ``layer_params`` apply for this call only."""
+    from hybrid_megatron.model.segments import layer_overrides
+
     mb: MicroBatch = next(data_iterator)
-    output = model(
-        mb.input_ids,
-        mb.position_ids,
-        attention_mask=None,
-        labels=mb.labels,
-        packed_seq_params=mb.packed_seq_params,
-    )
+    with layer_overrides(model, mb.layer_params):
+        output = model(
+            mb.input_ids,
+            mb.position_ids,
+            attention_mask=None,
+            labels=None if logits else mb.labels,
+            packed_seq_params=mb.packed_seq_params,
+        )
     return output, (loss_of or _training_loss)(mb)
 
 
@@ -136,22 +137,26 @@ class StepResult:
     skipped: bool
 
 
-def run_schedule(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False,
-                 loss_of=None) -> list[dict]:
-    """This rank's micro-batches of ``batch`` through megatron's pipeline schedule; returns the loss
-    functions' reports (one per micro-batch, on the last pipeline stage; empty elsewhere). Micro-batches
-    hold ``train.micro_batch_size`` sequences of ``max_seq_len`` tokens' worth."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    packed = cfg.data.reset_at_document_boundaries
+def plan_micro_batches(batch: StepBatch, model_chunks, cfg, max_seq_len: int) -> tuple[int, list[MicroBatch]]:
+    """(sequences per micro-batch, this rank's micro-batches of ``batch``): ``train.micro_batch_size``
+    sequences of ``max_seq_len`` tokens' worth each."""
     n_local, seq_len = batch.input_ids.shape
     interleaved = len(model_chunks) > 1
     mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq_len,
                                cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
-    micro = split_micro_batches(batch, mbs, packed, torch.cuda.current_device())
+    return mbs, split_micro_batches(batch, mbs, cfg.data.reset_at_document_boundaries, torch.cuda.current_device())
+
+
+def schedule(micro: list[MicroBatch], mbs: int, seq_len: int, model_chunks, cfg, forward_only: bool = False,
+             loss_of=None, logits: bool = False) -> list[dict]:
+    """Micro-batches through megatron's pipeline schedule; returns the loss functions' reports (one per
+    micro-batch, on the last pipeline stage; empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    packed = cfg.data.reset_at_document_boundaries
     iterators = [iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro)
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, loss_of=loss_of),
+        forward_step_func=partial(forward_step, loss_of=loss_of, logits=logits),
         data_iterator=iterators,
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(micro),
@@ -159,6 +164,13 @@ def run_schedule(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_
         micro_batch_size=1 if packed else mbs,
         forward_only=forward_only,
     )
+
+
+def run_schedule(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False,
+                 loss_of=None) -> list[dict]:
+    """``batch`` planned into micro-batches and run through the schedule (see ``schedule``)."""
+    mbs, micro = plan_micro_batches(batch, model_chunks, cfg, max_seq_len)
+    return schedule(micro, mbs, batch.input_ids.shape[1], model_chunks, cfg, forward_only, loss_of)
 
 
 def sum_over_ranks(reports: list[dict], key: str, shape) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""GPU: the memory cuts of the `state` suite do what they claim through the real megatron forward, and the
+`mqar` and `state` suites run end to end on a model `pretrain` trained on MQAR items.
+
+A cut at position p gives the cut layer type a document start at p: for a model made only of that layer
+type (and MLPs), the logits from p on must equal those of the suffix run as a document of its own, and the
+logits before p must not move."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpu_helpers import ROOT, init_single_process, pretrain_env, run_pretrain
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def world():
+    init_single_process()
+
+
+def _mqar_config(pattern: str):
+    from hybrid_megatron.config import load_run_config
+
+    return load_run_config(ROOT / "configs" / "mqar" / "hybrid.yaml",
+                           [f"model.hybrid_layer_pattern={pattern}", "precision.dtype=fp32"])
+
+
+def _logits(model, cfg, batch, cut=None):
+    import torch
+
+    from hybrid_megatron.eval.recall import cut_rows
+    from hybrid_megatron.training.step import forward_step, split_micro_batches
+
+    (mb,) = split_micro_batches(batch, batch.input_ids.shape[0], True, "cuda")
+    if cut:
+        kind, position = cut
+        (other,) = split_micro_batches(cut_rows(batch, position), batch.input_ids.shape[0], True, "cuda")
+        mb.layer_params = {kind: other.packed_seq_params}
+    with torch.no_grad():
+        out, _ = forward_step(iter([mb]), model, logits=True)
+    return out.float().reshape(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
+
+
+@pytest.mark.parametrize("pattern, kind", [("M-M-", "mamba"), ("*-*-", "attention")])
+def test_a_cut_makes_the_suffix_a_document_of_its_own_for_that_layer_type(world, pattern, kind):
+    import torch
+
+    from data_pipeline.synthetic import MqarOptions
+    from hybrid_megatron.eval.recall import item_batch, mqar_cell
+    from hybrid_megatron.model.build import build_model_chunks
+
+    cfg = _mqar_config(pattern)
+    (model,) = build_model_chunks(cfg, 8192, 512)
+    model.eval()
+    base = MqarOptions(num_kv_pairs=(8,), seq_len=512, vocab=8192, docs=1, seed=0)
+    cell = mqar_cell(base, 8, 512, 4, seed=5)
+    batch = item_batch(cell, slice(0, 4), base.pad_id, base.eos_id)
+    p = cell.query_start - 100  # inside the PAD run, not on a chunk boundary
+    full = _logits(model, cfg, batch)
+    cut = _logits(model, cfg, batch, (kind, p))
+    torch.testing.assert_close(cut[:, :p], full[:, :p], rtol=0, atol=0)
+    suffix_cell = type(cell)(8, 512 - p, cell.tokens[:, p:], cell.masks[:, p:], 0)
+    alone = _logits(model, cfg, item_batch(suffix_cell, slice(0, 4), base.pad_id, base.eos_id))
+    torch.testing.assert_close(cut[:, p:], alone, rtol=1e-4, atol=1e-4)
+    assert (cut[:, p:] - full[:, p:]).abs().max() > 1e-3  # the cut changed what the layers saw
+    # the other layer type's boundaries are untouched: cutting a layer type the model lacks changes nothing
+    other = "attention" if kind == "mamba" else "mamba"
+    torch.testing.assert_close(_logits(model, cfg, batch, (other, p)), full, rtol=0, atol=0)
+
+
+def test_mqar_and_state_run_on_a_model_pretrain_trained(tmp_path):
+    from data_pipeline.synthetic import MqarOptions, write_mqar
+
+    data = tmp_path / "data"
+    write_mqar(data / "train", MqarOptions(num_kv_pairs=(4, 8), seq_len=512, vocab=8192, docs=4000, seed=0),
+               progress=False)
+    write_mqar(data / "val", MqarOptions(num_kv_pairs=(4, 8), seq_len=512, vocab=8192, docs=256, seed=1),
+               progress=False)
+    run = tmp_path / "run"
+    proc = run_pretrain(["configs/mqar/hybrid.yaml", f"data.sources.mqar={data / 'train'}",
+                         f"data.validation.sources.mqar_val={data / 'val'}", "data.validation.tokens=65536",
+                         "train.train_steps=60", "train.eval_interval=30", f"logging.run_dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    val = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [30, 60] and val[-1]["loss"] < val[0]["loss"]
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "hybrid_megatron", "eval", str(run / "checkpoints"), "--suite",
+                           "mqar,state", "--items", "128", "--kv-pairs", "4,8", "--out", str(out), "--no-progress"],
+                          cwd=ROOT, env=pretrain_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())["suites"]
+    assert [(c["pairs"], c["answers"]) for c in results["mqar"]["cells"]] == [(4, 512), (8, 1024)]
+    for c in results["state"]["cells"]:
+        assert set(c["accuracy"]) == {"full", "ssm_cut", "attention_cut"}
+        assert 0.0 <= c["ssm_cut"]["mcnemar"]["p_value"] <= 1.0
+    # the same items, the same full model: the state suite's full condition is the mqar suite's accuracy
+    assert [c["accuracy"]["full"] for c in results["state"]["cells"]] == [c["accuracy"] for c in results["mqar"]["cells"]]
+    print(json.dumps({"mqar": results["mqar"]["cells"], "state": results["state"]["cells"]}))
