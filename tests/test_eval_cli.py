@@ -40,7 +40,7 @@ def _error(capsys) -> str:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--suite", "ppl,bogus"], "unknown suite 'bogus' (known: ppl, length, lm-eval)"),
+    (["--suite", "ppl,bogus"], "unknown suite 'bogus' (known: ppl, length, lm-eval, mqar, state)"),
     (["--suite", "ppl,,length"], "without empty items"),
     (["--suite", "ppl,ppl"], "names an item twice"),
     (["--suite", "length", "--lengths", "1,0"], "'0' is not a positive whole multiple"),
