@@ -33,6 +33,10 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(self.dtype) for t in texts]
 
+    def decode(self, ids) -> str:
+        """Text of ``ids``: bytes decoded as UTF-8 (broken sequences replaced), EOS dropped."""
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
 
 class HFTokenizer:
     """A local Hugging Face tokenizer directory, loaded with ``transformers.AutoTokenizer``."""
@@ -71,6 +75,9 @@ class HFTokenizer:
         encs = self._backend.encode_batch_fast(texts, add_special_tokens=False) if hasattr(
             self._backend, "encode_batch_fast") else self._backend.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=self.dtype) for e in encs]
+
+    def decode(self, ids) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:

@@ -40,12 +40,15 @@ def _error(capsys) -> str:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--suite", "ppl,bogus"], "unknown suite 'bogus' (known: ppl, length, lm-eval, mqar, state)"),
+    (["--suite", "ppl,bogus"], "unknown suite 'bogus' (known: ppl, length, lm-eval, mqar, state, niah, generation)"),
     (["--suite", "ppl,,length"], "without empty items"),
     (["--suite", "ppl,ppl"], "names an item twice"),
     (["--suite", "length", "--lengths", "1,0"], "'0' is not a positive whole multiple"),
     (["--suite", "length", "--bin-size", "0"], "--bin-size 0: must be at least 1"),
     (["--suite", "lm-eval"], "--suite lm-eval needs --tasks"),
+    (["--suite", "niah", "--niah-items", "0"], "--niah-items 0: must be at least 1"),
+    (["--suite", "state", "--attention-window", "-1"], "--attention-window -1: must be >= 0"),
+    (["--suite", "mqar", "--kv-pairs", "4,x"], "--kv-pairs: 'x' is not a positive integer"),
     (["--suite", "ppl", "--tasks", "x"], "--tasks/--task-dir are options of --suite lm-eval"),
     (["--suite", "lm-eval", "--tasks", "x", "--task-dir", "/nonexistent"], "--task-dir /nonexistent: no such"),
 ])

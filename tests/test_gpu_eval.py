@@ -64,3 +64,17 @@ def test_lm_eval_runs_the_local_tasks_on_the_exported_model(run, tmp_path):
     assert results["device"] == "cuda" and results["samples"]["python_next_line"] == 24
     assert 0.0 < results["tasks"]["python_bpb"]["bits_per_byte"] < 8.0
     assert (tmp_path / "lm" / "lm_eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_niah_and_generation_run_on_the_quickstart_model(run, tmp_path):
+    proc = _eval(str(run / "checkpoints"), "--suite", "niah,generation", "--lengths", "1,2", "--niah-depths", "3",
+                 "--niah-items", "4", "--prompts", "4", "--max-new-tokens", "32", "--out", str(tmp_path / "tx"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    suites = json.loads((tmp_path / "tx" / "results.json").read_text())["suites"]
+    assert [(c["multiple"], c["depth"], c["items"]) for c in suites["niah"]["cells"]] == [
+        (k, d, 4) for k in (1, 2) for d in (0.0, 0.5, 1.0)]
+    gen = suites["generation"]["by_temperature"]
+    assert set(gen) == {"0.0", "0.7", "1.0"}
+    for row in gen.values():
+        assert 0 < row["mean_length"] <= 32 and 0 <= row["distinct_2"] <= 1 and len(row["samples"]) == 3
+    assert (tmp_path / "tx" / "niah.png").read_bytes()[:4] == b"\x89PNG"

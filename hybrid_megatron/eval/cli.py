@@ -66,6 +66,11 @@ def _register_eval(sub) -> None:
     p.add_argument("--seed", type=int, help="mqar/state: seed of the items (default: one the run's sources did not use)")
     p.add_argument("--attention-window", type=int, default=0,
                    help="state: tokens before the first query that attention still sees under its cut (default 0)")
+    p.add_argument("--niah-items", type=int, default=8, help="niah: pass keys per (length, depth) cell (default 8)")
+    p.add_argument("--niah-depths", type=int, default=11, help="niah: depths from 0%% to 100%% (default 11)")
+    p.add_argument("--prompts", type=int, default=32, help="generation: held-out prompts (default 32)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="generation: tokens per prompt (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="generation: tokens per continuation (default 200)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
 
@@ -82,7 +87,9 @@ def _eval(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, progress=not args.no_progress,
                        kv_pairs=parse_ints(args.kv_pairs, "--kv-pairs") if args.kv_pairs else None,
                        seq_lens=parse_ints(args.seq_lens, "--seq-lens") if args.seq_lens else None,
-                       items=args.items, seed=args.seed, attention_window=args.attention_window)
+                       items=args.items, seed=args.seed, attention_window=args.attention_window,
+                       niah_items=args.niah_items, niah_depths=args.niah_depths, prompts=args.prompts,
+                       prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens)
     base = None
     if args.config:
         from hybrid_megatron.config import load_run_config

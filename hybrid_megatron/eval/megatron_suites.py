@@ -30,10 +30,12 @@ def training_length(cfg: RunConfig) -> int:
 def model_max_length(cfg: RunConfig, opts: EvalOptions) -> int:
     """Positions the model must be built for (rotary tables) to run every selected suite."""
     longest = training_length(cfg)
-    if "length" in opts.suites:
+    if {"length", "niah"} & set(opts.suites):
         longest *= max(opts.lengths)
     if opts.seq_lens and {"mqar", "state"} & set(opts.suites):
         longest = max(longest, max(opts.seq_lens))
+    if "generation" in opts.suites:
+        longest = max(longest, opts.prompt_tokens + opts.max_new_tokens)
     return max(longest, cfg.data.validation.seq_len or 0) if cfg.data.validation else longest
 
 

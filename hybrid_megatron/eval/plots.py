@@ -14,10 +14,11 @@ def pyplot():
     return plt
 
 
-def save(fig, ax, path: Path, legend_size: int | None = 8, grid_axis: str = "both") -> str:
-    """Grid, legend (``legend_size`` None: none), tight layout, PNG at 120 dpi; closes the figure and returns
-    the file name."""
-    ax.grid(alpha=0.3, axis=grid_axis)
+def save(fig, ax, path: Path, legend_size: int | None = 8, grid_axis: str | None = "both") -> str:
+    """Grid (``grid_axis`` None: none), legend (``legend_size`` None: none), tight layout, PNG at 120 dpi;
+    closes the figure and returns the file name."""
+    if grid_axis:
+        ax.grid(alpha=0.3, axis=grid_axis)
     if legend_size is not None:
         ax.legend(fontsize=legend_size)
     fig.tight_layout()

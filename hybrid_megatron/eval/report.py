@@ -27,6 +27,8 @@ def write(results: dict, out: Path) -> None:
         plots["mqar"] = _plot_mqar(suites["mqar"], out)
     if "state" in suites:
         plots["state"] = _plot_state(suites["state"], out)
+    if "niah" in suites:
+        plots["niah"] = _plot_niah(suites["niah"], out)
     results = {**results, "plots": plots}
     tmp = out / f".{RESULTS}.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
@@ -71,6 +73,13 @@ def headline(results: dict) -> dict[str, float]:
         for cut in ("ssm_cut", "attention_cut"):
             if isinstance(c[cut], dict) and c[cut]["reliance"] is not None:
                 out[f"state/{c['seq_len']}/{c['pairs']}/{cut}/reliance"] = c[cut]["reliance"]
+    niah = suites.get("niah", {}).get("cells", [])
+    for k in sorted({c["multiple"] for c in niah}):
+        cells = [c for c in niah if c["multiple"] == k]
+        out[f"niah/{k}x/accuracy"] = sum(c["accuracy"] for c in cells) / len(cells)
+    for t, row in suites.get("generation", {}).get("by_temperature", {}).items():
+        for metric in ("distinct_2", "repetition_rate_4", "mean_length"):
+            out[f"generation/t{t}/{metric}"] = row[metric]
     return out
 
 
@@ -123,7 +132,34 @@ def markdown(results: dict) -> str:
         lines += ["", "![mqar](mqar.png)", ""]
     if "state" in suites:
         lines += _state_markdown(suites["state"])
+    if "niah" in suites:
+        s = suites["niah"]
+        ks = sorted({c["multiple"] for c in s["cells"]})
+        depths_ = sorted({c["depth"] for c in s["cells"]})
+        acc = {(c["multiple"], c["depth"]): c["accuracy"] for c in s["cells"]}
+        lines += ["## Pass-key retrieval (`niah`)", "", f"{s['items_per_cell']} keys per cell; accuracy by depth "
+                  f"(rows) and context (columns; training length {s['train_len']}).", "",
+                  "| depth | " + " | ".join(f"{k}x" for k in ks) + " |", "| --- |" + " --- |" * len(ks)]
+        lines += [f"| {d:.0%} | " + " | ".join(f"{acc[(k, d)]:.2f}" for k in ks) + " |" for d in depths_]
+        lines += ["", "![niah](niah.png)", ""]
+    if "generation" in suites:
+        lines += _generation_markdown(suites["generation"])
     return "\n".join(lines)
+
+
+def _generation_markdown(s: dict) -> list[str]:
+    lines = ["## Generation (`generation`)", "",
+             f"{s['prompts']} held-out prompts of {s['prompt_tokens']} tokens.", "",
+             "| temperature | distinct-1 | distinct-2 | rep-4 (first 200) | mean length | reached EOS |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for t, r in s["by_temperature"].items():
+        lines.append(f"| {t} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['repetition_rate_4']:.3f} | "
+                     f"{r['mean_length']:.1f} of {r['max_new_tokens']} | {r['reached_eos']:.2f} |")
+    for t, r in s["by_temperature"].items():
+        lines += ["", f"### Samples at temperature {t}", ""]
+        for sample in r["samples"]:
+            lines += ["```", sample["prompt"][-300:] + " ⟶ " + sample["continuation"][:600], "```"]
+    return lines + [""]
 
 
 def _state_markdown(s: dict) -> list[str]:
@@ -211,3 +247,20 @@ def _plot_state(s: dict, out: Path) -> str:
     ax.set_ylabel("accuracy (answers)")
     ax.set_ylim(0, 1.02)
     return plots.save(fig, ax, out / "state.png", grid_axis="y")
+
+
+def _plot_niah(s: dict, out: Path) -> str:
+    import numpy as np
+
+    ks = sorted({c["multiple"] for c in s["cells"]})
+    depths_ = sorted({c["depth"] for c in s["cells"]})
+    acc = {(c["multiple"], c["depth"]): c["accuracy"] for c in s["cells"]}
+    grid = np.array([[acc[(k, d)] for k in ks] for d in depths_])
+    fig, ax = plots.pyplot().subplots(figsize=(1.2 * len(ks) + 3, 0.35 * len(depths_) + 2))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(ks)), [f"{k}x ({k * s['train_len']})" for k in ks], fontsize=8)
+    ax.set_yticks(range(len(depths_)), [f"{d:.0%}" for d in depths_], fontsize=8)
+    ax.set_xlabel("context (multiple of the training length)")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    return plots.save(fig, ax, out / "niah.png", legend_size=None, grid_axis=None)

@@ -51,7 +51,28 @@ def resolve(checkpoint: str, overrides: list[str], opts: EvalOptions, world_size
         from hybrid_megatron.eval.recall_suites import grid
 
         grid(cfg, opts)
+    if {"niah", "generation"} & set(opts.suites):
+        data_tokenizer(step_dir, cfg)
     return step_dir, cfg
+
+
+def data_tokenizer(step_dir: Path, cfg: RunConfig):
+    """The tokenizer of the run's data (the checkpoint's record, else the training sources'), to write the
+    niah needle and question and to show generated text."""
+    from data_pipeline.loader import open_sources, tokenizer_info
+    from data_pipeline.tokenizer import load_tokenizer
+
+    info = layout.read_data_tokenizer(step_dir) or tokenizer_info(open_sources(cfg.data)).tokenizer
+    if info.get("kind") == "bytes":
+        return load_tokenizer("bytes")
+    path = info.get("path")
+    if info.get("kind") != "hf" or not path or not Path(path).is_dir():
+        raise ConfigError(f"--suite niah/generation needs the data's tokenizer: {info.get('kind')} tokenizer "
+                          f"{path or ''} is not available here")
+    tok = load_tokenizer(path)
+    if tok.describe()["fingerprint"] != info.get("fingerprint"):
+        raise ConfigError(f"the data's tokenizer at {path} changed since training (its fingerprint differs)")
+    return tok
 
 
 def check_hf_cuda(cfg: RunConfig) -> None:
@@ -145,6 +166,17 @@ def _megatron_part(step_dir: Path, cfg: RunConfig, opts: EvalOptions) -> dict:
                 out["suites"]["mqar"] = recall_suites.run_mqar(model.chunks, cfg, opts, model.vocab_size, bar)
             if "state" in opts.suites:
                 out["suites"]["state"] = recall_suites.run_state(model.chunks, cfg, opts, model.vocab_size, bar)
+            if {"niah", "generation"} & set(opts.suites):
+                from data_pipeline.loader import open_validation_sources
+                from hybrid_megatron.eval import text_suites
+
+                tok, indexes = data_tokenizer(step_dir, cfg), open_validation_sources(cfg.data)
+                if "niah" in opts.suites:
+                    out["suites"]["niah"] = text_suites.run_niah(model.chunks, cfg, opts, tok, indexes,
+                                                                 model.vocab_size, bar)
+                if "generation" in opts.suites:
+                    out["suites"]["generation"] = text_suites.run_generation(model.chunks, cfg, opts, tok, indexes,
+                                                                             model.vocab_size, bar)
         del model
         torch.cuda.empty_cache()
         return out

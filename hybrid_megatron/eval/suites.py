@@ -30,6 +30,10 @@ SUITES = {s.name: s for s in (
                                "(a model trained on prepare-data --synthetic mqar)"),
     Suite("state", True, False, "MQAR with the SSM state cut and with attention cut before the queries: accuracy, "
                                 "memory-reliance scores, McNemar's exact test"),
+    Suite("niah", True, True, "pass-key retrieval at depths 0-100% of contexts of 1x-8x the training length "
+                              "(filler: the validation data), accuracy heatmap"),
+    Suite("generation", True, True, "continuations of held-out prompts at temperatures 0, 0.7, 1.0: distinct-n, "
+                                    "repetition, length before EOS, samples"),
 )}
 
 
@@ -60,6 +64,16 @@ class EvalOptions:
     """``mqar``/``state``: the items' seed; None: the training source's plus an offset (never one it used)."""
     attention_window: int = 0
     """``state``: tokens before the first query that attention still sees under the attention cut."""
+    niah_items: int = 8
+    """``niah``: pass keys per (length, depth) cell."""
+    niah_depths: int = 11
+    """``niah``: depths, evenly from 0% to 100%."""
+    prompts: int = 32
+    """``generation``: held-out prompts."""
+    prompt_tokens: int = 128
+    """``generation``: tokens per prompt."""
+    max_new_tokens: int = 200
+    """``generation``: tokens per continuation at most."""
     progress: bool = True
 
 
@@ -107,6 +121,11 @@ def check_options(opts: EvalOptions) -> None:
         raise ConfigError(f"--items {opts.items}: must be at least 1")
     if opts.attention_window < 0:
         raise ConfigError(f"--attention-window {opts.attention_window}: must be >= 0")
+    for flag, value in (("--niah-items", opts.niah_items), ("--niah-depths", opts.niah_depths),
+                        ("--prompts", opts.prompts), ("--prompt-tokens", opts.prompt_tokens),
+                        ("--max-new-tokens", opts.max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1")
     if "lm-eval" in opts.suites:
         if not opts.tasks:
             raise ConfigError("--suite lm-eval needs --tasks (lm-evaluation-harness task names)")

@@ -188,6 +188,20 @@ def sum_over_ranks(reports: list[dict], key: str, shape) -> torch.Tensor:
     return total
 
 
+def from_last_stage(reports: list[dict], key: str, shape, dtype=torch.float64) -> torch.Tensor:
+    """``report[key]`` of the micro-batches, concatenated on the last pipeline stage and shared along the
+    pipeline (this data-parallel rank's own values: nothing is summed over DP)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        out = torch.cat([r[key].to(dtype) for r in reports]).reshape(shape)
+    else:
+        out = torch.zeros(shape, device="cuda", dtype=dtype)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(out, group=parallel_state.get_pipeline_model_parallel_group())
+    return out
+
+
 def forward_backward(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_only: bool = False
                      ) -> tuple[float, float]:
     """This rank's micro-batches through megatron's pipeline schedule; returns (loss sum, loss tokens) over
