@@ -36,6 +36,9 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"position_embedding_type={cfg.position_embedding_type}: NemotronH has no RoPE")
     if cfg.tie_embeddings:
         problems.append("tie_embeddings=true: NemotronH keeps embeddings and lm_head separate")
+    if cfg.attention_window is not None:
+        problems.append(f"attention_window={cfg.attention_window}: NemotronH's attention layers attend to the whole "
+                        "context (no sliding window)")
     for pos, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
         if symbol not in EXPORTABLE_SYMBOLS:
             name = pat.LAYER_SYMBOLS.get(symbol, "unknown")

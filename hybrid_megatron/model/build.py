@@ -55,6 +55,17 @@ def _interleaved_p2p() -> dict:
     return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
+def window_kwargs(m: ModelConfig) -> dict:
+    """megatron's sliding-window fields: ``window_size`` (TE's (left, right): the window less the token
+    itself, nothing to the right) and ``window_attn_skip_freq`` as one flag per layer of the whole pattern
+    (megatron numbers every hybrid layer, Mamba and MLP included): 1 for a windowed attention layer."""
+    if m.attention_window is None:
+        return {}
+    windowed = iter(m.windowed_attention())
+    flags = [int(next(windowed)) if s == pat.ATTENTION else 0 for s in pat.layers(m.hybrid_layer_pattern)]
+    return {"window_size": (m.attention_window - 1, 0), "window_attn_skip_freq": flags}
+
+
 def transformer_config_kwargs(cfg: RunConfig) -> dict:
     """Everything megatron's TransformerConfig needs from our config (torch imported, no CUDA)."""
     import torch
@@ -95,7 +106,7 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
         deterministic_mode=train.deterministic,
         **_activation(m),
     )
-    kwargs.update(attention_backend=attention_backend(cfg))
+    kwargs.update(attention_backend=attention_backend(cfg), **window_kwargs(m))
     if kwargs["virtual_pipeline_model_parallel_size"] is not None:
         kwargs.update(_interleaved_p2p())
     if train.recompute == "selective":
@@ -190,6 +201,9 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> lis
     spec_name = resolve_layer_spec(cfg.model)
     if spec_name == "local" and cfg.parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true needs model.layer_spec=te (torch norms do not shard)")
+    if spec_name == "local" and cfg.model.attention_window is not None:
+        raise ConfigError("model.attention_window needs Transformer Engine's attention (model.layer_spec: te); the "
+                          "local spec's attention is full")
     if spec_name == "local" and cfg.precision.fp8:
         raise ConfigError("precision.fp8 needs Transformer Engine: model.layer_spec=local cannot run FP8")
     config = build_transformer_config(cfg)

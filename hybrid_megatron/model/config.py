@@ -56,6 +56,12 @@ class ModelConfig:
     init_method_std: float = 0.02
     layer_spec: Literal["auto", "te", "local"] = "auto"
     """te: Transformer Engine layers; local: megatron parallel layers + torch SDPA attention; auto: te if it imports."""
+    attention_window: int | None = None
+    """Sliding-window attention: each token attends to itself and the ``attention_window - 1`` tokens before it
+    (within its document). None: full causal attention in every attention layer."""
+    global_attention_layers: list[int] | None = None
+    """With ``attention_window``: the attention layers (0-based, counted among the pattern's attention layers)
+    that keep full attention, e.g. [0, 3, 7] for the first, a middle and the last of eight (Hymba)."""
     attention_backend: Literal["auto", "flash", "fused", "unfused"] = "auto"
     """TE's attention kernel family (megatron's ``--attention-backend``): auto lets TE pick per call (cuDNN
     fused attention on Hopper); deterministic runs with packed documents pick flash/unfused themselves.
@@ -101,11 +107,40 @@ class ModelConfig:
                 f"model.mamba_head_dim={self.mamba_head_dim} does not divide mamba_expand * hidden_size = "
                 f"{self.mamba_expand * self.hidden_size}: set model.mamba_num_heads"
             )
+        self._check_window()
         if self.num_mamba_heads % self.mamba_num_groups:
             raise ConfigError(
                 f"model.mamba_num_groups={self.mamba_num_groups} does not divide the "
                 f"{self.num_mamba_heads} Mamba heads"
             )
+
+    def _check_window(self) -> None:
+        if self.attention_window is None:
+            if self.global_attention_layers is not None:
+                raise ConfigError("model.global_attention_layers needs model.attention_window (the window of the others)")
+            return
+        positive("model", attention_window=self.attention_window)
+        if self.layer_spec == "local":
+            raise ConfigError("model.attention_window needs Transformer Engine's attention (model.layer_spec: te or "
+                              "auto); the local spec's attention is full")
+        attention = pat.layers(self.hybrid_layer_pattern).count(pat.ATTENTION)
+        if attention == 0:
+            raise ConfigError("model.attention_window: the pattern has no attention layer ('*')")
+        chosen = self.global_attention_layers or []
+        if not isinstance(chosen, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in chosen):
+            raise ConfigError(f"model.global_attention_layers={chosen!r}: expected a list of attention-layer indices")
+        bad = [i for i in chosen if not 0 <= i < attention]
+        if bad or len(set(chosen)) != len(chosen):
+            raise ConfigError(f"model.global_attention_layers={chosen}: indices must be distinct and in [0, {attention}) "
+                              f"(the pattern has {attention} attention layers)")
+
+    def windowed_attention(self) -> list[bool]:
+        """Per attention layer in pattern order: True when it attends within the window."""
+        attention = pat.layers(self.hybrid_layer_pattern).count(pat.ATTENTION)
+        if self.attention_window is None:
+            return [False] * attention
+        chosen = set(self.global_attention_layers or [])
+        return [i not in chosen for i in range(attention)]
 
     @property
     def head_dim(self) -> int:

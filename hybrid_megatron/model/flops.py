@@ -9,6 +9,7 @@ model FLOPs); causal attention scores and the SSD intra-chunk products count hal
 Per token, with H hidden, S sequence length, V padded vocab:
 
   attention layer   2*H*(q + 2*kv)*hd  +  2*(q*hd)*H  +  2 * 2*q*hd*S/2            (QKV, proj, QK^T and AV)
+                    (a sliding window of W keys: S/2 becomes W - W^2/(2S), the mean keys per query)
   mlp layer         2*H*F*(2 if gated else 1)  +  2*F*H
   mamba layer       2*H*(2*di + 2*G*N + nh)  +  2*di*H                              (in_proj, out_proj)
                     + 2*K*(di + 2*G*N)                                             (depthwise conv)
@@ -35,7 +36,14 @@ class LayerCost:
     flops_per_token: int  # forward only
 
 
-def _mixing_flops(m: ModelConfig, symbol: str, seq_len: int) -> int:
+def mean_keys(seq_len: int, window: int | None) -> float:
+    """Keys a query attends to on average over a causal sequence (the convention's S/2 without a window)."""
+    if window is None or window >= seq_len:
+        return seq_len / 2
+    return window - window * window / (2 * seq_len)
+
+
+def _mixing_flops(m: ModelConfig, symbol: str, seq_len: int, window: int | None = None) -> int:
     """Forward FLOPs per token outside the GEMMs (the GEMMs cost 2 x their weight elements)."""
     if symbol == pat.MAMBA:
         w = geo.mamba_widths(m)
@@ -43,13 +51,13 @@ def _mixing_flops(m: ModelConfig, symbol: str, seq_len: int) -> int:
         G, N = m.mamba_num_groups, m.mamba_state_dim
         return 2 * m.mamba_conv_kernel * w.conv + G * N * Q + w.d_inner * Q + 4 * w.d_inner * N
     if symbol == pat.ATTENTION:
-        return 2 * m.num_attention_heads * m.head_dim * seq_len  # QK^T and AV, causal half
+        return round(4 * m.num_attention_heads * m.head_dim * mean_keys(seq_len, window))  # QK^T and AV
     return 0
 
 
-def layer_cost(m: ModelConfig, symbol: str, seq_len: int) -> LayerCost:
+def layer_cost(m: ModelConfig, symbol: str, seq_len: int, window: int | None = None) -> LayerCost:
     g = geo.layer(m, symbol)
-    return LayerCost(g.total, 2 * g.gemm + _mixing_flops(m, symbol, seq_len))
+    return LayerCost(g.total, 2 * g.gemm + _mixing_flops(m, symbol, seq_len, window))
 
 
 def mamba_layer(m: ModelConfig, seq_len: int) -> LayerCost:
@@ -94,7 +102,11 @@ def stage_parameters(m: ModelConfig, padded_vocab: int, pp_size: int) -> list[in
 
 
 def forward_flops_per_token(m: ModelConfig, padded_vocab: int, seq_len: int) -> int:
-    layers = sum(layer_cost(m, s, seq_len).flops_per_token for s in pat.layers(m.hybrid_layer_pattern))
+    windowed = iter(m.windowed_attention())
+    layers = 0
+    for s in pat.layers(m.hybrid_layer_pattern):
+        window = m.attention_window if s == pat.ATTENTION and next(windowed) else None
+        layers += layer_cost(m, s, seq_len, window).flops_per_token
     return layers + 2 * geo.output_layer(m, padded_vocab).numel
 
 

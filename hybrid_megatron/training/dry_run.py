@@ -10,6 +10,7 @@ from hybrid_megatron.config_io import dump_yaml
 from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.build import padded_vocab_size
 from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
+from hybrid_megatron.model.inference_cache import cache_lines
 from hybrid_megatron.model.memory import data_parallel_size, estimate, estimate_lines
 from hybrid_megatron.training.lr import run_plan
 from hybrid_megatron.training.step import micro_batch_plan
@@ -107,6 +108,7 @@ def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
             f"seq {seq} -> {n} x {mbs}" for seq, (mbs, n) in micro_batch_plan(cfg, schedule, dp).items()),
     ]
     lines += ["", "# memory per GPU (estimate)"] + estimate_lines(cfg, padded, max_seq, world_size=world_size)
+    lines += ["", "# inference cache per sequence"] + cache_lines(cfg.model)
     if notes:
         lines += ["", "# notes"] + notes
     return "\n".join(lines)
