@@ -15,25 +15,29 @@ from functools import partial
 import numpy as np
 
 
-def _next_token_loss(last_positions, temperature: float, generator, vocab_size: int, logits):
+def next_tokens(logits, *, last_positions, temperature: float, generator, vocab_size: int):
+    """The loss function of a decoding step: the next token of every row (its last position's logits,
+    gathered over TP, padding rows excluded), in the report's ``next``."""
     import torch
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    rows = logits[0, last_positions]  # [rows, vocab / TP]
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        rows = gather_from_tensor_model_parallel_region(rows)
-    rows = rows.float()[:, :vocab_size]
+    rows = logits[0, last_positions].float().contiguous()  # [rows, vocab / TP]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:  # shards in rank order make the whole vocabulary
+        shards = [torch.empty_like(rows) for _ in range(tp)]
+        torch.distributed.all_gather(shards, rows, group=parallel_state.get_tensor_model_parallel_group())
+        rows = torch.cat(shards, dim=-1)
+    rows = rows[:, :vocab_size]
     if temperature == 0:
         nxt = rows.argmax(dim=-1)
     else:
         nxt = torch.multinomial(torch.softmax(rows / temperature, dim=-1), 1, generator=generator).squeeze(1)
-    zero = logits.float().sum() * 0.0
+    zero = torch.zeros((), device=logits.device)
     return zero, torch.ones((), dtype=torch.int, device=logits.device), {"next": nxt.double()}
 
 
 def _no_labels(mb, **kw):
-    return partial(_next_token_loss, **kw)
+    return partial(next_tokens, **kw)
 
 
 def packed_rows(rows: list[np.ndarray], pad_multiple: int, device):

@@ -85,16 +85,17 @@ def vocab_parallel_argmax(logits, vocab_size: int):
 
 
 def _answers(vocab_size: int, seq_len: int, pairs: int, mb):
-    return partial(_answer_check, mb.labels, mb.loss_mask, vocab_size, seq_len, pairs)
+    return partial(answer_check, mb.labels, mb.loss_mask, vocab_size, seq_len, pairs)
 
 
-def _answer_check(labels, loss_mask, vocab_size: int, seq_len: int, pairs: int, logits):
+def answer_check(labels, loss_mask, vocab_size: int, seq_len: int, pairs: int, logits):
+    """The loss function of the recall suites: per row, whether each answer is the top prediction."""
     import torch
 
     pred = vocab_parallel_argmax(logits, vocab_size).reshape(-1, seq_len)
     mask = loss_mask.reshape(-1, seq_len) > 0
     right = (pred == labels.reshape(-1, seq_len))[mask].reshape(-1, pairs)  # every row has `pairs` answers
-    zero = logits.float().sum() * 0.0
+    zero = torch.zeros((), device=logits.device)
     return zero, mask.sum().to(torch.int), {"answers": right.double()}
 
 

@@ -59,9 +59,9 @@ def run_niah(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes: dict
     hay = filler(indexes, cfg.data.seed, max(opts.lengths) * train_len, tokenizer.eos_id)
     out = {"train_len": train_len, "items_per_cell": opts.niah_items, "cells": []}
     for k in opts.lengths:
-        for depth in depths(opts.niah_depths):
+        for d, depth in enumerate(depths(opts.niah_depths)):
             start = time.perf_counter()
-            keys = pass_keys(opts.seed or 0, opts.niah_items)
+            keys = pass_keys((opts.seed or 0) * 1_000_003 + 1000 * k + d, opts.niah_items)  # fresh keys per cell
             items = [niah_item(tokenizer, hay, k * train_len, depth, key) for key in keys]
             mine = _local(items, dp, rank)
             answer_len = max(a.size for _, a in items)
