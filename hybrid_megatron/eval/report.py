@@ -15,20 +15,9 @@ REPORT = "report.md"
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    suites = results["suites"]
-    plots = {}
-    if "ppl" in suites:
-        plots["ppl"] = _plot_ppl(suites["ppl"], out)
-    if "length" in suites:
-        plots["length"] = _plot_length(suites["length"], out)
-    if "lm-eval" in suites:
-        plots["lm-eval"] = _plot_lm_eval(suites["lm-eval"], out)
-    if "mqar" in suites:
-        plots["mqar"] = _plot_mqar(suites["mqar"], out)
-    if "state" in suites:
-        plots["state"] = _plot_state(suites["state"], out)
-    if "niah" in suites:
-        plots["niah"] = _plot_niah(suites["niah"], out)
+    plotters = {"ppl": _plot_ppl, "length": _plot_length, "lm-eval": _plot_lm_eval, "mqar": _plot_mqar,
+                "state": _plot_state, "niah": _plot_niah}  # generation is text: its samples go in the report
+    plots = {name: plot(results["suites"][name], out) for name, plot in plotters.items() if name in results["suites"]}
     results = {**results, "plots": plots}
     tmp = out / f".{RESULTS}.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
