@@ -54,10 +54,15 @@ def _ppl(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
 
+def announce(bar, tokens: int) -> None:
+    """Adds ``tokens`` (what a suite is about to read) to the progress bar's total."""
+    bar.total = (bar.total or 0) + tokens
+    bar.refresh()
+
+
 def _announce(data, bar):
     """Adds this rank's share of a validation set's tokens to the bar's total."""
-    bar.total = (bar.total or 0) + data.tokens_per_evaluation // data.dp_size
-    bar.refresh()
+    announce(bar, data.tokens_per_evaluation // data.dp_size)
     return data
 
 

@@ -19,7 +19,7 @@ from data_pipeline.errors import ConfigError
 from data_pipeline.synthetic import TASK, MqarOptions
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.eval import paired
-from hybrid_megatron.eval.megatron_suites import training_length
+from hybrid_megatron.eval.megatron_suites import announce, training_length
 from hybrid_megatron.eval.suites import EvalOptions
 from hybrid_megatron.model import pattern as pat
 
@@ -68,6 +68,7 @@ def run_mqar(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar) ->
     from hybrid_megatron.eval.recall import answers_right, mqar_cell
 
     base, cells, seed = grid(cfg, opts)
+    announce(bar, sum(opts.items * length for _, length in cells))
     out = {"seed": seed, "items_per_cell": opts.items, "cells": []}
     for pairs, seq_len in cells:
         start = time.perf_counter()
@@ -89,6 +90,8 @@ def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar) -
 
     base, cells, seed = grid(cfg, opts)
     kinds = set(pat.layers(cfg.model.hybrid_layer_pattern))
+    conditions = 1 + (pat.MAMBA in kinds) + (pat.ATTENTION in kinds)
+    announce(bar, conditions * sum(opts.items * length for _, length in cells))
     out = {"seed": seed, "items_per_cell": opts.items, "attention_window": opts.attention_window, "cells": []}
     for pairs, seq_len in cells:
         cell = mqar_cell(base, pairs, seq_len, opts.items, seed)

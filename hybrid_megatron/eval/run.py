@@ -139,7 +139,8 @@ def _model_facts(step_dir: Path, cfg: RunConfig, world_size: int) -> dict:
 
 
 def _megatron_part(step_dir: Path, cfg: RunConfig, opts: EvalOptions) -> dict:
-    """Process groups, the model, ``ppl`` and ``length``; every rank takes part and gets the same dict."""
+    """Process groups, the model and every suite that runs through it; every rank takes part and gets the same
+    dict."""
     import torch
     from tqdm import tqdm
 
@@ -156,7 +157,7 @@ def _megatron_part(step_dir: Path, cfg: RunConfig, opts: EvalOptions) -> dict:
         tokenizer = recorded_tokenizer(step_dir)
         out = {**_model_facts(step_dir, cfg, ranks.world_size), "suites": {}}
         bar = tqdm(unit="tok", unit_scale=True, desc="eval", disable=not opts.progress or ranks.rank != 0,
-                   total=0)
+                   total=None)  # each suite adds what it will read
         with bar:
             if "ppl" in opts.suites:
                 out["suites"]["ppl"] = ms.run_ppl(model.chunks, cfg, tokenizer, bar)

@@ -16,7 +16,7 @@ import numpy as np
 
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.eval import paired
-from hybrid_megatron.eval.megatron_suites import training_length
+from hybrid_megatron.eval.megatron_suites import announce, training_length
 from hybrid_megatron.eval.suites import EvalOptions
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def run_niah(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes: dict
             items = [niah_item(tokenizer, hay, k * train_len, depth, key) for key in keys]
             mine = _local(items, dp, rank)
             answer_len = max(a.size for _, a in items)
+            announce(bar, sum(p.size for p, _ in mine) * answer_len)
             got = generate(chunks, cfg, [p for p, _ in mine], answer_len, 0.0, 0, tokenizer.eos_id, vocab_size,
                            stop_at_eos=False)
             right = _gather([g[:a.size] == a.tolist() for g, (_, a) in zip(got, mine)])
@@ -98,10 +99,11 @@ def run_generation(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes
     prompts = [d[:opts.prompt_tokens] for d in docs]
     mine = _local(prompts, dp, rank)
     out = {"prompts": len(prompts), "prompt_tokens": opts.prompt_tokens, "by_temperature": {}}
+    announce(bar, len(TEMPERATURES) * len(mine) * opts.max_new_tokens)  # at most: rows stop at EOS
     for t in TEMPERATURES:
         got = _gather(generate(chunks, cfg, mine, opts.max_new_tokens, t, opts.seed or 0, tokenizer.eos_id,
                                vocab_size))
-        bar.update(sum(len(g) for g in got))
+        bar.update(len(mine) * opts.max_new_tokens)
         row = generation_metrics(got, tokenizer.eos_id, opts.max_new_tokens)
         row["samples"] = [{"prompt": tokenizer.decode(prompts[i]), "continuation": tokenizer.decode(got[i])}
                           for i in range(min(SAMPLES_SHOWN, len(got)))]
