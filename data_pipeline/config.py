@@ -308,6 +308,11 @@ class DataConfig:
         """Plain JSON/YAML-safe mapping that :meth:`from_dict` accepts back."""
         return dataclasses.asdict(self)
 
+    @property
+    def longest_seq_len(self) -> int:
+        """The longest sequence the run trains on (the curriculum's end, else ``seq_len``)."""
+        return self.curriculum.max_seq_len if self.curriculum else self.seq_len
+
     def source_paths(self) -> dict[str, Location]:
         """Source directories resolved against the current working directory, or their URLs."""
         return {name: Location(p) for name, p in self.sources.items()}

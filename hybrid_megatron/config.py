@@ -225,7 +225,7 @@ class RunConfig:
                     f"parallel.tensor_model_parallel_size={tp} does not divide {name}={value}"
                 )
         pat.split_stages(m.hybrid_layer_pattern, self.parallel.pipeline_model_parallel_size)
-        longest = self.data.seq_len if self.data.curriculum is None else self.data.curriculum.max_seq_len
+        longest = self.data.longest_seq_len
         if m.attention_window is not None and m.attention_window >= longest:
             raise ConfigError(f"model.attention_window={m.attention_window} is not below the longest training sequence "
                               f"({longest} tokens): it would be full attention; drop it or shorten it")

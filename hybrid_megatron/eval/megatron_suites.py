@@ -22,14 +22,9 @@ from hybrid_megatron.eval.suites import EvalOptions
 log = logging.getLogger(__name__)
 
 
-def training_length(cfg: RunConfig) -> int:
-    """The longest sequence the run trained on."""
-    return cfg.data.seq_len if cfg.data.curriculum is None else cfg.data.curriculum.max_seq_len
-
-
 def model_max_length(cfg: RunConfig, opts: EvalOptions) -> int:
     """Positions the model must be built for (rotary tables) to run every selected suite."""
-    longest = training_length(cfg)
+    longest = cfg.data.longest_seq_len
     if {"length", "niah"} & set(opts.suites):
         longest *= max(opts.lengths)
     if opts.seq_lens and {"mqar", "state"} & set(opts.suites):
@@ -77,8 +72,8 @@ def run_ppl(chunks, cfg: RunConfig, tokenizer: TokenizerInfo | None, bar) -> dic
     from hybrid_megatron.training.validate import loss_by_source, summarize
 
     start = time.perf_counter()
-    data = _announce(_validation_set(cfg, cfg.data.validation.seq_len or training_length(cfg), None, tokenizer), bar)
-    sums = loss_by_source(_counted(data.batches(), bar), chunks, cfg, training_length(cfg))
+    data = _announce(_validation_set(cfg, cfg.data.validation.seq_len or cfg.data.longest_seq_len, None, tokenizer), bar)
+    sums = loss_by_source(_counted(data.batches(), bar), chunks, cfg, cfg.data.longest_seq_len)
     record = summarize(sums)
     by_source = {name: {"loss": s / max(n, 1.0), "ppl": _ppl(s / max(n, 1.0)), "tokens": int(n)}
                  for name, (s, n) in sorted(sums.items())}
@@ -107,7 +102,7 @@ def run_length(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer: TokenizerIn
 
     from hybrid_megatron.training.step import run_schedule, sum_over_ranks
 
-    train_len = training_length(cfg)
+    train_len = cfg.data.longest_seq_len
     bin_size = opts.bin_size or max(1, train_len // 8)
     out = {"train_len": train_len, "bin_size": bin_size, "by_length": {}}
     sets = [_announce(_validation_set(cfg, k * train_len, opts.length_tokens, tokenizer), bar) for k in opts.lengths]

@@ -106,14 +106,11 @@ def answers_right(chunks, cfg, cell: Cell, vocab_size: int, pad_id: int, eos_id:
     import torch
     from megatron.core import parallel_state
 
-    from hybrid_megatron.training.step import plan_micro_batches, schedule
+    from hybrid_megatron.eval.sharding import dp_share
+    from hybrid_megatron.training.step import from_last_stage, plan_micro_batches, schedule
 
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    n = cell.tokens.shape[0]
-    if n % dp:
-        raise ValueError(f"{n} items do not split over {dp} data-parallel ranks")
-    local = n // dp
-    batch = item_batch(cell, slice(rank * local, (rank + 1) * local), pad_id, eos_id)
+    share = dp_share(cell.tokens.shape[0])
+    batch = item_batch(cell, share, pad_id, eos_id)
     mbs, micro = plan_micro_batches(batch, chunks, cfg, max_seq_len)
     for kind, position in (cut or {}).items():
         _, cut_micro = plan_micro_batches(cut_rows(batch, position), chunks, cfg, max_seq_len)
@@ -122,12 +119,7 @@ def answers_right(chunks, cfg, cell: Cell, vocab_size: int, pad_id: int, eos_id:
     with torch.no_grad():
         reports = schedule(micro, mbs, cell.seq_len, chunks, cfg, forward_only=True,
                            loss_of=partial(_answers, vocab_size, cell.seq_len, cell.pairs), logits=True)
-    rows = torch.zeros(local, cell.pairs, device="cuda", dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        rows = torch.cat([r["answers"] for r in reports])
-    gathered = [torch.zeros_like(rows) for _ in range(dp)]
+    rows = from_last_stage(reports, "answers", (share.stop - share.start, cell.pairs))
+    gathered = [torch.zeros_like(rows) for _ in range(parallel_state.get_data_parallel_world_size())]
     torch.distributed.all_gather(gathered, rows, group=parallel_state.get_data_parallel_group())
-    out = torch.cat(gathered)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(out, group=parallel_state.get_pipeline_model_parallel_group())
-    return out.cpu().numpy() > 0.5
+    return torch.cat(gathered).cpu().numpy() > 0.5

@@ -19,7 +19,7 @@ from data_pipeline.errors import ConfigError
 from data_pipeline.synthetic import TASK, MqarOptions
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.eval import paired
-from hybrid_megatron.eval.megatron_suites import announce, training_length
+from hybrid_megatron.eval.megatron_suites import announce
 from hybrid_megatron.eval.suites import EvalOptions
 from hybrid_megatron.model import pattern as pat
 
@@ -64,20 +64,23 @@ def grid(cfg: RunConfig, opts: EvalOptions) -> tuple[MqarOptions, list[tuple[int
     return base, cells, seed
 
 
-def run_mqar(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar) -> dict:
+def run_mqar(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar) -> tuple[dict, dict]:
+    """(the suite's results, every cell's answers right or not by (pairs, length): the ``state`` suite's full
+    condition, the same items through the same model)."""
     from hybrid_megatron.eval.recall import answers_right, mqar_cell
 
     base, cells, seed = grid(cfg, opts)
     announce(bar, sum(opts.items * length for _, length in cells))
-    out = {"seed": seed, "items_per_cell": opts.items, "cells": []}
+    out, outcomes = {"seed": seed, "items_per_cell": opts.items, "cells": []}, {}
     for pairs, seq_len in cells:
         start = time.perf_counter()
         cell = mqar_cell(base, pairs, seq_len, opts.items, seed)
-        right = answers_right(chunks, cfg, cell, vocab_size, base.pad_id, base.eos_id, training_length(cfg))
+        right = answers_right(chunks, cfg, cell, vocab_size, base.pad_id, base.eos_id, cfg.data.longest_seq_len)
         bar.update(cell.tokens.size)
+        outcomes[pairs, seq_len] = right
         out["cells"].append(cell_accuracy(pairs, seq_len, right, time.perf_counter() - start))
         log.info("mqar %d pairs, length %d: accuracy %.4f", pairs, seq_len, out["cells"][-1]["accuracy"])
-    return out
+    return out, outcomes
 
 
 def cell_accuracy(pairs: int, seq_len: int, right: np.ndarray, seconds: float) -> dict:
@@ -85,24 +88,26 @@ def cell_accuracy(pairs: int, seq_len: int, right: np.ndarray, seconds: float) -
             "items_all_right": float(right.all(axis=1).mean()), "seconds": round(seconds, 2)}
 
 
-def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar) -> dict:
+def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar, full: dict | None = None) -> dict:
+    """``full``: the mqar suite's outcomes when it ran in the same evaluation (then not computed again)."""
     from hybrid_megatron.eval.recall import answers_right, mqar_cell
 
     base, cells, seed = grid(cfg, opts)
+    full = full or {}
     kinds = set(pat.layers(cfg.model.hybrid_layer_pattern))
-    conditions = 1 + (pat.MAMBA in kinds) + (pat.ATTENTION in kinds)
-    announce(bar, conditions * sum(opts.items * length for _, length in cells))
+    conditions = (pat.MAMBA in kinds) + (pat.ATTENTION in kinds)
+    announce(bar, sum((conditions + (cell not in full)) * opts.items * cell[1] for cell in cells))
     out = {"seed": seed, "items_per_cell": opts.items, "attention_window": opts.attention_window, "cells": []}
     for pairs, seq_len in cells:
         cell = mqar_cell(base, pairs, seq_len, opts.items, seed)
-        run = {"full": None, "ssm_cut": None, "attention_cut": None}
+        run = {"full": full.get((pairs, seq_len)), "ssm_cut": None, "attention_cut": None}
         cuts = {"full": None, "ssm_cut": {"mamba": cell.query_start} if pat.MAMBA in kinds else None,
                 "attention_cut": ({"attention": cell.query_start - opts.attention_window}
                                   if pat.ATTENTION in kinds else None)}
         for name, cut in cuts.items():
-            if name != "full" and cut is None:
+            if (name == "full" and run["full"] is not None) or (name != "full" and cut is None):
                 continue
-            run[name] = answers_right(chunks, cfg, cell, vocab_size, base.pad_id, base.eos_id, training_length(cfg),
+            run[name] = answers_right(chunks, cfg, cell, vocab_size, base.pad_id, base.eos_id, cfg.data.longest_seq_len,
                                       cut=cut)
             bar.update(cell.tokens.size)
         out["cells"].append(state_cell(pairs, seq_len, run))

@@ -163,10 +163,12 @@ def _megatron_part(step_dir: Path, cfg: RunConfig, opts: EvalOptions) -> dict:
                 out["suites"]["ppl"] = ms.run_ppl(model.chunks, cfg, tokenizer, bar)
             if "length" in opts.suites:
                 out["suites"]["length"] = ms.run_length(model.chunks, cfg, opts, tokenizer, bar)
+            full = None
             if "mqar" in opts.suites:
-                out["suites"]["mqar"] = recall_suites.run_mqar(model.chunks, cfg, opts, model.vocab_size, bar)
+                out["suites"]["mqar"], full = recall_suites.run_mqar(model.chunks, cfg, opts, model.vocab_size, bar)
             if "state" in opts.suites:
-                out["suites"]["state"] = recall_suites.run_state(model.chunks, cfg, opts, model.vocab_size, bar)
+                out["suites"]["state"] = recall_suites.run_state(model.chunks, cfg, opts, model.vocab_size, bar,
+                                                                 full=full)
             if {"niah", "generation"} & set(opts.suites):
                 from data_pipeline.loader import open_validation_sources
                 from hybrid_megatron.eval import text_suites

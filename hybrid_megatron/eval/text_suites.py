@@ -16,7 +16,8 @@ import numpy as np
 
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.eval import paired
-from hybrid_megatron.eval.megatron_suites import announce, training_length
+from hybrid_megatron.eval.megatron_suites import announce
+from hybrid_megatron.eval.sharding import dp_share, gather_over_dp
 from hybrid_megatron.eval.suites import EvalOptions
 
 log = logging.getLogger(__name__)
@@ -28,34 +29,11 @@ def depths(count: int) -> list[float]:
     return [i / (count - 1) for i in range(count)] if count > 1 else [0.5]
 
 
-def _local(items: list, dp: int, rank: int) -> list:
-    if len(items) % dp:
-        raise ValueError(f"{len(items)} items do not split over {dp} data-parallel ranks")
-    n = len(items) // dp
-    return items[rank * n:(rank + 1) * n]
-
-
-def _gather(local: list) -> list:
-    """This rank's results, gathered over data-parallel ranks in rank order (the same on every rank)."""
-    import torch
-    from megatron.core import parallel_state
-
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
-        return local
-    parts = [None] * dp
-    torch.distributed.all_gather_object(parts, local, group=parallel_state.get_data_parallel_group())
-    return [x for part in parts for x in part]
-
-
 def run_niah(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes: dict, vocab_size: int, bar) -> dict:
-    from megatron.core import parallel_state
-
     from hybrid_megatron.eval.decode import generate
     from hybrid_megatron.eval.needle import filler, niah_item, pass_keys
 
-    train_len = training_length(cfg)
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    train_len = cfg.data.longest_seq_len
     hay = filler(indexes, cfg.data.seed, max(opts.lengths) * train_len, tokenizer.eos_id)
     out = {"train_len": train_len, "items_per_cell": opts.niah_items, "cells": []}
     for k in opts.lengths:
@@ -63,12 +41,12 @@ def run_niah(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes: dict
             start = time.perf_counter()
             keys = pass_keys((opts.seed or 0) * 1_000_003 + 1000 * k + d, opts.niah_items)  # fresh keys per cell
             items = [niah_item(tokenizer, hay, k * train_len, depth, key) for key in keys]
-            mine = _local(items, dp, rank)
+            mine = items[dp_share(len(items))]
             answer_len = max(a.size for _, a in items)
             announce(bar, sum(p.size for p, _ in mine) * answer_len)
             got = generate(chunks, cfg, [p for p, _ in mine], answer_len, 0.0, 0, tokenizer.eos_id, vocab_size,
                            stop_at_eos=False)
-            right = _gather([g[:a.size] == a.tolist() for g, (_, a) in zip(got, mine)])
+            right = gather_over_dp([g[:a.size] == a.tolist() for g, (_, a) in zip(got, mine)])
             bar.update(sum(p.size for p, _ in mine) * answer_len)
             out["cells"].append({"length": k * train_len, "multiple": k, "depth": depth,
                                  "accuracy": float(np.mean(right)), "items": len(right),
@@ -88,20 +66,17 @@ def generation_metrics(continuations: list[list[int]], eos_id: int, max_new: int
 
 def run_generation(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes: dict, vocab_size: int,
                    bar) -> dict:
-    from megatron.core import parallel_state
-
     from hybrid_megatron.eval.decode import generate
     from hybrid_megatron.eval.needle import documents
 
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     docs = documents(indexes, cfg.data.seed, tokenizer.eos_id, opts.prompt_tokens + 1, opts.prompts,
                      scan_tokens=max(1 << 22, 64 * opts.prompts * opts.prompt_tokens))
     prompts = [d[:opts.prompt_tokens] for d in docs]
-    mine = _local(prompts, dp, rank)
+    mine = prompts[dp_share(len(prompts))]
     out = {"prompts": len(prompts), "prompt_tokens": opts.prompt_tokens, "by_temperature": {}}
     announce(bar, len(TEMPERATURES) * len(mine) * opts.max_new_tokens)  # at most: rows stop at EOS
     for t in TEMPERATURES:
-        got = _gather(generate(chunks, cfg, mine, opts.max_new_tokens, t, opts.seed or 0, tokenizer.eos_id,
+        got = gather_over_dp(generate(chunks, cfg, mine, opts.max_new_tokens, t, opts.seed or 0, tokenizer.eos_id,
                                vocab_size))
         bar.update(len(mine) * opts.max_new_tokens)
         row = generation_metrics(got, tokenizer.eos_id, opts.max_new_tokens)

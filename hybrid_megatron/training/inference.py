@@ -61,7 +61,7 @@ def load_model_for_inference(cfg: RunConfig, step_dir: str | Path, max_seq_len: 
     check_architecture(saved.get("model", {}), to_dict(cfg.model), step_dir)
     vocab = checkpoint_vocab_size(cfg, step_dir)
     if max_seq_len is None:
-        max_seq_len = cfg.data.seq_len if cfg.data.curriculum is None else cfg.data.curriculum.max_seq_len
+        max_seq_len = cfg.data.longest_seq_len
     # wrapped first, as in training: the fp32 SSM params then receive the checkpoint's fp32 values
     chunks = [half_precision(cfg, chunk) for chunk in build_model_chunks(cfg, vocab, max_seq_len)]
     load_model_weights(chunks, step_dir)
