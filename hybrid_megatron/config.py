@@ -217,6 +217,9 @@ class RunConfig:
             checks += [("model.num_attention_heads", m.num_attention_heads), ("model.num_query_groups", m.num_kv_heads)]
         if counts["mamba"]:
             checks += [("model.mamba_num_heads", m.num_mamba_heads), ("model.mamba_num_groups", m.mamba_num_groups)]
+        if counts["gdn"]:
+            checks += [("the Gated DeltaNet key heads", m.num_gdn_key_heads),
+                       ("the Gated DeltaNet value heads", m.num_gdn_value_heads)]
         if counts["mlp"]:
             checks += [("model.ffn_hidden_size", m.ffn_hidden_size)]
         for name, value in checks:
@@ -229,6 +232,10 @@ class RunConfig:
         if m.attention_window is not None and m.attention_window >= longest:
             raise ConfigError(f"model.attention_window={m.attention_window} is not below the longest training sequence "
                               f"({longest} tokens): it would be full attention; drop it or shorten it")
+        if counts["gdn"] and self.train.deterministic and self.data.reset_at_document_boundaries:
+            raise ConfigError("train.deterministic with Gated DeltaNet layers ('G') needs data.reset_at_document_boundaries"
+                              "=false: megatron's deterministic delta rule (plain torch) has no packed-document path, "
+                              "and its packed path runs flash-linear-attention's kernels")
         if self.train.eval_interval and self.data.validation is None:
             raise ConfigError("train.eval_interval needs a data.validation section (held-out sources: "
                               "prepare-data --holdout-fraction F --holdout-output DIR)")

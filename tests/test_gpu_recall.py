@@ -46,7 +46,7 @@ def _logits(model, cfg, batch, cut=None):
     return out.float().reshape(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
 
 
-@pytest.mark.parametrize("pattern, kind", [("M-M-", "mamba"), ("*-*-", "attention")])
+@pytest.mark.parametrize("pattern, kind", [("M-M-", "mamba"), ("G-G-", "gdn"), ("*-*-", "attention")])
 def test_a_cut_makes_the_suffix_a_document_of_its_own_for_that_layer_type(world, pattern, kind):
     """In bf16 (as trained and evaluated: TE has no fp32 kernel for packed attention), so agreement is read
     against the size of the change the cut makes."""

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 MEGATRON_GATED_NORM_EPS = 1e-5  # MambaMixer builds its gated RMSNorm with eps=1e-5, whatever the config says
 EXPORTABLE_SYMBOLS = (pat.MAMBA, pat.ATTENTION, pat.MLP)
+# why no transformers class holds a Gated DeltaNet hybrid of this stack (checked against transformers 5.25):
+# qwen3_next's GatedDeltaNet computes what megatron's does, but not its other layers
+GDN_NO_CLASS = ("Gated DeltaNet layers ('G') have no exact transformers class: qwen3_next's delta rule matches "
+                "megatron's, but its attention layers add per-head q/k RMSNorms and a sigmoid output gate and its "
+                "decoder layers pair every mixer with a SwiGLU MLP; olmo_hybrid's attention is post-norm with q/k "
+                "norms")
 
 
 def export_problems(cfg: ModelConfig) -> list[str]:
@@ -40,6 +46,9 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         problems.append(f"attention_window={cfg.attention_window}: NemotronH's attention layers attend to the whole "
                         "context (no sliding window)")
     for pos, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
+        if symbol == pat.GDN:
+            problems.append(f"hybrid_layer_pattern: layer {pos}: {GDN_NO_CLASS}")
+            break
         if symbol not in EXPORTABLE_SYMBOLS:
             name = pat.LAYER_SYMBOLS.get(symbol, "unknown")
             problems.append(f"hybrid_layer_pattern: symbol {symbol!r} ({name}) at layer {pos} has no NemotronH mapping")

@@ -101,7 +101,7 @@ def answer_check(labels, loss_mask, vocab_size: int, seq_len: int, pairs: int, l
 
 def answers_right(chunks, cfg, cell: Cell, vocab_size: int, pad_id: int, eos_id: int, max_seq_len: int,
                   cut: dict[str, int] | None = None) -> np.ndarray:
-    """[items, pairs] bool: each answer right or not, under ``cut`` ({"mamba": p} and/or {"attention": p}:
+    """[items, pairs] bool: each answer right or not, under ``cut`` ({"mamba"/"gdn"/"attention": p}:
     those layers see a document start at position p of every item), the same on every rank."""
     import torch
     from megatron.core import parallel_state

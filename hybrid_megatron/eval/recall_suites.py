@@ -95,13 +95,14 @@ def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar, f
     base, cells, seed = grid(cfg, opts)
     full = full or {}
     kinds = set(pat.layers(cfg.model.hybrid_layer_pattern))
-    conditions = (pat.MAMBA in kinds) + (pat.ATTENTION in kinds)
+    recurrent = {name: symbol for name, symbol in (("mamba", pat.MAMBA), ("gdn", pat.GDN)) if symbol in kinds}
+    conditions = bool(recurrent) + (pat.ATTENTION in kinds)
     announce(bar, sum((conditions + (cell not in full)) * opts.items * cell[1] for cell in cells))
     out = {"seed": seed, "items_per_cell": opts.items, "attention_window": opts.attention_window, "cells": []}
     for pairs, seq_len in cells:
         cell = mqar_cell(base, pairs, seq_len, opts.items, seed)
         run = {"full": full.get((pairs, seq_len)), "ssm_cut": None, "attention_cut": None}
-        cuts = {"full": None, "ssm_cut": {"mamba": cell.query_start} if pat.MAMBA in kinds else None,
+        cuts = {"full": None, "ssm_cut": {name: cell.query_start for name in recurrent} or None,
                 "attention_cut": ({"attention": cell.query_start - opts.attention_window}
                                   if pat.ATTENTION in kinds else None)}
         for name, cut in cuts.items():

@@ -66,6 +66,24 @@ def window_kwargs(m: ModelConfig) -> dict:
     return {"window_size": (m.attention_window - 1, 0), "window_attn_skip_freq": flags}
 
 
+def gdn_kwargs(m: ModelConfig) -> dict:
+    """megatron's Gated DeltaNet fields (``linear_*``), when the pattern has ``G`` layers."""
+    if pat.GDN not in m.hybrid_layer_pattern:
+        return {}
+    return {"linear_conv_kernel_dim": m.gdn_conv_kernel, "linear_key_head_dim": m.gdn_key_head_dim,
+            "linear_value_head_dim": m.gdn_value_head_dim, "linear_num_key_heads": m.num_gdn_key_heads,
+            "linear_num_value_heads": m.num_gdn_value_heads}
+
+
+def check_gdn_kernels(m: ModelConfig) -> None:
+    """ConfigError when the pattern has ``G`` layers and flash-linear-attention (their kernels) is missing."""
+    import importlib.util
+
+    if pat.GDN in m.hybrid_layer_pattern and importlib.util.find_spec("fla") is None:
+        raise ConfigError("model.hybrid_layer_pattern has Gated DeltaNet layers ('G'), which need the "
+                          "flash-linear-attention kernels: pip install flash-linear-attention")
+
+
 def transformer_config_kwargs(cfg: RunConfig) -> dict:
     """Everything megatron's TransformerConfig needs from our config (torch imported, no CUDA)."""
     import torch
@@ -106,7 +124,7 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
         deterministic_mode=train.deterministic,
         **_activation(m),
     )
-    kwargs.update(attention_backend=attention_backend(cfg), **window_kwargs(m))
+    kwargs.update(attention_backend=attention_backend(cfg), **window_kwargs(m), **gdn_kwargs(m))
     if kwargs["virtual_pipeline_model_parallel_size"] is not None:
         kwargs.update(_interleaved_p2p())
     if train.recompute == "selective":
@@ -206,6 +224,7 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int, max_seq_len: int) -> lis
                           "local spec's attention is full")
     if spec_name == "local" and cfg.precision.fp8:
         raise ConfigError("precision.fp8 needs Transformer Engine: model.layer_spec=local cannot run FP8")
+    check_gdn_kernels(cfg.model)
     config = build_transformer_config(cfg)
     check_attention_env(config.attention_backend)
     if cfg.train.deterministic:

@@ -24,7 +24,7 @@ def positive(section: str, **values: int | float | None) -> None:
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     hybrid_layer_pattern: str
-    """Layers as symbols: M Mamba-2, * attention, - MLP; | cuts pipeline segments."""
+    """Layers as symbols: M Mamba-2, G Gated DeltaNet, * attention, - MLP; | cuts pipeline segments."""
     hidden_size: int
     ffn_hidden_size: int
     """Width of the MLP layers' hidden activation."""
@@ -42,6 +42,16 @@ class ModelConfig:
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 128
     mamba_expand: int = 2
+    gdn_key_head_dim: int = 128
+    """Gated DeltaNet (``G``): query/key head dim."""
+    gdn_value_head_dim: int = 128
+    """Gated DeltaNet: value (and output-gate) head dim."""
+    gdn_num_key_heads: int | None = None
+    """Gated DeltaNet query/key heads; None for hidden_size // gdn_key_head_dim (Qwen3-Next's proportions)."""
+    gdn_num_value_heads: int | None = None
+    """Gated DeltaNet value heads, a multiple of the key heads; None for 2 * hidden_size // gdn_value_head_dim."""
+    gdn_conv_kernel: int = 4
+    """Gated DeltaNet: width of the causal depthwise convolution over q, k and v."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-5
     add_bias_linear: bool = False
@@ -83,6 +93,11 @@ class ModelConfig:
             mamba_conv_kernel=self.mamba_conv_kernel,
             mamba_chunk_size=self.mamba_chunk_size,
             mamba_expand=self.mamba_expand,
+            gdn_key_head_dim=self.gdn_key_head_dim,
+            gdn_value_head_dim=self.gdn_value_head_dim,
+            gdn_num_key_heads=self.gdn_num_key_heads,
+            gdn_num_value_heads=self.gdn_num_value_heads,
+            gdn_conv_kernel=self.gdn_conv_kernel,
             vocab_size=self.vocab_size,
             make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
             init_method_std=self.init_method_std,
@@ -108,6 +123,7 @@ class ModelConfig:
                 f"{self.mamba_expand * self.hidden_size}: set model.mamba_num_heads"
             )
         self._check_window()
+        self._check_gdn()
         if self.num_mamba_heads % self.mamba_num_groups:
             raise ConfigError(
                 f"model.mamba_num_groups={self.mamba_num_groups} does not divide the "
@@ -134,6 +150,19 @@ class ModelConfig:
             raise ConfigError(f"model.global_attention_layers={chosen}: indices must be distinct and in [0, {attention}) "
                               f"(the pattern has {attention} attention layers)")
 
+    def _check_gdn(self) -> None:
+        if pat.GDN not in self.hybrid_layer_pattern:
+            return
+        if self.gdn_num_key_heads is None and self.hidden_size % self.gdn_key_head_dim:
+            raise ConfigError(f"model.gdn_key_head_dim={self.gdn_key_head_dim} does not divide model.hidden_size="
+                              f"{self.hidden_size}: set model.gdn_num_key_heads")
+        if self.gdn_num_value_heads is None and (2 * self.hidden_size) % self.gdn_value_head_dim:
+            raise ConfigError(f"model.gdn_value_head_dim={self.gdn_value_head_dim} does not divide 2 * hidden_size = "
+                              f"{2 * self.hidden_size}: set model.gdn_num_value_heads")
+        if self.num_gdn_key_heads == 0 or self.num_gdn_value_heads % self.num_gdn_key_heads:
+            raise ConfigError(f"Gated DeltaNet: {self.num_gdn_value_heads} value heads are not a multiple of "
+                              f"{self.num_gdn_key_heads} key heads (model.gdn_num_value_heads / gdn_num_key_heads)")
+
     def windowed_attention(self) -> list[bool]:
         """Per attention layer in pattern order: True when it attends within the window."""
         attention = pat.layers(self.hybrid_layer_pattern).count(pat.ATTENTION)
@@ -157,6 +186,14 @@ class ModelConfig:
     @property
     def mamba_d_inner(self) -> int:
         return self.num_mamba_heads * self.mamba_head_dim
+
+    @property
+    def num_gdn_key_heads(self) -> int:
+        return self.gdn_num_key_heads or self.hidden_size // self.gdn_key_head_dim
+
+    @property
+    def num_gdn_value_heads(self) -> int:
+        return self.gdn_num_value_heads or 2 * self.hidden_size // self.gdn_value_head_dim
 
     @property
     def num_layers(self) -> int:

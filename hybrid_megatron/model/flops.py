@@ -15,6 +15,12 @@ Per token, with H hidden, S sequence length, V padded vocab:
                     + 2*K*(di + 2*G*N)                                             (depthwise conv)
                     + 2*G*N*Q/2 + 2*di*Q/2                                          (SSD within a chunk of Q)
                     + 2*di*N + 2*di*N                                               (chunk states in and out)
+  gdn layer         2*H*(2*QK + 2*VD + 2*hv)  +  2*VD*H                             (in_proj, out_proj)
+                    + 2*K*(2*QK + VD)                                              (depthwise conv)
+                    + hv * [C*(dk + dv) + C*(2*dk + dv) + 6*dk*dv]                  (flash-linear-attention's
+                    chunked delta rule, chunk C = 64, per value head: causal scores and their product with
+                    V inside a chunk (half the square); the WY transform's K K^T, A K and A V; reading,
+                    correcting and updating the dk x dv state)
   logits            2*H*V
 
 Parameter shapes come from ``model/geometry.py``: a GEMM costs 2 x its weight's elements per token, and
@@ -43,8 +49,15 @@ def mean_keys(seq_len: int, window: int | None) -> float:
     return window - window * window / (2 * seq_len)
 
 
+GDN_CHUNK = 64  # flash-linear-attention's chunk size for the gated delta rule
+
+
 def _mixing_flops(m: ModelConfig, symbol: str, seq_len: int, window: int | None = None) -> int:
     """Forward FLOPs per token outside the GEMMs (the GEMMs cost 2 x their weight elements)."""
+    if symbol == pat.GDN:
+        w, C = geo.gdn_widths(m), min(GDN_CHUNK, seq_len)
+        dk, dv = m.gdn_key_head_dim, m.gdn_value_head_dim
+        return 2 * m.gdn_conv_kernel * w.conv + w.value_heads * (C * (dk + dv) + C * (2 * dk + dv) + 6 * dk * dv)
     if symbol == pat.MAMBA:
         w = geo.mamba_widths(m)
         Q = min(m.mamba_chunk_size, seq_len)

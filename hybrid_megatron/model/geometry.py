@@ -11,7 +11,8 @@ Adding a layer family means one more ``_<family>_layer`` function and an entry i
 
 Legend: H hidden, D Mamba d_inner (heads x head dim), BC groups x state dim (rows of B and of C),
 h Mamba heads, K conv kernel, q/kv attention query/key-value heads, hd head dim, F ffn hidden,
-U MLP up-projection rows (2F when gated), V padded vocab.
+U MLP up-projection rows (2F when gated), V padded vocab; Gated DeltaNet: QK = key heads x key head dim,
+VD = value heads x value head dim, hv value heads, dv value head dim.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from hybrid_megatron.model.config import ModelConfig
 IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
 CONV_PARTS = ("x", "B", "C")
 SSM_FP32_NAMES = ("A_log", "D", "dt_bias")  # kept fp32 in training and in checkpoints
+# megatron's GatedDeltaNet stores in_proj and conv1d as per-section sub-keys too
+GDN_IN_PROJ_PARTS = ("query", "key", "value", "z", "beta", "alpha")
+GDN_CONV_PARTS = ("query", "key", "value")
+GDN_FP32_NAMES = ("A_log", "dt_bias")  # its decay and step parameters: the same SSM-precision rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,36 @@ class MambaWidths:
         return self.d_inner + 2 * self.bc
 
 
+@dataclass(frozen=True, slots=True)
+class GdnWidths:
+    """megatron's GatedDeltaNet widths: in_proj rows [q | k | v | z | beta | alpha], conv over [q | k | v]."""
+
+    qk: int  # key heads x key head dim (rows of q, and of k)
+    v: int  # value heads x value head dim (rows of v, and of the output gate z)
+    value_heads: int
+
+    @property
+    def in_proj_parts(self) -> tuple[tuple[str, int], ...]:
+        return tuple(zip(GDN_IN_PROJ_PARTS, (self.qk, self.qk, self.v, self.v, self.value_heads, self.value_heads)))
+
+    @property
+    def conv_parts(self) -> tuple[tuple[str, int], ...]:
+        return tuple(zip(GDN_CONV_PARTS, (self.qk, self.qk, self.v)))
+
+    @property
+    def in_proj(self) -> int:
+        return 2 * self.qk + 2 * self.v + 2 * self.value_heads
+
+    @property
+    def conv(self) -> int:
+        return 2 * self.qk + self.v
+
+
+def gdn_widths(m: ModelConfig) -> GdnWidths:
+    return GdnWidths(qk=m.num_gdn_key_heads * m.gdn_key_head_dim, v=m.num_gdn_value_heads * m.gdn_value_head_dim,
+                     value_heads=m.num_gdn_value_heads)
+
+
 def mamba_widths(m: ModelConfig) -> MambaWidths:
     return MambaWidths(d_inner=m.mamba_d_inner, bc=m.mamba_num_groups * m.mamba_state_dim, heads=m.num_mamba_heads)
 
@@ -146,6 +181,23 @@ def _mamba_layer(m: ModelConfig) -> LayerGeometry:
     return LayerGeometry(pat.MAMBA, params, (("the Mamba in_proj width", w.in_proj), ("the Mamba inner width", w.d_inner)))
 
 
+def _gdn_layer(m: ModelConfig) -> LayerGeometry:
+    H, K, w = m.hidden_size, m.gdn_conv_kernel, gdn_widths(m)
+    # megatron builds GatedDeltaNet without linear or conv biases (its defaults; the hybrid spec passes none);
+    # the gated output norm runs per value head, so every TP rank holds it whole
+    out_norm = ("weight", "bias") if m.normalization == "LayerNorm" else ("weight",)
+    params = (
+        *_pre_norm(m, "self_attention.in_proj"),
+        Param("self_attention.in_proj.weight", (w.in_proj, H), 0, gemm=True, parts=w.in_proj_parts),
+        Param("self_attention.conv1d.weight", (w.conv, 1, K), 0, parts=w.conv_parts),
+        *(Param(f"self_attention.{name}", (w.value_heads,), 0, fp32=True) for name in GDN_FP32_NAMES),
+        *(Param(f"self_attention.out_norm.{n}", (m.gdn_value_head_dim,), None) for n in out_norm),
+        Param("self_attention.out_proj.weight", (H, w.v), 1, gemm=True),
+    )
+    return LayerGeometry(pat.GDN, params, (("the Gated DeltaNet in_proj width", w.in_proj),
+                                           ("the Gated DeltaNet value width", w.v)))
+
+
 def _attention_layer(m: ModelConfig) -> LayerGeometry:
     H = m.hidden_size
     qkv, out = attention_widths(m)
@@ -169,7 +221,12 @@ def _mlp_layer(m: ModelConfig) -> LayerGeometry:
     return LayerGeometry(pat.MLP, params, (("model.ffn_hidden_size", F),))
 
 
-_LAYERS = {pat.MAMBA: _mamba_layer, pat.ATTENTION: _attention_layer, pat.MLP: _mlp_layer}
+_LAYERS = {pat.MAMBA: _mamba_layer, pat.GDN: _gdn_layer, pat.ATTENTION: _attention_layer, pat.MLP: _mlp_layer}
+
+
+def fp32_param_suffixes() -> frozenset[str]:
+    """Names below a layer (e.g. ``mixer.A_log``) that the SSM-precision rule keeps fp32, for every layer type."""
+    return frozenset({*(f"mixer.{n}" for n in SSM_FP32_NAMES), *(f"self_attention.{n}" for n in GDN_FP32_NAMES)})
 
 
 def layer(m: ModelConfig, symbol: str) -> LayerGeometry:

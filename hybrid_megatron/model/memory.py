@@ -23,6 +23,10 @@ models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep
              output before gating, both saved by mamba_split_conv1d_scan_combined; gated-norm input;
              out_proj input; fp32 group-norm rstd). The memory-efficient kernel recomputes the conv
              output and the chunk states in the backward, so those are working set, below.
+  gdn        + [2T W + 2T c + 4T hv dk + 8T hv + 4T hv C + 4T VD] / t   (W in_proj width, c conv channels,
+             C = 64 the delta rule's chunk: in_proj output, conv output, L2-normed q and k at the value
+             heads, fp32 decay and norm rstd, the fp32 intra-chunk matrix flash-linear-attention saves,
+             core output and gated-norm output = out_proj input)
   attention  + [2T(q + 2kv)hd + 2T q hd + 4T q] / t          (Q, K, V; flash/cuDNN output = proj input;
              fp32 logsumexp). No S^2 term: the fused kernels never store the score matrix. Selective
              recompute (megatron's default module "core_attn") keeps Q, K, V and the output and drops
@@ -38,6 +42,7 @@ L x PP/PP = L layers); with interleaving (1 + (PP-1)/(PP v)) times that.
 Once per GPU (not per micro-batch in flight):
   working set  the largest layer's backward: mamba  [2T W + 2T(di + 2GN) + 4T di N/Q + 4T G Q + 12T nh]/t
                (grad of in_proj output, recomputed conv output, fp32 chunk states and C^T B, dt/dA);
+               gdn [2T W + 2T c + 4T hv dk dv/C + 4T hv C]/t (fp32 chunk states recomputed in the backward);
                attention [2T(q + 2kv)hd + 6T q hd + 4Tq]/t; mlp [2T F u + 2T F]/t; plus 4TH/s of
                residual-stream grads and, with sequence parallel, 2TH for the all-gathered GEMM input.
                Full recompute adds the stored activations of the N-layer chunk being recomputed.
@@ -60,6 +65,7 @@ from hybrid_megatron.config import RunConfig
 from hybrid_megatron.model import geometry as geo
 from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.config import ModelConfig
+from hybrid_megatron.model.flops import GDN_CHUNK
 
 GB = 1e9
 GPU_BYTES = 80 * GB
@@ -83,6 +89,12 @@ def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, rec
         W = geo.mamba_widths(m).in_proj
         stored += (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
         work = (2 * T * W + 2 * T * (di + 2 * G * N) + 4 * T * di * N / Q + 4 * T * G * Q + 12 * T * nh) / tp
+    elif symbol == pat.GDN:
+        w, C = geo.gdn_widths(m), GDN_CHUNK
+        hv, dk, dv = w.value_heads, m.gdn_key_head_dim, m.gdn_value_head_dim
+        stored += (2 * T * w.in_proj + 2 * T * w.conv + 4 * T * hv * dk + 8 * T * hv + 4 * T * hv * C
+                   + 4 * T * w.v) / tp
+        work = (2 * T * w.in_proj + 2 * T * w.conv + 4 * T * hv * dk * dv / C + 4 * T * hv * C) / tp
     elif symbol == pat.ATTENTION:
         q, hd = m.num_attention_heads, m.head_dim
         qkv, _ = geo.attention_widths(m)

@@ -1,7 +1,7 @@
 """The hybrid layer pattern: validation and the split into pipeline stages, in pure Python.
 
-Symbols follow megatron-core's ``hybrid_layer_allocation.Symbols``: ``M`` Mamba-2, ``*`` attention
-(no MLP), ``-`` dense MLP, ``E`` MoE, ``|`` a pipeline-segment cut. megatron-core parses the same
+Symbols follow megatron-core's ``hybrid_layer_allocation.Symbols``: ``M`` Mamba-2, ``G`` Gated DeltaNet,
+``*`` attention (no MLP), ``-`` dense MLP, ``E`` MoE, ``|`` a pipeline-segment cut. megatron-core parses the same
 string when it builds the model; doing it here first lets ``--dry-run`` and config validation run on
 a CPU and fail with one line instead of an assertion inside the model constructor.
 """
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from data_pipeline.errors import ConfigError
 
-MAMBA, ATTENTION, MLP, MOE, PIPE = "M", "*", "-", "E", "|"
-LAYER_SYMBOLS = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
-SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)  # MoE needs expert-parallel wiring not built yet
+MAMBA, GDN, ATTENTION, MLP, MOE, PIPE = "M", "G", "*", "-", "E", "|"
+LAYER_SYMBOLS = {MAMBA: "mamba", GDN: "gdn", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
+SUPPORTED_SYMBOLS = (MAMBA, GDN, ATTENTION, MLP)  # MoE needs expert-parallel wiring not built yet
+RECURRENT = (MAMBA, GDN)  # layers that carry a constant-size state along the sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ def validate_pattern(pattern: str) -> None:
         if char not in LAYER_SYMBOLS:
             raise ConfigError(
                 f"model.hybrid_layer_pattern: unknown symbol {char!r} at position {pos} in {pattern!r} "
-                f"(known: M mamba, * attention, - mlp, | pipeline cut)"
+                f"(known: M mamba, G gated deltanet, * attention, - mlp, E moe, | pipeline cut)"
             )
         if char not in SUPPORTED_SYMBOLS:
             raise ConfigError(

@@ -2,7 +2,7 @@
 
 megatron's hybrid stack hands every layer the same ``packed_seq_params`` (``cu_seqlens``: where documents
 start; Mamba-2 derives its state resets from them, attention its causal segments). ``layer_overrides``
-gives the Mamba layers or the attention layers other boundaries for the duration of a ``with`` block, through
+gives the Mamba layers, the Gated DeltaNet layers or the attention layers other boundaries for the duration of a ``with`` block, through
 forward pre-hooks that replace that keyword argument, so that a memory can be cut for one layer type while
 the other still sees the whole document. Layers of other types (MLP, MoE) ignore the boundaries.
 """
@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import contextlib
 
-LAYER_TYPES = ("mamba", "attention")
+LAYER_TYPES = ("mamba", "gdn", "attention")
+RECURRENT_TYPES = ("mamba", "gdn")  # what the SSM-state cut restarts
 
 
 def layer_type(module) -> str | None:
-    """"mamba" for megatron's MambaLayer, "attention" for a TransformerLayer with self-attention, else None."""
+    """"mamba" for megatron's MambaLayer, "gdn" for a TransformerLayer around a GatedDeltaNet, "attention" for
+    one with self-attention, else None."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
     from megatron.core.ssm.mamba_layer import MambaLayer
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     if isinstance(module, MambaLayer):
         return "mamba"
-    if isinstance(module, TransformerLayer) and not isinstance(getattr(module, "self_attention", None), IdentityOp):
-        return "attention"
-    return None
+    if not isinstance(module, TransformerLayer):
+        return None
+    mixer = getattr(module, "self_attention", None)
+    if isinstance(mixer, GatedDeltaNet):
+        return "gdn"
+    return None if isinstance(mixer, IdentityOp) else "attention"
 
 
 @contextlib.contextmanager

@@ -33,6 +33,30 @@ def resolve_layer_spec(model: ModelConfig) -> str:
     return model.layer_spec
 
 
+def _gdn_layer(input_layernorm, in_proj, out_norm, out_proj, keys_map: dict | None = None):
+    """The ``G`` layer: a TransformerLayer whose token mixer is megatron's GatedDeltaNet (no MLP inside)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from hybrid_megatron.model.gdn import SiluGatedDeltaNet
+
+    norm = {"input_layernorm": input_layernorm} if input_layernorm is not None else {}
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            **norm,
+            self_attention=ModuleSpec(
+                module=SiluGatedDeltaNet,
+                submodules=GatedDeltaNetSubmodules(in_proj=in_proj, out_norm=out_norm, out_proj=out_proj),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map or {},
+        ),
+    )
+
+
 def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
     """The hybrid stack on Transformer Engine: fused norm+linear, cuDNN/flash attention, FP8-capable.
 
@@ -41,6 +65,7 @@ def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,
+        TENorm,
         TERowParallelLinear,
     )
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -73,6 +98,7 @@ def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
                     mamba_bda=get_bias_dropout_add,
                 ),
             ),
+            gdn_layer=_gdn_layer(None, TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear),
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(
@@ -141,6 +167,8 @@ def local_stack_spec(model: ModelConfig):
                     sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
                 ),
             ),
+            gdn_layer=_gdn_layer(WrappedTorchNorm, ColumnParallelLinear, WrappedTorchNorm, RowParallelLinear,
+                                 {"input_layernorm.": "self_attention.in_proj.layer_norm_"}),
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(

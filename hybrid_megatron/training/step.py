@@ -29,7 +29,7 @@ class MicroBatch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     packed_seq_params: object | None
-    layer_params: dict | None = None  # per layer type ("mamba", "attention"): other boundaries (model/segments.py)
+    layer_params: dict | None = None  # per layer type ("mamba", "gdn", "attention"): other boundaries (model/segments.py)
 
 
 def micro_batch_size_for(n_local: int, seq_len: int, micro_batch_size: int, max_seq_len: int,
