@@ -26,6 +26,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     """Shard norms/dropout activations over the sequence across TP ranks (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """MoE layers: experts split over this many ranks of the data-parallel group (EP divides DP and the experts)."""
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -35,6 +37,7 @@ class ParallelConfig:
             "parallel",
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
         )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
@@ -222,6 +225,10 @@ class RunConfig:
                        ("the Gated DeltaNet value heads", m.num_gdn_value_heads)]
         if counts["mlp"]:
             checks += [("model.ffn_hidden_size", m.ffn_hidden_size)]
+        if counts["moe"]:
+            checks += [("the expert width (model.moe_ffn_hidden_size)", m.expert_ffn_hidden_size)]
+            checks += [("model.moe_shared_expert_size", m.moe_shared_expert_size)] if m.moe_shared_expert_size else []
+        self._check_experts(counts["moe"])
         for name, value in checks:
             if value % tp:
                 raise ConfigError(
@@ -251,6 +258,18 @@ class RunConfig:
             problem = first_problem(m, tp, self.data)
             if problem:
                 raise ConfigError(problem)
+
+    def _check_experts(self, moe_layers: int) -> None:
+        m, par = self.model, self.parallel
+        ep = par.expert_model_parallel_size
+        if ep > 1 and not moe_layers:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs MoE layers ('E') in the pattern")
+        if moe_layers and m.moe_num_experts % ep:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} does not divide model.moe_num_experts="
+                              f"{m.moe_num_experts}")
+        if moe_layers and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
+            raise ConfigError("MoE layers ('E') with tensor parallelism need parallel.sequence_parallel=true "
+                              "(megatron's token dispatcher)")
 
     @property
     def save_dir(self) -> Path:

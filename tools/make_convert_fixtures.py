@@ -48,7 +48,9 @@ import time
 from pathlib import Path
 
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
-from hybrid_megatron.devtools.fixture_spec import FIXTURES, MAX_FIXTURE_BYTES, MODEL, check_fixture, nproc, overrides
+from hybrid_megatron.devtools.fixture_spec import (
+    FIXTURES, MAX_FIXTURE_BYTES, TE_REFERENCE, check_fixture, model_fields, nproc, overrides,
+)
 from hybrid_megatron.devtools.fixture_worker import worker
 from hybrid_megatron.devtools.gpu_launch import device_name, launch, visible_gpus
 
@@ -70,7 +72,8 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     run_dir = work / name / "run"
     shutil.rmtree(work / name, ignore_errors=True)
     (work / name).mkdir(parents=True)
-    row: dict = {"name": name, **layout, "pattern": MODEL["hybrid_layer_pattern"], "steps": args.steps, "attempts": []}
+    row: dict = {"name": name, **layout, "pattern": model_fields(name)["hybrid_layer_pattern"], "steps": args.steps,
+                 "attempts": []}
     source = None
     if args.train == "cli":
         cli = ["-m", "hybrid_megatron", "pretrain", "configs/tiny.yaml", *overrides(name, run_dir, args.steps)]
@@ -97,7 +100,8 @@ def make_fixture(name: str, args: argparse.Namespace, work: Path) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     info = work / name / "record_info.json"
-    argv = worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source, args.reference)
+    reference = "te" if name in TE_REFERENCE else args.reference
+    argv = worker_argv("record", name, run_dir, args.steps, layout, out_dir, info, source, reference)
     code, tail = launch(n, argv, args.timeout_s, work / name / "record.log")
     if code != 0:
         return {**row, "status": "failed", "error": f"recording failed (exit {code}): {tail[-1200:]}"}
@@ -123,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="training steps (32k tokens each). At 200 the logits held near-ties that bf16 rounding flips "
                          "(98.67%% top-1 on tp1, the exact export run in bf16 included); 400 reached 99.67%%")
     ap.add_argument("--reference", choices=("fp32", "te"), default="fp32",
-                    help="fp32: strict fp32 logits (local spec, no TF32); te: the TE model's logits (TF32 GEMMs)")
+                    help="fp32: strict fp32 logits (local spec, no TF32); te: the TE model's logits (TF32 GEMMs). "
+                         f"Always te for {', '.join(TE_REFERENCE)} (MoE layers need TE's grouped GEMM)")
     ap.add_argument("--train", choices=("cli", "worker"), default="cli",
                     help="cli: the pretrain CLI (falls back to the worker on failure); worker: components directly")
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per launched process")

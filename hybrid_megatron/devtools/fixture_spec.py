@@ -11,11 +11,12 @@ from hybrid_megatron.devtools import REPO_ROOT as ROOT
 BATCH, SEQ, PROMPT_LEN, NEW_TOKENS = 2, 150, 70, 20
 WINDOW_STRIDE = 997  # token offset between the two input rows inside the source stream
 STEP_DIR = "step-000000"
-MAX_FIXTURE_BYTES = 1_600_000  # three fixtures stay well under the 5 MB budget
+MAX_FIXTURE_BYTES = 1_600_000  # the four fixtures stay under 7 MB
 FIXTURES = {  # name -> layout; the pattern is cut for PP=2 into 3 + 4 layers (an uneven split)
     "tp1": {"tp": 1, "pp": 1},
     "tp2": {"tp": 2, "pp": 1},
     "pp2": {"tp": 1, "pp": 2},
+    "moe": {"tp": 1, "pp": 1},
 }
 MODEL = {  # ~0.18M parameters: hidden 64, 4 Mamba heads of 32 (2 groups, state 16), 4 attention heads (2 KV)
     "hybrid_layer_pattern": "M-*|M-M-",
@@ -33,6 +34,20 @@ MODEL = {  # ~0.18M parameters: hidden 64, 4 Mamba heads of 32 (2 groups, state 
 }
 
 
+# fixtures of another model: these fields replace MODEL's. "moe": NemotronH-style MoE layers (sigmoid top-2 routing
+# with an expert bias, a shared expert); MoE needs TE's grouped GEMM, so its reference is the TE model's (TF32)
+MODEL_CHANGES = {
+    "moe": {"hybrid_layer_pattern": "ME*|MEM-", "moe_num_experts": 4, "moe_top_k": 2, "moe_ffn_hidden_size": 64,
+            "moe_shared_expert_size": 64, "moe_expert_bias": True},
+}
+TE_REFERENCE = ("moe",)
+
+
+def model_fields(name: str) -> dict:
+    """The ``model:`` fields of fixture ``name``."""
+    return {**MODEL, **MODEL_CHANGES.get(name, {})}
+
+
 def nproc(name: str) -> int:
     return FIXTURES[name]["tp"] * FIXTURES[name]["pp"]
 
@@ -40,7 +55,7 @@ def nproc(name: str) -> int:
 def overrides(name: str, run_dir: Path, steps: int, layout: dict | None = None) -> list[str]:
     """Dotlist overrides of configs/tiny.yaml for a fixture (``layout`` replaces the fixture's TP/PP)."""
     layout = layout or FIXTURES[name]
-    out = [f"model.{k}={v}" for k, v in MODEL.items()]
+    out = [f"model.{k}={v}" for k, v in model_fields(name).items()]
     out += [
         "precision.dtype=fp32",
         # TE runs fp32 attention only through its unfused backend, which has no packed (thd) path

@@ -75,6 +75,26 @@ def gdn_kwargs(m: ModelConfig) -> dict:
             "linear_num_value_heads": m.num_gdn_value_heads}
 
 
+def moe_kwargs(cfg: RunConfig) -> dict:
+    """megatron's MoE fields, when the pattern has ``E`` layers: top-k routing computed in fp32, grouped GEMM,
+    the all-to-all token dispatcher, dropless unless a capacity factor is set."""
+    m = cfg.model
+    if pat.MOE not in m.hybrid_layer_pattern:
+        return {}
+    return {
+        "num_moe_experts": m.moe_num_experts, "moe_router_topk": m.moe_top_k,
+        "moe_ffn_hidden_size": m.expert_ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": m.moe_shared_expert_size,
+        "moe_router_score_function": m.moe_router_score_function, "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        "moe_aux_loss_coeff": m.moe_aux_loss_coeff, "moe_router_enable_expert_bias": m.moe_expert_bias,
+        "moe_expert_capacity_factor": m.moe_capacity_factor,
+        "moe_router_topk_scaling_factor": m.moe_routed_scaling_factor,
+        "moe_grouped_gemm": True, "moe_token_dispatcher_type": "alltoall",
+        "expert_model_parallel_size": cfg.parallel.expert_model_parallel_size,
+    }
+
+
 def check_gdn_kernels(m: ModelConfig) -> None:
     """ConfigError when the pattern has ``G`` layers and flash-linear-attention (their kernels) is missing."""
     import importlib.util
@@ -124,7 +144,7 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
         deterministic_mode=train.deterministic,
         **_activation(m),
     )
-    kwargs.update(attention_backend=attention_backend(cfg), **window_kwargs(m), **gdn_kwargs(m))
+    kwargs.update(attention_backend=attention_backend(cfg), **window_kwargs(m), **gdn_kwargs(m), **moe_kwargs(cfg))
     if kwargs["virtual_pipeline_model_parallel_size"] is not None:
         kwargs.update(_interleaved_p2p())
     if train.recompute == "selective":

@@ -24,7 +24,7 @@ def positive(section: str, **values: int | float | None) -> None:
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     hybrid_layer_pattern: str
-    """Layers as symbols: M Mamba-2, G Gated DeltaNet, * attention, - MLP; | cuts pipeline segments."""
+    """Layers as symbols: M Mamba-2, G Gated DeltaNet, * attention, - MLP, E MoE; | cuts pipeline segments."""
     hidden_size: int
     ffn_hidden_size: int
     """Width of the MLP layers' hidden activation."""
@@ -52,6 +52,25 @@ class ModelConfig:
     """Gated DeltaNet value heads, a multiple of the key heads; None for 2 * hidden_size // gdn_value_head_dim."""
     gdn_conv_kernel: int = 4
     """Gated DeltaNet: width of the causal depthwise convolution over q, k and v."""
+    moe_num_experts: int | None = None
+    """MoE (``E``) layers: routed experts per layer (required with ``E``)."""
+    moe_top_k: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of each expert's hidden activation; None for ffn_hidden_size."""
+    moe_shared_expert_size: int | None = None
+    """Width of a shared expert every token passes through (Nemotron-H/DeepSeek style); None for none."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "sigmoid"
+    """Router scores: sigmoid (Nemotron-H, DeepSeek-V3; exportable) or softmax (Mixtral)."""
+    moe_aux_loss_coeff: float = 1e-2
+    """Load-balancing loss coefficient (megatron's aux_loss); 0 turns the loss off."""
+    moe_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias on the routing scores, updated from the load (DeepSeek-V3)."""
+    moe_capacity_factor: float | None = None
+    """None: dropless (every routed token is computed). A factor caps each expert at factor x its fair share of
+    tokens and drops the rest (counted in the logs)."""
+    moe_routed_scaling_factor: float | None = None
+    """Multiplier on the routed experts' weights (Nemotron-H's routed_scaling_factor); None for 1."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-5
     add_bias_linear: bool = False
@@ -98,6 +117,12 @@ class ModelConfig:
             gdn_num_key_heads=self.gdn_num_key_heads,
             gdn_num_value_heads=self.gdn_num_value_heads,
             gdn_conv_kernel=self.gdn_conv_kernel,
+            moe_num_experts=self.moe_num_experts,
+            moe_top_k=self.moe_top_k,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+            moe_shared_expert_size=self.moe_shared_expert_size,
+            moe_capacity_factor=self.moe_capacity_factor,
+            moe_routed_scaling_factor=self.moe_routed_scaling_factor,
             vocab_size=self.vocab_size,
             make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
             init_method_std=self.init_method_std,
@@ -124,6 +149,7 @@ class ModelConfig:
             )
         self._check_window()
         self._check_gdn()
+        self._check_moe()
         if self.num_mamba_heads % self.mamba_num_groups:
             raise ConfigError(
                 f"model.mamba_num_groups={self.mamba_num_groups} does not divide the "
@@ -162,6 +188,33 @@ class ModelConfig:
         if self.num_gdn_key_heads == 0 or self.num_gdn_value_heads % self.num_gdn_key_heads:
             raise ConfigError(f"Gated DeltaNet: {self.num_gdn_value_heads} value heads are not a multiple of "
                               f"{self.num_gdn_key_heads} key heads (model.gdn_num_value_heads / gdn_num_key_heads)")
+
+    def _check_moe(self) -> None:
+        has_moe = pat.MOE in self.hybrid_layer_pattern
+        if not has_moe:
+            if self.moe_num_experts is not None:
+                raise ConfigError("model.moe_num_experts is set but model.hybrid_layer_pattern has no MoE layer ('E')")
+            return
+        if self.moe_num_experts is None:
+            raise ConfigError("model.hybrid_layer_pattern has MoE layers ('E'): set model.moe_num_experts (and "
+                              "model.moe_top_k, default 2)")
+        if not 1 <= self.moe_top_k <= self.moe_num_experts:
+            raise ConfigError(f"model.moe_top_k={self.moe_top_k}: must lie in [1, model.moe_num_experts="
+                              f"{self.moe_num_experts}]")
+        if self.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff}: must be >= 0")
+        if self.moe_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ConfigError("model.moe_expert_bias=true needs model.moe_router_score_function=sigmoid (megatron's "
+                              "expert bias shifts sigmoid scores)")
+        if self.layer_spec == "local":
+            raise ConfigError("MoE layers ('E') need Transformer Engine's grouped GEMM: model.layer_spec=local "
+                              "cannot build them")
+        if self.add_bias_linear:
+            raise ConfigError("MoE layers ('E') are built without linear biases here: set model.add_bias_linear=false")
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     def windowed_attention(self) -> list[bool]:
         """Per attention layer in pattern order: True when it attends within the window."""

@@ -21,6 +21,8 @@ Per token, with H hidden, S sequence length, V padded vocab:
                     chunked delta rule, chunk C = 64, per value head: causal scores and their product with
                     V inside a chunk (half the square); the WY transform's K K^T, A K and A V; reading,
                     correcting and updating the dk x dv state)
+  moe layer         2*E*H  +  k * 2*H*Fe*(2 if gated else 1) + 2*Fe*H  +  the shared expert as an MLP of S
+                    (the router, then only the k experts a token is routed to: FLOPs by active parameters)
   logits            2*H*V
 
 Parameter shapes come from ``model/geometry.py``: a GEMM costs 2 x its weight's elements per token, and
@@ -40,6 +42,7 @@ from hybrid_megatron.model.config import ModelConfig
 class LayerCost:
     params: int
     flops_per_token: int  # forward only
+    active_params: int  # used by one token: all but the routed experts a token is not sent to
 
 
 def mean_keys(seq_len: int, window: int | None) -> float:
@@ -70,7 +73,10 @@ def _mixing_flops(m: ModelConfig, symbol: str, seq_len: int, window: int | None 
 
 def layer_cost(m: ModelConfig, symbol: str, seq_len: int, window: int | None = None) -> LayerCost:
     g = geo.layer(m, symbol)
-    return LayerCost(g.total, 2 * g.gemm + _mixing_flops(m, symbol, seq_len, window))
+    idle = 0
+    if g.expert:  # every expert weight is a GEMM weight; a token uses k of the E experts
+        idle = g.expert - g.expert * m.moe_top_k // m.moe_num_experts
+    return LayerCost(g.total, 2 * (g.gemm - idle) + _mixing_flops(m, symbol, seq_len, window), g.total - idle)
 
 
 def mamba_layer(m: ModelConfig, seq_len: int) -> LayerCost:
@@ -96,6 +102,12 @@ def embedding_params(m: ModelConfig, padded_vocab: int) -> int:
 def num_parameters(m: ModelConfig, padded_vocab: int) -> int:
     """Exactly the parameter count of the built model (all TP/PP shards together)."""
     layers = sum(g.total for g in geo.layers(m))
+    return layers + embedding_params(m, padded_vocab) + _final_norm_params(m)
+
+
+def active_parameters(m: ModelConfig, padded_vocab: int) -> int:
+    """Parameters one token uses (MoE layers: the router, the shared expert and k routed experts)."""
+    layers = sum(layer_cost(m, s, 1).active_params for s in pat.layers(m.hybrid_layer_pattern))
     return layers + embedding_params(m, padded_vocab) + _final_norm_params(m)
 
 

@@ -11,7 +11,8 @@ Adding a layer family means one more ``_<family>_layer`` function and an entry i
 
 Legend: H hidden, D Mamba d_inner (heads x head dim), BC groups x state dim (rows of B and of C),
 h Mamba heads, K conv kernel, q/kv attention query/key-value heads, hd head dim, F ffn hidden,
-U MLP up-projection rows (2F when gated), V padded vocab; Gated DeltaNet: QK = key heads x key head dim,
+U MLP up-projection rows (2F when gated), V padded vocab; MoE: E experts, Fe expert width, S shared
+expert width; Gated DeltaNet: QK = key heads x key head dim,
 VD = value heads x value head dim, hv value heads, dv value head dim.
 """
 
@@ -42,6 +43,7 @@ class Param:
     fp32: bool = False  # stays fp32 in a bf16 run (SSM-precision rule)
     gemm: bool = False  # a GEMM weight: FP8 runs it, FLOPs count 2 per element per token
     parts: tuple[tuple[str, int], ...] = ()  # checkpoint sub-keys (suffix, rows along dim 0) when stored split
+    expert: bool = False  # a routed expert's weight: split over expert-parallel ranks, used by top-k of E tokens
 
     @property
     def numel(self) -> int:
@@ -75,6 +77,11 @@ class LayerGeometry:
     @property
     def gemm(self) -> int:
         return sum(p.numel for p in self.params if p.gemm)
+
+    @property
+    def expert(self) -> int:
+        """Elements of the routed experts (all experts; a token uses top-k of them)."""
+        return sum(p.numel for p in self.params if p.expert)
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -221,7 +228,25 @@ def _mlp_layer(m: ModelConfig) -> LayerGeometry:
     return LayerGeometry(pat.MLP, params, (("model.ffn_hidden_size", F),))
 
 
-_LAYERS = {pat.MAMBA: _mamba_layer, pat.GDN: _gdn_layer, pat.ATTENTION: _attention_layer, pat.MLP: _mlp_layer}
+def _moe_layer(m: ModelConfig) -> LayerGeometry:
+    """megatron's MoE layer (TE spec, grouped GEMM): an unfused pre-norm, the router (replicated over TP, its
+    gating computed in fp32), one fc1/fc2 pair per expert and an optional shared expert."""
+    H, E, Fe, S = m.hidden_size, m.moe_num_experts, m.expert_ffn_hidden_size, m.moe_shared_expert_size
+    gated = 2 if m.activation == "swiglu" else 1
+    norm = ("weight", "bias") if m.normalization == "LayerNorm" else ("weight",)
+    params = [Param(f"pre_mlp_layernorm.{n}", (H,), None) for n in norm]
+    params.append(Param("mlp.router.weight", (E, H), None, gemm=True))
+    params += [Param(f"mlp.experts.linear_fc1.weight{j}", (gated * Fe, H), 0, gemm=True, expert=True) for j in range(E)]
+    params += [Param(f"mlp.experts.linear_fc2.weight{j}", (H, Fe), 1, gemm=True, expert=True) for j in range(E)]
+    dims = [("the expert width (model.moe_ffn_hidden_size)", Fe)]
+    if S:
+        params += [Param("mlp.shared_experts.linear_fc1.weight", (gated * S, H), 0, gemm=True),
+                   Param("mlp.shared_experts.linear_fc2.weight", (H, S), 1, gemm=True)]
+        dims.append(("model.moe_shared_expert_size", S))
+    return LayerGeometry(pat.MOE, tuple(params), tuple(dims))
+
+
+_LAYERS = {pat.MAMBA: _mamba_layer, pat.GDN: _gdn_layer, pat.ATTENTION: _attention_layer, pat.MLP: _mlp_layer, pat.MOE: _moe_layer}
 
 
 def fp32_param_suffixes() -> frozenset[str]:

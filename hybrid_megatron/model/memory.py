@@ -32,6 +32,10 @@ models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep
              recompute (megatron's default module "core_attn") keeps Q, K, V and the output and drops
              only the logsumexp: it targets the unfused S^2 softmax, so on this stack it saves little.
   mlp        + [2T F u + 2T F] / t, u = 2 for swiglu else 1  (fc1 output, activation output = fc2 input)
+  moe        + [8T E + 4T k H + 2T k (Fe u + Fe) + 2T S u + 2T S] / t  (fp32 router logits and scores; the
+             k routed copies of each token before and after the experts; each expert's fc1 and activation
+             outputs; the shared expert as an MLP). Routed experts' weights, grads and optimizer state are
+             divided by EP (expert parallelism), their optimizer state by DP / EP instead of DP.
   full recompute (uniform, N = train.recompute_num_layers): 2TH/s per checkpoint of N layers instead.
 Per model chunk and micro-batch also 2TH/s for the chunk's output, which megatron's pipeline schedule
 keeps until the backward (deallocate_pipeline_outputs=False), except on the model's last chunk.
@@ -101,6 +105,12 @@ def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, rec
         lse = 0 if recompute == "selective" else 4 * T * q
         stored += (2 * T * qkv + 2 * T * q * hd + lse) / tp
         work = (2 * T * qkv + 6 * T * q * hd + 4 * T * q) / tp  # dQ/dK/dV, fp32 dQ accumulator, dO
+    elif symbol == pat.MOE:
+        E, k, Fe, S = m.moe_num_experts, m.moe_top_k, m.expert_ffn_hidden_size, m.moe_shared_expert_size or 0
+        u = 2 if m.activation == "swiglu" else 1
+        layer = (8 * T * E + 4 * T * k * H + 2 * T * k * (Fe * u + Fe) + 2 * T * S * u + 2 * T * S) / tp
+        stored += layer
+        work = layer
     else:
         F, up = m.ffn_hidden_size, geo.mlp_up_rows(m)
         stored += (2 * T * up + 2 * T * F) / tp
@@ -140,7 +150,11 @@ def data_parallel_size(cfg: RunConfig, world_size: int, what: str = "--gpus") ->
         raise ConfigError(
             f"{what} {world_size}: must be a positive multiple of TP {tp} x PP {pp} = {tp * pp}"
         )
-    return world_size // (tp * pp)
+    dp, ep = world_size // (tp * pp), cfg.parallel.expert_model_parallel_size
+    if dp % ep:
+        raise ConfigError(f"parallel.expert_model_parallel_size={ep} does not divide the data-parallel size {dp} "
+                          f"({what} {world_size} / (TP {tp} x PP {pp})): experts are split within the DP group")
+    return dp
 
 
 def in_flight(pp: int, vpp: int, pp_rank: int, num_microbatches: int) -> int:
@@ -173,7 +187,7 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
     out = []
     for stage in stages:
         last = stage.pp_rank == pp - 1
-        sharded = replicated = fp32 = fp8_gemm = 0
+        sharded = replicated = fp32 = fp8_gemm = expert = 0
         if stage.pp_rank == 0:
             sharded += geo.embedding(m, V).numel  # vocab-parallel embedding
         if last:
@@ -185,10 +199,12 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
             acts = [_layer_activations(m, sym, T, tp, s, train.recompute) for sym in chunk]
             for i, sym in enumerate(chunk):
                 p = geo.layer(m, sym)
-                sharded += p.total - p.replicated
+                expert += p.expert  # routed experts: split over TP (expert TP = TP) and EP
+                sharded += p.total - p.replicated - p.expert
                 replicated += p.replicated
                 fp32 += p.fp32 if fp32_ssm else 0
-                fp8_gemm += p.gemm if prec.fp8 and not bf16_layer[first + i] else 0
+                ep_split = p.gemm - p.expert + p.expert / par.expert_model_parallel_size
+                fp8_gemm += ep_split if prec.fp8 and not bf16_layer[first + i] else 0
             work = max([work] + [w for _, w in acts])
             if train.recompute == "full":
                 n = train.recompute_num_layers
@@ -199,20 +215,22 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 stored = sum(a for a, _ in acts)
             model_output = last and c == len(stage.chunks) - 1
             chunk_bytes.append(stored + (0 if model_output else 2 * T * H / s))
-        params = sharded / tp + replicated
+        ep = par.expert_model_parallel_size
+        params = sharded / tp + replicated + expert / (tp * ep)
         fp32_rank = fp32 / tp
         held = in_flight(pp, vpp, stage.pp_rank, num_micro)
         activations = held * max(chunk_bytes) + work + 4 * T * H / s + (2 * T * H if s > 1 else 0)
         if last:
             activations += 6 * T * V / tp + 4 * T * H / s
         state_bytes = 12 if half else 8
-        optimizer = state_bytes * (params - fp32_rank) + 8 * fp32_rank
+        dense = state_bytes * (params - fp32_rank - expert / (tp * ep)) + 8 * fp32_rank
+        experts = state_bytes * expert / (tp * ep)
         out.append(StageMemory(
             pp_rank=stage.pp_rank,
             weights=(2 if half else 4) * (params - fp32_rank) + 4 * fp32_rank,
             fp8_weights=FP8_WEIGHT_BYTES * fp8_gemm / tp,
             grads=4 * params,
-            optimizer=optimizer / dp if par.use_distributed_optimizer else optimizer,
+            optimizer=dense / dp + experts / (dp // ep) if par.use_distributed_optimizer else dense + experts,
             activations=activations,
             in_flight=held,
         ))

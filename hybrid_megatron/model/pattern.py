@@ -14,7 +14,7 @@ from data_pipeline.errors import ConfigError
 
 MAMBA, GDN, ATTENTION, MLP, MOE, PIPE = "M", "G", "*", "-", "E", "|"
 LAYER_SYMBOLS = {MAMBA: "mamba", GDN: "gdn", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
-SUPPORTED_SYMBOLS = (MAMBA, GDN, ATTENTION, MLP)  # MoE needs expert-parallel wiring not built yet
+SUPPORTED_SYMBOLS = (MAMBA, GDN, ATTENTION, MLP, MOE)
 RECURRENT = (MAMBA, GDN)  # layers that carry a constant-size state along the sequence
 
 

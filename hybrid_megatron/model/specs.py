@@ -57,6 +57,24 @@ def _gdn_layer(input_layernorm, in_proj, out_norm, out_proj, keys_map: dict | No
     )
 
 
+def _moe_layer(model: ModelConfig, norm):
+    """The ``E`` layer: megatron's MoE (router, grouped-GEMM experts, optional shared expert) after a pre-norm."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayerSubmodules
+
+    experts = model.moe_num_experts or 1  # only checked for being set: the count comes from the config
+    return ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            mlp=get_moe_module_spec(use_te=True, num_experts=experts, moe_grouped_gemm=True),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
 def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
     """The hybrid stack on Transformer Engine: fused norm+linear, cuDNN/flash attention, FP8-capable.
 
@@ -99,6 +117,7 @@ def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
                 ),
             ),
             gdn_layer=_gdn_layer(None, TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear),
+            moe_layer=_moe_layer(model, TENorm),
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(

@@ -90,6 +90,7 @@ def initialize(cfg: RunConfig) -> Ranks:
         virtual_pipeline_model_parallel_size=virtual_pipeline_size(
             cfg.model.hybrid_layer_pattern, par.pipeline_model_parallel_size
         ),
+        expert_model_parallel_size=par.expert_model_parallel_size,
     )
     set_seeds(cfg.train.seed)
     return ranks

@@ -9,7 +9,13 @@ from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import dump_yaml
 from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.build import padded_vocab_size
-from hybrid_megatron.model.flops import forward_flops_per_token, num_parameters, stage_parameters, training_flops_per_token
+from hybrid_megatron.model.flops import (
+    active_parameters,
+    forward_flops_per_token,
+    num_parameters,
+    stage_parameters,
+    training_flops_per_token,
+)
 from hybrid_megatron.model.inference_cache import cache_lines
 from hybrid_megatron.model.memory import data_parallel_size, estimate, estimate_lines
 from hybrid_megatron.training.lr import run_plan
@@ -96,7 +102,9 @@ def describe(cfg: RunConfig, *, world_size: int = 8) -> str:
     lines += [
         "",
         "# size and cost",
-        f"parameters: {total:,} ({total / 1e9:.3f}B)",
+        f"parameters: {total:,} ({total / 1e9:.3f}B)" + (
+            f"; active per token {active_parameters(m, padded):,} ({active_parameters(m, padded) / 1e9:.3f}B: "
+            f"top-{m.moe_top_k} of {m.moe_num_experts} experts; FLOPs below count these)" if counts["moe"] else ""),
         f"FLOPs per token at seq {max_seq}: forward {forward_flops_per_token(m, padded, max_seq):,}, "
         f"training {training_flops_per_token(m, padded, max_seq):,}",
         f"run: {schedule.total_steps} steps, {schedule.total_tokens:,} tokens "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import dump_yaml
+from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.training import signals
 
 log = logging.getLogger("hybrid_megatron.train")
@@ -74,6 +75,11 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
 
         validator = Validator(cfg, state.max_seq_len, resume_step=step, is_rank0=is_rank0,
                               training_tokenizer=state.data_tokenizer)
+    router_stats = None
+    if pat.MOE in cfg.model.hybrid_layer_pattern:
+        from hybrid_megatron.training.moe_stats import RouterStats
+
+        router_stats = RouterStats(model, cfg)
     skipped_total, window_steps, started_at = 0, 0, step
     window_loss = LossWindow()
     code = 0
@@ -89,6 +95,8 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
             batch = next(loader)
             assert batch.step == step, f"loader at step {batch.step}, trainer at {step}"
             result = train_step(batch, model, optimizer, scheduler, cfg, state.max_seq_len)
+            if router_stats is not None:
+                router_stats.step_end()
             step += 1
             window_steps += 1
             window_loss.add(result.loss, result.tokens, result.skipped)
@@ -109,7 +117,8 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
             if step % cfg.logging.log_interval == 0 or step == total_steps:
                 metrics.log(step, total_steps, {"phase": batch.phase, "loss": window_loss.close(),
                                                 "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
-                                                "seq_len": batch.seq_len, "window_steps": window_steps})
+                                                "seq_len": batch.seq_len, "window_steps": window_steps,
+                                                **(router_stats.summary() if router_stats is not None else {})})
                 window_steps = 0
             if validator is not None and validator.due(step, total_steps, step == state.anneal_start):
                 checkpointer.sync_params()  # overlapped param gather: this step's weights on every rank
