@@ -46,6 +46,21 @@ MODELS: dict[str, dict] = {
     # the same widths, attention only: 1.05B
     "attn1b": {"hybrid_layer_pattern": "*-" * 20, "hidden_size": 2048, "ffn_hidden_size": 8192,
                "num_attention_heads": 16, "num_query_groups": 8, **_MAMBA, **_COMMON},
+    # Gated DeltaNet in place of Mamba-2 (Qwen3-Next's proportions: 16 key heads, 32 value heads of 128); SwiGLU
+    # MLPs, since megatron's stock GatedDeltaNet takes its activation from the MLPs' and needs SiLU
+    "gdn1b": {"hybrid_layer_pattern": "G-G-G-G-G-G-G-*-" * 2, "hidden_size": 2048, "ffn_hidden_size": 5632,
+              "num_attention_heads": 16, "num_query_groups": 8, **_MAMBA, **{**_COMMON, "activation": "swiglu"}},
+    # MoE in place of the MLPs of hybrid1b: 8 experts of 4096, top-2 (~1B active of ~2.3B)
+    "moe1b": {"hybrid_layer_pattern": "MEMEMEMEMEMEME*E" * 2, "hidden_size": 2048, "ffn_hidden_size": 8192,
+              "num_attention_heads": 16, "num_query_groups": 8, "moe_num_experts": 8, "moe_top_k": 2,
+              "moe_ffn_hidden_size": 4096, **_MAMBA, **_COMMON},
+    # a hybrid with attention in half its mixers, windowed (4096 tokens) but for the first, a middle and the
+    # last attention layer (Hymba's global layers), and its full-attention twin
+    "swa1b": {"hybrid_layer_pattern": "M-*-" * 8, "hidden_size": 2048, "ffn_hidden_size": 8192,
+              "num_attention_heads": 16, "num_query_groups": 8, "attention_window": 4096,
+              "global_attention_layers": [0, 3, 7], **_MAMBA, **_COMMON},
+    "swafull1b": {"hybrid_layer_pattern": "M-*-" * 8, "hidden_size": 2048, "ffn_hidden_size": 8192,
+                  "num_attention_heads": 16, "num_query_groups": 8, **_MAMBA, **_COMMON},
     # a few layers at Nemotron-H-8B widths (hidden 4096, 128 Mamba heads, FFN 21504): per-layer FP8 speed-up
     "hybrid7bl": {"hybrid_layer_pattern": "M-M-M-*-", "hidden_size": 4096, "ffn_hidden_size": 21504,
                   "num_attention_heads": 32, "num_query_groups": 8, **_MAMBA, **_COMMON},
@@ -56,7 +71,17 @@ DEFAULT_CASES = [f"{m}-{p}-{path}" for m in ("hybrid1b", "attn1b") for p in PREC
 PRESETS = {
     "default": DEFAULT_CASES,
     "fp8_7b": ["hybrid7bl-bf16-ours", "hybrid7bl-fp8-ours", "hybrid7bl-bf16-stock", "hybrid7bl-fp8-stock"],
+    # the layer families against stock megatron-core built from the same pattern (run at --seq 4096 and 16384)
+    "families": ["gdn1b-bf16-ours", "gdn1b-bf16-stock", "moe1b-bf16-ours", "moe1b-bf16-stock"],
+    # sliding windows against full attention (run at --seq 16384 and 32768)
+    "windows": ["swa1b-bf16-ours", "swafull1b-bf16-ours"],
 }
+MODEL_RATIOS = (  # (what, numerator model, denominator model): compared at the same precision, path and length
+    ("hybrid / attention", "hybrid1b", "attn1b"),
+    ("gdn hybrid / attention", "gdn1b", "attn1b"),
+    ("gdn hybrid / mamba hybrid", "gdn1b", "hybrid1b"),
+    ("window / full attention", "swa1b", "swafull1b"),
+)
 SCALING_SEQS = (2048, 4096, 8192, 16384)
 SCALING_MODELS = ("hybrid1b", "attn1b")
 
@@ -277,8 +302,9 @@ def ratios(rows: list[dict]) -> list[tuple[str, str, str, float]]:
         if prec == "fp8":
             add("fp8 / bf16", (model, "fp8", path, seq), (model, "bf16", path, seq))
     for model, prec, path, seq in keys:
-        if model.startswith("hybrid"):
-            add("hybrid / attention", (model, prec, path, seq), ("attn" + model[len("hybrid"):], prec, path, seq))
+        for what, num, den in MODEL_RATIOS:
+            if model == num:
+                add(what, (num, prec, path, seq), (den, prec, path, seq))
     return out
 
 
