@@ -1,7 +1,7 @@
 """MQAR for attention-only, Mamba-2-only and hybrid models of matched size, trained on the same items, then
 the ``mqar`` and ``state`` suites on each: the recall diagnostics end to end.
 
-    python benchmarks/mqar_sweep.py [--docs 40000] [--work DIR] [--out-dir DIR] [--timeout-s S]
+    python benchmarks/mqar_sweep.py [--docs 64000] [--work DIR] [--out-dir DIR] [--timeout-s S]
 
 Writes the MQAR sources (``prepare-data --synthetic mqar``, training seed 0, validation seed 1), trains
 ``configs/mqar/{attention,mamba,hybrid}.yaml`` at the same time on one GPU, evaluates each final checkpoint
@@ -52,7 +52,7 @@ def arch(name: str, data: Path, work: Path, timeout: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--docs", type=int, default=40000)
+    ap.add_argument("--docs", type=int, default=64000)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mqar_sweep"))
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "mqar_sweep")
     ap.add_argument("--timeout-s", type=float, default=480.0, help="per training run and per evaluation")

@@ -39,10 +39,10 @@ def register(subparsers) -> None:
     syn = p.add_argument_group("synthetic sources (a loss-mask channel: only answers are trained)")
     syn.add_argument("--synthetic", choices=("mqar",), help="write a synthetic task instead of tokenising --input: "
                      "mqar (multi-query associative recall) into --output")
-    syn.add_argument("--num-kv-pairs", default="4,8,16,32,64", metavar="N,N,...",
-                     help="mqar: key-value pairs per item, items cycle through them (default 4,8,16,32,64)")
-    syn.add_argument("--seq-len", type=int, default=512, help="mqar: tokens per item, EOS included (default 512)")
-    syn.add_argument("--vocab", type=int, default=8192, help="mqar: vocabulary size, PAD and EOS included (default 8192)")
+    syn.add_argument("--num-kv-pairs", default="4,8,16,32", metavar="N,N,...",
+                     help="mqar: key-value pairs per item, items cycle through them (default 4,8,16,32)")
+    syn.add_argument("--seq-len", type=int, default=256, help="mqar: tokens per item, EOS included (default 256)")
+    syn.add_argument("--vocab", type=int, default=2048, help="mqar: vocabulary size, PAD and EOS included (default 2048)")
     syn.add_argument("--docs", type=int, default=100000, help="mqar: number of items (default 100000)")
     syn.add_argument("--seed", type=int, default=0, help="mqar: seed (use another one for a validation source)")
     p.set_defaults(func=_prepare)

@@ -97,3 +97,15 @@ def test_the_dry_run_describes_gdn_and_the_export_refuses_it(capsys):
     assert "qwen3_next" in problem and "q/k RMSNorms" in problem
     assert main(["pretrain", TINY, "--dry-run", *GDN, "model.gdn_num_key_heads=6"]) == 2
     assert "not a multiple of 6 key heads" in capsys.readouterr().err
+
+
+def test_missing_kernels_are_one_line_before_any_model_is_built():
+    from megatron.core.ssm.gated_delta_net.common import HAVE_FLA
+
+    from hybrid_megatron.model.build import check_gdn_kernels
+
+    check_gdn_kernels(load_run_config(TINY).model)  # no G layers: nothing to check
+    if HAVE_FLA:
+        pytest.skip("flash-linear-attention is installed here")
+    with pytest.raises(ConfigError, match=r"pip install 'flash-linear-attention~=0.4.0'"):
+        check_gdn_kernels(_cfg().model)

@@ -12,7 +12,7 @@ import pytest
 from gpu_helpers import init_single_process, run_pretrain, tiny_config
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("fla", reason="Gated DeltaNet needs flash-linear-attention")
+pytest.importorskip("fla.modules.convolution", reason="Gated DeltaNet needs flash-linear-attention 0.4")
 
 GDN = ["model.hybrid_layer_pattern=G-G*-|G-G*-", "model.gdn_key_head_dim=64", "model.gdn_value_head_dim=64"]
 VOCAB, SEQ = 257, 384

@@ -56,15 +56,15 @@ def test_a_cut_makes_the_suffix_a_document_of_its_own_for_that_layer_type(world,
     from hybrid_megatron.training.setup import half_precision
 
     cfg = _mqar_config(pattern)
-    model = half_precision(cfg, build_model_chunks(cfg, 8192, 512)[0])
+    model = half_precision(cfg, build_model_chunks(cfg, 2048, 256)[0])
     model.eval()
-    base = MqarOptions(num_kv_pairs=(8,), seq_len=512, vocab=8192, docs=1, seed=0)
-    cell = mqar_cell(base, 8, 512, 4, seed=5)
+    base = MqarOptions(num_kv_pairs=(8,), seq_len=256, vocab=2048, docs=1, seed=0)
+    cell = mqar_cell(base, 8, 256, 4, seed=5)
     batch = item_batch(cell, slice(0, 4), base.pad_id, base.eos_id)
     p = cell.query_start - 100  # inside the PAD run, not on a chunk boundary
     full = _logits(model, cfg, batch)
     cut = _logits(model, cfg, batch, (kind, p))
-    suffix_cell = type(cell)(8, 512 - p, cell.tokens[:, p:], cell.masks[:, p:], 0)
+    suffix_cell = type(cell)(8, 256 - p, cell.tokens[:, p:], cell.masks[:, p:], 0)
     alone = _logits(model, cfg, item_batch(suffix_cell, slice(0, 4), base.pad_id, base.eos_id))
     changed = (cut[:, p:] - full[:, p:]).abs().max().item()
     before = (cut[:, :p] - full[:, :p]).abs().max().item()
@@ -80,19 +80,19 @@ def test_mqar_and_state_run_on_a_model_pretrain_trained(tmp_path):
     from data_pipeline.synthetic import MqarOptions, write_mqar
 
     data = tmp_path / "data"
-    write_mqar(data / "train", MqarOptions(num_kv_pairs=(4, 8), seq_len=512, vocab=8192, docs=4000, seed=0),
+    write_mqar(data / "train", MqarOptions(num_kv_pairs=(4, 8), seq_len=256, vocab=2048, docs=4000, seed=0),
                progress=False)
-    write_mqar(data / "val", MqarOptions(num_kv_pairs=(4, 8), seq_len=512, vocab=8192, docs=256, seed=1),
+    write_mqar(data / "val", MqarOptions(num_kv_pairs=(4, 8), seq_len=256, vocab=2048, docs=256, seed=1),
                progress=False)
     run = tmp_path / "run"
     proc = run_pretrain(["configs/mqar/hybrid.yaml", f"data.sources.mqar={data / 'train'}",
-                         f"data.validation.sources.mqar_val={data / 'val'}", "data.validation.tokens=65536",
-                         "train.train_steps=60", "train.eval_interval=30", f"logging.run_dir={run}"])
+                         f"data.validation.sources.mqar_val={data / 'val'}", "data.validation.tokens=32768",
+                         "train.train_steps=60", "train.eval_interval=30", "train.micro_batch_size=16", f"logging.run_dir={run}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     val = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
     # answers only: below a uniform guess over the vocabulary once the model knows answers are values (MQAR's
     # own phase transition, recall proper, may come later than 60 steps)
-    assert [v["step"] for v in val] == [30, 60] and val[-1]["loss"] < math.log(8192)
+    assert [v["step"] for v in val] == [30, 60] and val[-1]["loss"] < math.log(2048)
     def evaluate(suites: str, out):
         proc = subprocess.run([sys.executable, "-m", "hybrid_megatron", "eval", str(run / "checkpoints"), "--suite",
                                suites, "--items", "128", "--kv-pairs", "4,8", "--out", str(out), "--no-progress"],

@@ -163,6 +163,6 @@ def test_the_mqar_configs_match_in_non_embedding_parameters_within_1_percent():
         cfg = load_run_config(REPO_ROOT / "configs" / "mqar" / f"{arch}.yaml")
         padded = padded_vocab_size(cfg.model.vocab_size, cfg.model, 1)
         counts[arch] = num_parameters(cfg.model, padded) - embedding_params(cfg.model, padded)
-        assert cfg.data.sources == {"mqar": "data/mqar/train"} and cfg.model.vocab_size == 8192
+        assert cfg.data.sources == {"mqar": "data/mqar/train"} and cfg.model.vocab_size == 2048 and cfg.model.tie_embeddings
     assert set(load_run_config(REPO_ROOT / "configs" / "mqar" / "hybrid.yaml").model.hybrid_layer_pattern) == {"M", "*", "-"}
     assert max(counts.values()) / min(counts.values()) < 1.01, counts

@@ -96,12 +96,16 @@ def moe_kwargs(cfg: RunConfig) -> dict:
 
 
 def check_gdn_kernels(m: ModelConfig) -> None:
-    """ConfigError when the pattern has ``G`` layers and flash-linear-attention (their kernels) is missing."""
-    import importlib.util
+    """ConfigError when the pattern has ``G`` layers and megatron cannot import flash-linear-attention's kernels
+    (missing, or a release whose modules moved: megatron-core 0.19 imports 0.4's layout)."""
+    if pat.GDN not in m.hybrid_layer_pattern:
+        return
+    from megatron.core.ssm.gated_delta_net.common import HAVE_FLA
 
-    if pat.GDN in m.hybrid_layer_pattern and importlib.util.find_spec("fla") is None:
-        raise ConfigError("model.hybrid_layer_pattern has Gated DeltaNet layers ('G'), which need the "
-                          "flash-linear-attention kernels: pip install flash-linear-attention")
+    if not HAVE_FLA:
+        raise ConfigError("model.hybrid_layer_pattern has Gated DeltaNet layers ('G'): megatron-core cannot import "
+                          "their kernels (fla.modules.convolution, fla.modules.l2norm, fla.ops.gated_delta_rule): "
+                          "pip install 'flash-linear-attention~=0.4.0'")
 
 
 def transformer_config_kwargs(cfg: RunConfig) -> dict:
