@@ -13,13 +13,14 @@ from hybrid_megatron.convert import mapping
 from hybrid_megatron.model import flops, fp8_dims, geometry, memory
 from hybrid_megatron.model import pattern as pat
 
-FIXTURE = Path(__file__).parent / "fixtures" / "convert" / "tp1" / "ckpt"
+FIXTURES = Path(__file__).parent / "fixtures" / "convert"
 
 
-def test_every_parameter_of_a_megatron_checkpoint_has_its_geometry_shape_and_dtype():
-    """The tp1 fixture was trained and saved by megatron-core (TE spec): its stored keys, shapes and the fp32
-    SSM params must be exactly what the geometry says."""
-    step_dir = layout.resolve_step_dir(FIXTURE)
+@pytest.mark.parametrize("fixture", ["tp1", "moe"])
+def test_every_parameter_of_a_megatron_checkpoint_has_its_geometry_shape_and_dtype(fixture):
+    """The fixtures were trained and saved by megatron-core (TE spec; ``moe`` with MoE layers and an expert bias):
+    their stored keys, shapes and the fp32 SSM params must be exactly what the geometry says."""
+    step_dir = layout.resolve_step_dir(FIXTURES / fixture / "ckpt")
     cfg = offline.load_model_config(step_dir)
     stored = {k: v for k, v in offline.CheckpointReader(step_dir).tensors.items() if mapping.is_model_key(k)}
     padded = stored["embedding.word_embeddings.weight"][0][0]
@@ -28,7 +29,10 @@ def test_every_parameter_of_a_megatron_checkpoint_has_its_geometry_shape_and_dty
                   if p.fp32}
     assert fp32_names and all(stored[k][1] == torch.float32 for k in fp32_names)
     # the fixture is an fp32 model: every parameter stored fp32; the count matches the dry run's
-    assert sum(torch.Size(s).numel() for s, _ in stored.values()) == flops.num_parameters(cfg, padded)
+    buffers = [k for k in stored if k.endswith("router.expert_bias")]  # MoE routing state, not a parameter
+    assert bool(buffers) == (fixture == "moe")
+    assert sum(torch.Size(s).numel() for k, (s, _) in stored.items() if k not in buffers) == \
+        flops.num_parameters(cfg, padded)
 
 
 def _cfg(*overrides):

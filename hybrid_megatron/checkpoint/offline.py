@@ -61,6 +61,8 @@ class CheckpointReader:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+        if not keys:
+            return []
         missing = [k for k in keys if k not in self.tensors]
         if missing:
             raise DataError(f"{self.step_dir}: checkpoint has no tensor {missing[0]!r}")

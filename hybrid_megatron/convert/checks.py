@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MEGATRON_GATED_NORM_EPS = 1e-5  # MambaMixer builds its gated RMSNorm with eps=1e-5, whatever the config says
-EXPORTABLE_SYMBOLS = (pat.MAMBA, pat.ATTENTION, pat.MLP)
+EXPORTABLE_SYMBOLS = (pat.MAMBA, pat.ATTENTION, pat.MLP, pat.MOE)
 # why no transformers class holds a Gated DeltaNet hybrid of this stack (checked against transformers 5.25):
 # qwen3_next's GatedDeltaNet computes what megatron's does, but not its other layers
 GDN_NO_CLASS = ("Gated DeltaNet layers ('G') have no exact transformers class: qwen3_next's delta rule matches "
@@ -53,12 +53,30 @@ def export_problems(cfg: ModelConfig) -> list[str]:
             name = pat.LAYER_SYMBOLS.get(symbol, "unknown")
             problems.append(f"hybrid_layer_pattern: symbol {symbol!r} ({name}) at layer {pos} has no NemotronH mapping")
             break
+    problems += _moe_export_problems(cfg)
     has_mamba = pat.MAMBA in cfg.hybrid_layer_pattern
     if has_mamba and cfg.norm_epsilon != MEGATRON_GATED_NORM_EPS:
         problems.append(
             f"norm_epsilon={cfg.norm_epsilon}: NemotronH uses one epsilon for the block norms and the Mamba gated "
             f"norm, which megatron fixes at {MEGATRON_GATED_NORM_EPS}"
         )
+    return problems
+
+
+def _moe_export_problems(cfg: ModelConfig) -> list[str]:
+    """What NemotronH's moe layer cannot hold (its router is sigmoid top-k with normalised weights, and it
+    always has an ungated shared expert)."""
+    if pat.MOE not in cfg.hybrid_layer_pattern:
+        return []
+    problems = []
+    if cfg.moe_router_score_function != "sigmoid":
+        problems.append(f"moe_router_score_function={cfg.moe_router_score_function}: NemotronH's router scores with "
+                        "a sigmoid")
+    if cfg.moe_top_k == 1:
+        problems.append("moe_top_k=1: NemotronH normalises the top-k weights (a lone expert gets weight 1), "
+                        "megatron keeps the raw score at k=1")
+    if not cfg.moe_shared_expert_size:
+        problems.append("moe_shared_expert_size unset: NemotronH's MoE layers always have a shared expert")
     return problems
 
 
@@ -114,8 +132,10 @@ def import_problems(hf: dict[str, Any]) -> list[str]:
     pattern = hf_pattern(hf)
     for pos, symbol in enumerate(pattern):
         if symbol not in EXPORTABLE_SYMBOLS:
-            problems.append(f"hybrid_override_pattern: symbol {symbol!r} at layer {pos} (MoE) is not supported yet")
+            problems.append(f"hybrid_override_pattern: symbol {symbol!r} at layer {pos} has no megatron layer here")
             break
+    if pat.MOE in pattern:
+        problems += _moe_import_problems(hf)
     wanted = {
         "mlp_hidden_act": "relu2",
         "mamba_hidden_act": "silu",
@@ -131,6 +151,23 @@ def import_problems(hf: dict[str, Any]) -> list[str]:
             problems.append(f"{key}={hf[key]!r}: megatron's hybrid model needs {value!r}")
     if hf.get("num_nextn_predict_layers", 0):
         problems.append(f"num_nextn_predict_layers={hf['num_nextn_predict_layers']}: MTP layers are not supported")
+    return problems
+
+
+def _moe_import_problems(hf: dict[str, Any]) -> list[str]:
+    """What of NemotronH's moe layer megatron's MoE cannot compute."""
+    problems = [f"config.json lacks {key}: not a complete NemotronH MoE config"
+                for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                            "moe_shared_expert_intermediate_size") if hf.get(key) is None]
+    if int(hf.get("n_group") or 1) != 1:
+        problems.append(f"n_group={hf['n_group']}: group-limited routing is not imported (megatron picks groups by "
+                        "another rule)")
+    if hf.get("norm_topk_prob") is False:
+        problems.append("norm_topk_prob=false: megatron always normalises the top-k weights")
+    if int(hf.get("num_experts_per_tok") or 2) == 1:
+        problems.append("num_experts_per_tok=1: megatron keeps the raw score at k=1 where NemotronH normalises it")
+    if hf.get("moe_latent_size"):
+        problems.append(f"moe_latent_size={hf['moe_latent_size']}: latent MoE projections are not imported")
     return problems
 
 

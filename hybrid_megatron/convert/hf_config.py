@@ -9,6 +9,9 @@ The HF config is written so that transformers computes what megatron computed:
   * ``residual_in_fp32: false``: megatron adds residuals in the parameter dtype (no fp32 residual option
     is set by our trainer).
   * no biases, ``relu2`` non-gated MLP, no RoPE, untied ``lm_head``.
+  * MoE layers: sigmoid scores (NemotronH's only router), top-k weights normalised (``norm_topk_prob``, as
+    megatron always does for k > 1) times ``routed_scaling_factor``, one expert group, the shared expert
+    ungated; the gate and its score-correction bias in fp32.
 Both ``hybrid_override_pattern`` (transformers < 5.15 and NVIDIA's remote code) and ``layers_block_type``
 (transformers >= 5.15) are written.
 """
@@ -24,7 +27,7 @@ from hybrid_megatron.convert.checks import check_importable, hf_pattern
 from hybrid_megatron.model import pattern as pat
 
 FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
-_LAYER_TYPES = {pat.MAMBA: "linear_attention", pat.ATTENTION: "full_attention", pat.MLP: "mlp"}
+_LAYER_TYPES = {pat.MAMBA: "linear_attention", pat.ATTENTION: "full_attention", pat.MLP: "mlp", pat.MOE: "moe"}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -86,7 +89,18 @@ def to_hf_config(
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
         "use_cache": True,
+        **_moe_fields(cfg),
     }
+
+
+def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
+    if pat.MOE not in cfg.hybrid_layer_pattern:
+        return {}
+    return {"n_routed_experts": cfg.moe_num_experts, "num_experts_per_tok": cfg.moe_top_k,
+            "moe_intermediate_size": cfg.expert_ffn_hidden_size,
+            "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_size, "moe_latent_size": None,
+            "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": cfg.moe_routed_scaling_factor or 1.0}
 
 
 def model_config_from_hf(hf: dict[str, Any], *, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
@@ -123,6 +137,14 @@ def model_config_from_hf(hf: dict[str, Any], *, make_vocab_size_divisible_by: in
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "init_method_std": float(hf.get("initializer_range", 0.02)),
     }
+    if pat.MOE in raw["hybrid_layer_pattern"]:
+        # NemotronH routes on sigmoid scores plus its correction bias: megatron's expert bias holds it exactly
+        scale = float(hf.get("routed_scaling_factor") or 1.0)
+        raw.update(moe_num_experts=int(hf["n_routed_experts"]), moe_top_k=int(hf["num_experts_per_tok"]),
+                   moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+                   moe_shared_expert_size=int(hf["moe_shared_expert_intermediate_size"]),
+                   moe_router_score_function="sigmoid", moe_expert_bias=True,
+                   moe_routed_scaling_factor=None if scale == 1.0 else scale)
     try:
         return build(ModelConfig, raw, "model")
     except ConfigError as exc:

@@ -12,6 +12,9 @@ megatron side (torch_dist stores global tensors, whatever TP/PP they were saved 
     interleave components: never do that.
   * ``self_attention.linear_qkv.weight`` rows are grouped per query group g: [q_g (np/ng heads) | k_g | v_g].
   * Layer indices in the keys are global (``HybridStack`` uses ``layer_number - 1``), so PP does not show.
+  * MoE layers (TE grouped GEMM): the experts of a layer are stored stacked, ``mlp.experts.experts.linear_fc1
+    .weight`` [E, Fe, H] and ``...linear_fc2.weight`` [E, H, Fe] (expert axis first, whatever the EP layout);
+    ``mlp.router.expert_bias`` [E] is a buffer, stored fp32, present with ``model.moe_expert_bias``.
 
 Legend for shapes: H hidden, D d_inner (mamba heads x head dim), G groups x state dim, h mamba heads,
 K conv kernel, np/ng query heads/groups, hn attention head dim, F ffn hidden, V vocab.
@@ -70,7 +73,8 @@ class TensorGroup:
     hf_keys: tuple[str, ...]
     to_hf: Fn
     to_megatron: Fn
-    kind: str = "plain"  # "plain" | "vocab" (rows padded in megatron) | "ssm_fp32" (stored fp32)
+    kind: str = "plain"  # "plain" | "vocab" (rows padded in megatron) | "ssm_fp32" (stored fp32 on both sides)
+    #                      | "hf_fp32" (fp32 on the HF side only: NemotronH keeps its MoE gate in fp32)
 
 
 def _identity(tensors: list) -> list:
@@ -120,9 +124,51 @@ def _one(meg: str, hf: str, kind: str = "plain") -> TensorGroup:
     return TensorGroup((meg,), (hf,), _identity, _identity, kind)
 
 
-def layer_groups(i: int, symbol: str, d: Dims) -> list[TensorGroup]:
-    """The groups of layer ``i`` (global index, pipeline cuts removed)."""
+def _unstack(tensors: list) -> list:
+    (stacked,) = tensors
+    return [t.contiguous() for t in stacked.unbind(0)]
+
+
+def _stack(tensors: list) -> list:
+    import torch
+
+    return [torch.stack(tensors, dim=0)]
+
+
+def _zeros(n: int) -> Fn:
+    def zeros(tensors: list) -> list:
+        import torch
+
+        return [torch.zeros(n, dtype=torch.float32, device=tensors[0].device if tensors else "cpu")]
+
+    return zeros
+
+
+def _moe_groups(meg: str, hf: str, cfg: ModelConfig) -> list[TensorGroup]:
+    """A NemotronH ``moe`` layer: pre-norm, fp32 gate with its score-correction bias, experts, shared expert."""
+    e, h = meg + "mlp.", hf + "mixer."
+    experts = cfg.moe_num_experts
+    bias = (_one(e + "router.expert_bias", h + "gate.e_score_correction_bias", "ssm_fp32") if cfg.moe_expert_bias
+            # no expert bias in megatron: the HF correction bias is zero (routing on the plain scores)
+            else TensorGroup((), (h + "gate.e_score_correction_bias",), _zeros(experts), lambda t: [], "hf_fp32"))
+    return [
+        _one(meg + "pre_mlp_layernorm.weight", hf + "norm.weight"),
+        _one(e + "router.weight", h + "gate.weight", "hf_fp32"),  # [E, H]
+        bias,
+        TensorGroup((e + "experts.experts.linear_fc1.weight",),  # [E, Fe, H]
+                    tuple(f"{h}experts.{j}.up_proj.weight" for j in range(experts)), _unstack, _stack),
+        TensorGroup((e + "experts.experts.linear_fc2.weight",),  # [E, H, Fe]
+                    tuple(f"{h}experts.{j}.down_proj.weight" for j in range(experts)), _unstack, _stack),
+        _one(e + "shared_experts.linear_fc1.weight", h + "shared_experts.up_proj.weight"),  # [S, H]
+        _one(e + "shared_experts.linear_fc2.weight", h + "shared_experts.down_proj.weight"),  # [H, S]
+    ]
+
+
+def layer_groups(i: int, symbol: str, d: Dims, cfg: ModelConfig | None = None) -> list[TensorGroup]:
+    """The groups of layer ``i`` (global index, pipeline cuts removed); MoE layers need ``cfg``."""
     meg, hf = f"decoder.layers.{i}.", f"{HF_PREFIX}layers.{i}."
+    if symbol == pat.MOE and cfg is not None:
+        return _moe_groups(meg, hf, cfg)
     if symbol == pat.MAMBA:
         m, h = meg + "mixer.", hf + "mixer."
         return [
@@ -174,7 +220,7 @@ def model_groups(cfg: ModelConfig) -> list[TensorGroup]:
     d = Dims.of(cfg)
     groups = [_one("embedding.word_embeddings.weight", HF_PREFIX + "embeddings.weight", "vocab")]
     for i, symbol in enumerate(pat.layers(cfg.hybrid_layer_pattern)):
-        groups.extend(layer_groups(i, symbol, d))
+        groups.extend(layer_groups(i, symbol, d, cfg))
     groups.append(_one("decoder.final_norm.weight", HF_PREFIX + "norm_f.weight"))
     groups.append(_one("output_layer.weight", "lm_head.weight", "vocab"))
     return groups
@@ -187,7 +233,13 @@ def expected_megatron_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, t
     params = [geo.embedding(cfg, padded_vocab), *geo.final_norm(cfg), geo.output_layer(cfg, padded_vocab)]
     keyed = [(p.name, p) for p in params]
     for i, layer in enumerate(geo.layers(cfg)):
-        keyed += [(geo.layer_key(i, p.name), p) for p in layer.params]
+        keyed += [(geo.layer_key(i, p.name), p) for p in layer.params if not p.expert]
+        for fc in ("linear_fc1", "linear_fc2"):  # routed experts: one stacked tensor per projection
+            first = [p for p in layer.params if p.expert and p.name == f"mlp.experts.{fc}.weight0"]
+            if first:
+                shapes[geo.layer_key(i, f"mlp.experts.experts.{fc}.weight")] = (cfg.moe_num_experts, *first[0].shape)
+        if layer.symbol == pat.MOE and cfg.moe_expert_bias:
+            shapes[geo.layer_key(i, "mlp.router.expert_bias")] = (cfg.moe_num_experts,)
     for key, p in keyed:
         if p.parts:
             for part, rows in p.parts:

@@ -61,6 +61,9 @@ def random_nemotron_h(seed: int = 0, **overrides: Any):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # MoE gates: a non-zero score-correction bias
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
     return model
 
 

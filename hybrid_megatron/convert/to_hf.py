@@ -130,7 +130,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, opts: ExportOptions) -> di
     groups = mapping.model_groups(cfg)
     entries = []
     for group in groups:
-        dtype = torch.float32 if group.kind == "ssm_fp32" else out_dtype
+        dtype = torch.float32 if group.kind in ("ssm_fp32", "hf_fp32") else out_dtype
         for shape, hf_key in zip(_hf_shapes(group, reader, vocab), group.hf_keys):
             entries.append((hf_key, shape, dtype))
     shards = plan_shards(entries, opts.max_shard_bytes)
