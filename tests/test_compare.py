@@ -49,10 +49,11 @@ def test_a_fit_needs_three_sizes():
         scaling.fit_power_law([1e6, 1e6, 2e6], [3.0, 3.0, 2.9])
 
 
-def _run_dir(root, name, hidden, steps=50, flip=False):
+def _run_dir(root, name, hidden, steps=50, flip=False, extra=()):
     """A run directory as pretrain writes it, its losses following the known law at its parameter count."""
     cfg = load_run_config(REPO_ROOT / "configs" / "tiny.yaml",
-                          [f"model.hidden_size={hidden}", "model.vocab_size=257", f"logging.run_dir={root / name}"])
+                          [f"model.hidden_size={hidden}", "model.vocab_size=257", f"logging.run_dir={root / name}",
+                           *extra])
     n = num_parameters(cfg.model, padded_vocab_size(257, cfg.model, 1))
     run = root / name
     run.mkdir(parents=True)
@@ -120,3 +121,15 @@ def test_three_sizes_fit_exactly_and_get_no_interval(tmp_path, capsys):
     assert fit["alpha_ci"] is None and "no degrees of freedom" in fit["note"]
     assert "a fourth size gives one" in capsys.readouterr().out
     assert "Three sizes: the three parameters" in (out / "report.md").read_text()
+
+
+def test_runs_of_about_one_size_are_compared_without_a_size_fit(tmp_path):
+    """Three architectures matched in size (the MQAR sweep's) differ by well under 1.5x in parameters: a
+    power law through them would be fitted to noise."""
+    from hybrid_megatron.eval.compare import compare
+
+    for name, hidden in (("a", 256), ("b", 288), ("c", 320)):
+        _run_dir(tmp_path, name, hidden, extra=("model.mamba_num_groups=1",))
+    summary = compare([str(tmp_path / n) for n in "abc"], tmp_path / "out")
+    assert summary["scaling_fit"] is None and summary["red_flags"] == []
+    assert "under 1.5x" in summary["note"] and not (tmp_path / "out" / "scaling_fit.png").exists()

@@ -25,6 +25,7 @@ from hybrid_megatron.config_io import build
 from hybrid_megatron.eval import plots, report, scaling
 
 log = logging.getLogger(__name__)
+MIN_SIZE_SPREAD = 1.5  # largest / smallest model before a size law is fitted
 TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (one step is noisy)
 
 
@@ -131,7 +132,9 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
                                "final_val_loss": r.final_val, "eval_step": r.eval_step, "eval": r.eval}
                               for r in runs]}
     with_val = [r for r in runs if r.final_val is not None]
-    if len({r.params for r in with_val}) >= 3:
+    sizes = sorted({r.params for r in with_val})
+    spread = len(sizes) >= 3 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
+    if spread:
         params = [r.params for r in with_val]
         losses = [r.final_val for r in with_val]
         law = scaling.fit_power_law(params, losses)
@@ -145,11 +148,14 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
     else:
         summary["scaling_fit"] = None
         summary["red_flags"] = []
-        if len(runs) >= 3:
+        if len(sizes) >= 3:
+            summary["note"] = (f"no fit: the sizes span {sizes[-1] / sizes[0]:.2f}x, under {MIN_SIZE_SPREAD}x (runs of "
+                               "about one size: a comparison of architectures or recipes, not a size sweep)")
+        elif len(runs) >= 3:
             summary["note"] = "no fit: fewer than three runs of different sizes have a validation loss"
     summary["scaling_fit_nd"] = None
-    sizes, token_counts = {r.params for r in with_val}, {r.val[-1][0] for r in with_val}
-    if len(with_val) >= 5 and len(sizes) >= 2 and len(token_counts) >= 2:  # runs that vary tokens too
+    token_counts = {r.val[-1][0] for r in with_val}
+    if len(with_val) >= 5 and len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0] and len(token_counts) >= 2:  # runs that vary tokens too
         law2 = scaling.fit_chinchilla([r.params for r in with_val], [r.val[-1][0] for r in with_val],
                                       [r.final_val for r in with_val])
         summary["scaling_fit_nd"] = {"E": law2.E, "A": law2.A, "alpha": law2.alpha, "B": law2.B, "beta": law2.beta,
