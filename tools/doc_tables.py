@@ -8,8 +8,8 @@
 that moves a documented number fails until the docs are regenerated. Blocks:
 ``cluster-7b-dry-run`` (the 7B recipe's dry-run excerpt), ``cluster-7b-layouts`` (the layouts table),
 ``data-sample-steps`` (the sample mixture's step count), ``data-scale-projection`` (prepare-data wall time at
-cluster scale from the measured per-core rates), ``data-scale-measured`` and ``eval-size-sweep`` (recorded
-measurements, so that the doc and its source file cannot part).
+cluster scale from the measured per-core rates), ``data-scale-measured``, ``eval-size-sweep`` and
+``eval-mqar-sweep`` (recorded measurements, so that the doc and its source file cannot part).
 """
 
 from __future__ import annotations
@@ -131,6 +131,36 @@ def eval_size_sweep() -> str:
     return "\n".join(rows)
 
 
+def _cut(cell: dict, name: str) -> str:
+    cut = cell[name]
+    if isinstance(cut, str):
+        return "-"
+    p = cut["mcnemar"]["p_value"]
+    return f"{cell['accuracy'][name]:.3f} ({cut['reliance']:.2f}, p {f'{p:.0e}' if p > 0 else '< 1e-300'})"
+
+
+def eval_mqar_sweep() -> str:
+    """MQAR accuracy by key-value pairs for the three matched models, and the state suite's cuts with reliance
+    and McNemar p-values (benchmarks/results/mqar_sweep_h200/mqar_sweep.json)."""
+    import json
+
+    m = json.loads((REPO_ROOT / "benchmarks" / "results" / "mqar_sweep_h200" / "mqar_sweep.json").read_text())
+    pairs = sorted({int(p) for r in m["runs"].values() for p in r["mqar_accuracy_by_pairs"]})
+    rows = ["| model | step | validation loss | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in pairs) + " |"]
+    for name, r in m["runs"].items():
+        loss = r["validation_loss_by_step"][str(r["evaluated_step"])]
+        rows.append(f"| {name} ({r['params'] / 1e6:.2f}M) | {r['evaluated_step']} | {loss:.3f} | "
+                    + " | ".join(f"{r['mqar_accuracy_by_pairs'][str(p)]:.3f}" for p in pairs) + " |")
+    rows += ["", "| model, pairs | full | SSM cut (reliance, McNemar p) | attention cut (reliance, McNemar p) | answers |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, r in m["runs"].items():
+        for cell in r["state"]:
+            rows.append(f"| {name}, {cell['pairs']} | {cell['accuracy']['full']:.3f} | {_cut(cell, 'ssm_cut')} | "
+                        f"{_cut(cell, 'attention_cut')} | {cell['answers']} |")
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "cluster-7b-dry-run": ("docs/cluster.md", cluster_7b_dry_run),
     "cluster-7b-layouts": ("docs/cluster.md", cluster_7b_layouts),
@@ -138,6 +168,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "data-scale-projection": ("docs/data.md", data_scale_projection),
     "data-scale-measured": ("docs/data.md", data_scale_measured),
     "eval-size-sweep": ("README.md", eval_size_sweep),
+    "eval-mqar-sweep": ("README.md", eval_mqar_sweep),
 }
 
 
