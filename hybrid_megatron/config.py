@@ -28,6 +28,10 @@ class ParallelConfig:
     """Shard norms/dropout activations over the sequence across TP ranks (needs TP > 1)."""
     expert_model_parallel_size: int = 1
     """MoE layers: experts split over this many ranks of the data-parallel group (EP divides DP and the experts)."""
+    context_parallel_size: int = 1
+    """Context parallelism: each sequence split over this many ranks (attention: TE's ring of K/V chunks; Mamba:
+    megatron's all-to-all over heads, so CP divides the Mamba heads per TP rank). Planned by the dry run (memory,
+    layout, the caps); training with CP > 1 is refused until its step is built."""
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -38,6 +42,7 @@ class ParallelConfig:
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             expert_model_parallel_size=self.expert_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
         )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
@@ -229,6 +234,7 @@ class RunConfig:
             checks += [("the expert width (model.moe_ffn_hidden_size)", m.expert_ffn_hidden_size)]
             checks += [("model.moe_shared_expert_size", m.moe_shared_expert_size)] if m.moe_shared_expert_size else []
         self._check_experts(counts["moe"])
+        self._check_context_parallel(counts)
         for name, value in checks:
             if value % tp:
                 raise ConfigError(
@@ -270,6 +276,37 @@ class RunConfig:
         if moe_layers and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
             raise ConfigError("MoE layers ('E') with tensor parallelism need parallel.sequence_parallel=true "
                               "(megatron's token dispatcher)")
+
+    def _check_context_parallel(self, counts: dict[str, int]) -> None:
+        """megatron's context-parallel caps, one line each: Mamba heads and groups per TP rank (its all-to-all
+        hands each CP rank whole heads), Gated DeltaNet heads, sequences in 2 x CP chunks."""
+        from hybrid_megatron.model.fp8_dims import seq_len_settings
+
+        m, par = self.model, self.parallel
+        cp, tp = par.context_parallel_size, par.tensor_model_parallel_size
+        if cp == 1:
+            return
+        if counts["mamba"]:
+            heads, groups = m.num_mamba_heads // tp, m.mamba_num_groups // tp
+            if heads % cp:
+                raise ConfigError(
+                    f"parallel.context_parallel_size={cp}: megatron's Mamba context parallelism gives each CP rank whole "
+                    f"heads of the {heads} per TP rank (model.mamba_num_heads {m.num_mamba_heads} / TP {tp}), so CP "
+                    f"must divide {heads}: at most {heads}")
+            if groups % cp and cp % groups:
+                raise ConfigError(f"parallel.context_parallel_size={cp}: the {groups} Mamba groups per TP rank must divide "
+                                  f"CP or be divided by it (megatron's Mamba context parallelism)")
+        if counts["gdn"] and (m.num_gdn_key_heads % (tp * cp) or m.num_gdn_value_heads % (tp * cp)):
+            raise ConfigError(f"parallel.context_parallel_size={cp}: TP {tp} x CP {cp} must divide the Gated DeltaNet "
+                              f"key heads ({m.num_gdn_key_heads}) and value heads ({m.num_gdn_value_heads})")
+        for name, value in seq_len_settings(self.data):
+            if value % (2 * cp):
+                raise ConfigError(f"{name}={value}: context parallelism splits every sequence into 2 x CP = {2 * cp} "
+                                  "chunks (two per rank, for load balance); use a multiple of it")
+        if self.data.reset_at_document_boundaries:
+            raise ConfigError(f"parallel.context_parallel_size={cp} with packed documents "
+                              "(data.reset_at_document_boundaries) needs each document padded to a multiple of 2 x CP, "
+                              "which the packer does not do: set data.reset_at_document_boundaries=false")
 
     @property
     def save_dir(self) -> Path:

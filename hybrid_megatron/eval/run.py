@@ -129,11 +129,12 @@ def evaluate(step_dir: Path, cfg: RunConfig, opts: EvalOptions, out: Path) -> di
 def _model_facts(step_dir: Path, cfg: RunConfig, world_size: int) -> dict:
     from hybrid_megatron.model.build import padded_vocab_size
     from hybrid_megatron.model.flops import num_parameters
+    from hybrid_megatron.model.memory import data_parallel_size
     from hybrid_megatron.training.inference import checkpoint_vocab_size
 
     par = cfg.parallel
     padded = padded_vocab_size(checkpoint_vocab_size(cfg, step_dir), cfg.model, par.tensor_model_parallel_size)
-    dp = world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
+    dp = data_parallel_size(cfg, world_size, what="world size")
     return {"params": num_parameters(cfg.model, padded),
             "layout": {"tp": par.tensor_model_parallel_size, "pp": par.pipeline_model_parallel_size, "dp": dp}}
 

@@ -2,7 +2,8 @@
 
 Bytes held by one GPU = weights + gradients + optimizer state + activations + overhead, per pipeline
 stage; the estimate reports every stage and judges the largest. GB = 1e9 bytes. Legend: T tokens per
-micro-batch (micro_batch_size x seq_len, packed or not), H hidden, t TP size, s = t with sequence
+micro-batch on one GPU (micro_batch_size x seq_len / CP, packed or not; context parallelism splits each
+sequence over CP ranks, and a windowless ring of K/V chunks adds 8T kv hd / t to attention's working set), H hidden, t TP size, s = t with sequence
 parallel else 1, V padded vocab, P a stage's parameters per TP rank (TP-sharded params / t + params
 megatron replicates over TP: pre-norm weights, row-parallel biases, the final norm), DP = GPUs / (t x PP).
 
@@ -82,7 +83,8 @@ def _norm(m: ModelConfig) -> int:
     return sum(p.numel for p in geo.final_norm(m))
 
 
-def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str) -> tuple[float, float]:
+def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str, cp: int = 1
+                       ) -> tuple[float, float]:
     """(bytes kept until the backward per micro-batch, bytes of the layer's backward working set)."""
     H = m.hidden_size
     stats = 4 * T * (2 if m.normalization == "LayerNorm" else 1)
@@ -105,6 +107,8 @@ def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, rec
         lse = 0 if recompute == "selective" else 4 * T * q
         stored += (2 * T * qkv + 2 * T * q * hd + lse) / tp
         work = (2 * T * qkv + 6 * T * q * hd + 4 * T * q) / tp  # dQ/dK/dV, fp32 dQ accumulator, dO
+        if cp > 1:  # the ring: the next rank's K and V chunk arriving while this one is used, both ways
+            work += 2 * 2 * T * 2 * m.num_kv_heads * hd / tp
     elif symbol == pat.MOE:
         E, k, Fe, S = m.moe_num_experts, m.moe_top_k, m.expert_ffn_hidden_size, m.moe_shared_expert_size or 0
         u = 2 if m.activation == "swiglu" else 1
@@ -144,16 +148,16 @@ class StageMemory:
 
 
 def data_parallel_size(cfg: RunConfig, world_size: int, what: str = "--gpus") -> int:
-    """DP = world / (TP x PP); ConfigError naming ``what`` set the world size when that is not whole."""
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    if world_size < 1 or world_size % (tp * pp):
-        raise ConfigError(
-            f"{what} {world_size}: must be a positive multiple of TP {tp} x PP {pp} = {tp * pp}"
-        )
-    dp, ep = world_size // (tp * pp), cfg.parallel.expert_model_parallel_size
+    """DP = world / (TP x PP x CP); ConfigError naming ``what`` set the world size when that is not whole."""
+    par = cfg.parallel
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    layout = f"TP {tp} x PP {pp}" + (f" x CP {cp}" if cp > 1 else "")
+    if world_size < 1 or world_size % (tp * pp * cp):
+        raise ConfigError(f"{what} {world_size}: must be a positive multiple of {layout} = {tp * pp * cp}")
+    dp, ep = world_size // (tp * pp * cp), par.expert_model_parallel_size
     if dp % ep:
         raise ConfigError(f"parallel.expert_model_parallel_size={ep} does not divide the data-parallel size {dp} "
-                          f"({what} {world_size} / (TP {tp} x PP {pp})): experts are split within the DP group")
+                          f"({what} {world_size} / ({layout})): experts are split within the DP group")
     return dp
 
 
@@ -172,7 +176,8 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     dp = data_parallel_size(cfg, world_size)
     s = tp if par.sequence_parallel else 1
-    T, H, V = train.micro_batch_size * seq_len, m.hidden_size, padded_vocab
+    cp = par.context_parallel_size
+    T, H, V = train.micro_batch_size * seq_len // cp, m.hidden_size, padded_vocab  # this rank's share of the tokens
     bsm = cfg.data.batch_size_multiple
     sequences = cfg.data.global_batch_tokens // seq_len // bsm * bsm
     num_micro = max(1, sequences // dp // train.micro_batch_size)
@@ -196,7 +201,7 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 sharded += geo.output_layer(m, V).numel
         chunk_bytes, work = [], 0.0
         for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
-            acts = [_layer_activations(m, sym, T, tp, s, train.recompute) for sym in chunk]
+            acts = [_layer_activations(m, sym, T, tp, s, train.recompute, cp) for sym in chunk]
             for i, sym in enumerate(chunk):
                 p = geo.layer(m, sym)
                 expert += p.expert  # routed experts: split over TP (expert TP = TP) and EP
@@ -251,7 +256,8 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
         "optimizer state replicated on every DP rank (use_distributed_optimizer=false)"
     )
     lines = [
-        f"{world_size} GPUs = TP {tp} x PP {pp} x DP {dp}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
+        f"{world_size} GPUs = TP {tp} x PP {pp}{f' x CP {par.context_parallel_size}' if par.context_parallel_size > 1 else ''}"
+        f" x DP {dp}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
         f"{optimizer}; fp8 {cfg.precision.fp8 or 'off'}"
     ]
     for st in stages:

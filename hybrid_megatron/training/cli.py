@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if gpus is not None:
         log.warning("--gpus %d is ignored without --dry-run: the launcher's world size counts", gpus)
-    from hybrid_megatron.training.distributed import require_gpu
+    from hybrid_megatron.training.distributed import check_layout_runs, require_gpu
 
+    check_layout_runs(cfg)
     require_gpu()
     from hybrid_megatron.training.loop import pretrain
 

@@ -52,11 +52,20 @@ def require_gpu(verb: str = "pretrain", hint: str = "; `--dry-run` works without
         raise ConfigError(f"{verb} needs a CUDA GPU (none visible){hint}")
 
 
+def check_layout_runs(cfg: RunConfig) -> None:
+    """ConfigError for a layout the dry run plans but no GPU process can run yet (context parallelism)."""
+    if cfg.parallel.context_parallel_size > 1:
+        raise ConfigError(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}: the dry run plans "
+                          "context parallelism (memory, layout, megatron's caps), but its training step (each rank's "
+                          "share of every sequence, the loss over CP ranks) is not built yet: train with CP 1")
+
+
 def initialize(cfg: RunConfig) -> Ranks:
     """Creates the default process group and megatron's TP/PP/DP groups; seeds every RNG."""
     import torch
     from megatron.core import parallel_state
 
+    check_layout_runs(cfg)
     ranks = discover_ranks()
     require_gpu()
     if cfg.train.deterministic:

@@ -1,0 +1,58 @@
+"""Context parallelism as the dry run plans it: megatron's caps as one line each (Mamba heads per TP rank for its
+all-to-all, groups, Gated DeltaNet heads, 2 x CP chunks per sequence, packed documents), the layout and the
+memory per GPU; training with CP > 1 is refused before any GPU work until its step is built."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.cli import main
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.model import memory
+
+ONE_B = "configs/1b.yaml"  # 64 Mamba heads, 8 groups, seq 4096
+UNPACKED = ["data.reset_at_document_boundaries=false"]
+
+
+def _cfg(*overrides):
+    return load_run_config(ONE_B, [*UNPACKED, *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.context_parallel_size=3"], "CP must divide 64: at most 64"),
+    (["parallel.tensor_model_parallel_size=8", "parallel.sequence_parallel=true", "parallel.context_parallel_size=16"],
+     "whole heads of the 8 per TP rank (model.mamba_num_heads 64 / TP 8), so CP must divide 8: at most 8"),
+    (["parallel.context_parallel_size=4", "model.mamba_num_groups=6", "model.mamba_num_heads=48"],
+     "the 6 Mamba groups per TP rank must divide CP or be divided by it"),
+    (["parallel.context_parallel_size=16", "data.seq_len=4104"], "data.seq_len=4104: context parallelism splits"),
+])
+def test_megatron_caps_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _cfg(*overrides)
+
+
+def test_packed_documents_and_gdn_heads_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="needs each document padded to a multiple of 2 x CP"):
+        load_run_config(ONE_B, ["parallel.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"TP 1 x CP 16 must divide the Gated DeltaNet key heads \(8\)"):
+        load_run_config("configs/tiny.yaml", [*UNPACKED, "model.hybrid_layer_pattern=G-G*-", "model.gdn_key_head_dim=64",
+                                              "model.gdn_value_head_dim=64", "parallel.context_parallel_size=16"])
+
+
+def test_cp_divides_each_gpus_tokens_and_comes_out_of_data_parallelism():
+    one, two = _cfg(), _cfg("parallel.context_parallel_size=2")
+    assert memory.data_parallel_size(one, 8) == 8 and memory.data_parallel_size(two, 8) == 4
+    a, b = memory.estimate(one, 32000, 4096, world_size=8)[0], memory.estimate(two, 32000, 4096, world_size=8)[0]
+    assert 0.45 * a.activations < b.activations < 0.6 * a.activations  # half the tokens (+ the K/V ring)
+    assert b.weights == a.weights and b.optimizer == 2 * a.optimizer  # sharded over DP 4 instead of 8
+    with pytest.raises(ConfigError, match="must be a positive multiple of TP 1 x PP 1 x CP 2 = 2"):
+        memory.data_parallel_size(two, 7)
+
+
+def test_the_dry_run_plans_cp_and_pretrain_refuses_it(capsys):
+    argv = ["pretrain", ONE_B, *UNPACKED, "parallel.context_parallel_size=4"]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "8 GPUs = TP 1 x PP 1 x CP 4 x DP 2" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "its training step (each rank's share of every sequence" in capsys.readouterr().err
