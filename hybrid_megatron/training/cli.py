@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="with --dry-run: GPUs the memory estimate assumes (DP = N / (TP x PP)); default 8, one node",
+        help="with --dry-run: GPUs the memory estimate assumes (DP = N / (TP x PP x CP)); default 8, one node",
     )
     p.set_defaults(func=run)
 
