@@ -46,3 +46,23 @@ def run_pretrain(args: list[str], timeout: int = 900, **popen) -> subprocess.Com
         [sys.executable, "-m", "hybrid_megatron", "pretrain", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen,
     )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of a run's losses.jsonl."""
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "losses.jsonl").read_text().splitlines())}
+
+
+def straight_and_resumed(common: list[str], root: Path, steps: int) -> tuple[dict[int, float], dict[int, float]]:
+    """Losses of a straight run of ``steps`` and of one stopped half way (``train.exit_after_steps``) and resumed,
+    both with the pretrain arguments ``common``; asserts every step ran exactly once in the resumed run."""
+    straight, split = root / "straight", root / "split"
+    for args in ([f"logging.run_dir={straight}"], [f"logging.run_dir={split}", f"train.exit_after_steps={steps // 2}"],
+                 [f"logging.run_dir={split}"]):
+        proc = run_pretrain([*common, f"train.train_steps={steps}", *args])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = losses(straight), losses(split)
+    assert sorted(b) == list(range(1, steps + 1)), "a step was repeated or skipped across the resume"
+    return a, b

@@ -8,24 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
-from hybrid_megatron.convert import checks, mapping
-from hybrid_megatron.convert.testing import random_nemotron_h
+from hybrid_megatron.convert import checks
+from hybrid_megatron.convert.testing import hf_tensors, random_nemotron_h
 
 MOE = dict(hybrid_override_pattern="ME*E-", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
            moe_shared_expert_intermediate_size=48, n_group=1, topk_group=1, norm_topk_prob=True,
            routed_scaling_factor=2.5)
-
-
-def _tensors(hf_dir) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({mapping.strip_hf_prefix(k): f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def test_moe_round_trip_is_exact_and_the_model_section_routes_like_nemotron_h(tmp_path):
@@ -34,7 +25,7 @@ def test_moe_round_trip_is_exact_and_the_model_section_routes_like_nemotron_h(tm
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--dtype", "fp32"]) == 0
     assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--dtype", "bf16",
                  "--no-progress"]) == 0
-    original, exported = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
+    original, exported = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "out")
     assert sorted(original) == sorted(exported)
     for key, tensor in original.items():
         fp32 = key.endswith(("gate.weight", "e_score_correction_bias", "A_log", "D", "dt_bias"))

@@ -7,20 +7,11 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from hybrid_megatron.cli import main
 from hybrid_megatron.checkpoint import layout, offline
 from hybrid_megatron.convert import mapping
-from hybrid_megatron.convert.testing import random_nemotron_h
-
-
-def _hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({mapping.strip_hf_prefix(k): f.get_tensor(k) for k in f.keys()})
-    return out
+from hybrid_megatron.convert.testing import hf_tensors, random_nemotron_h
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +27,7 @@ def converted(tmp_path_factory):
 
 def test_round_trip_reproduces_every_tensor_bit_for_bit(converted):
     root = converted["root"]
-    original, exported = _hf_tensors(root / "hf"), _hf_tensors(root / "out")
+    original, exported = hf_tensors(root / "hf"), hf_tensors(root / "out")
     assert sorted(original) == sorted(exported)
     for key, tensor in original.items():
         assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
@@ -74,8 +65,8 @@ def test_exported_model_loads_and_matches_logits(converted):
 def test_bf16_export_keeps_ssm_params_fp32(converted):
     root = converted["root"]
     assert main(["convert", "to-hf", str(root / "ckpt" / "step-000000"), str(root / "bf16"), "--no-progress"]) == 0
-    tensors = _hf_tensors(root / "bf16")
-    original = _hf_tensors(root / "hf")
+    tensors = hf_tensors(root / "bf16")
+    original = hf_tensors(root / "hf")
     for key, tensor in tensors.items():
         fp32 = key.endswith(mapping.SSM_FP32_NAMES)
         assert tensor.dtype == (torch.float32 if fp32 else torch.bfloat16), key
@@ -91,7 +82,7 @@ def test_keep_vocab_padding_and_sharded_output(converted):
     assert main(args) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    tensors = _hf_tensors(out)
+    tensors = hf_tensors(out)
     assert tensors["lm_head.weight"].shape[0] == 256
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 256
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from gpu_helpers import init_single_process, run_pretrain, tiny_config
+from gpu_helpers import init_single_process, losses, run_pretrain, straight_and_resumed, tiny_config
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("fla.modules.convolution", reason="Gated DeltaNet needs flash-linear-attention 0.4")
@@ -21,10 +21,6 @@ VOCAB, SEQ = 257, 384
 @pytest.fixture(scope="module")
 def world():
     init_single_process()
-
-
-def _losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "losses.jsonl").read_text().splitlines())}
 
 
 @pytest.mark.parametrize("spec", ["te", "local"])
@@ -92,8 +88,8 @@ def test_the_tiny_recipe_trains(tmp_path, precision):
     proc = run_pretrain(["configs/tiny.yaml", *GDN, *precision, "train.train_steps=40", "schedule.lr_warmup_steps=5",
                          f"logging.run_dir={run}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    losses = list(_losses(run).values())
-    assert len(losses) == 40 and np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    trained = list(losses(run).values())
+    assert len(trained) == 40 and np.isfinite(trained).all() and np.mean(trained[-5:]) < np.mean(trained[:5]) - 0.5
 
 
 @pytest.mark.parametrize("mode", ["deterministic-unpacked", "packed"])
@@ -102,19 +98,12 @@ def test_resume_repeats_the_straight_run(tmp_path, mode):
     run flash-linear-attention's Triton kernels (not pinned): bitwise is asserted for the first, reported for both."""
     steps = 30
     extra = (["train.deterministic=true", "data.reset_at_document_boundaries=false"] if mode != "packed" else [])
-    common = ["configs/tiny.yaml", *GDN, *extra, f"train.train_steps={steps}", "schedule.lr_warmup_steps=5",
-              "logging.log_interval=5", "train.eval_interval=null", "checkpoint.save_interval=null"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    for args in ([f"logging.run_dir={straight}"], [f"logging.run_dir={split}", f"train.exit_after_steps={steps // 2}"],
-                 [f"logging.run_dir={split}"]):
-        proc = run_pretrain([*common, *args])
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = _losses(straight), _losses(split)
+    a, b = straight_and_resumed(["configs/tiny.yaml", *GDN, *extra, "schedule.lr_warmup_steps=5", "logging.log_interval=5",
+                                 "train.eval_interval=null", "checkpoint.save_interval=null"], tmp_path, steps)
     resumed = range(steps // 2 + 1, steps + 1)
     differing = [s for s in resumed if a[s] != b[s]]
     worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in resumed)
     print(json.dumps({"mode": mode, "bitwise": not differing, "differing_steps": differing, "max_rel_diff": worst}))
-    assert sorted(b) == list(range(1, steps + 1))
     assert worst < 1e-2
     if mode != "packed":
         assert not differing, f"resumed losses differ from the straight run's at steps {differing[:5]}"

@@ -145,3 +145,16 @@ def tp_save_worker(rank: int, world_size: int, port: int, step_dir: str, tensors
         save_tp_sharded(Path(step_dir), tensors, dims, tp_rank=rank % tp_size, tp_size=tp_size)
     finally:
         dist.destroy_process_group()
+
+
+def hf_tensors(hf_dir: Path) -> dict:
+    """Every tensor of an HF checkpoint directory (all safetensors shards), keys with the ``backbone.`` prefix."""
+    from safetensors import safe_open
+
+    from hybrid_megatron.convert.mapping import strip_hf_prefix
+
+    out = {}
+    for path in sorted(Path(hf_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({strip_hf_prefix(k): f.get_tensor(k) for k in f.keys()})
+    return out
