@@ -246,7 +246,8 @@ def _moe_layer(m: ModelConfig) -> LayerGeometry:
     return LayerGeometry(pat.MOE, tuple(params), tuple(dims))
 
 
-_LAYERS = {pat.MAMBA: _mamba_layer, pat.GDN: _gdn_layer, pat.ATTENTION: _attention_layer, pat.MLP: _mlp_layer, pat.MOE: _moe_layer}
+_LAYERS = {pat.MAMBA: _mamba_layer, pat.GDN: _gdn_layer, pat.ATTENTION: _attention_layer, pat.MLP: _mlp_layer,
+           pat.MOE: _moe_layer}
 
 
 def fp32_param_suffixes() -> frozenset[str]:

@@ -2,10 +2,11 @@
 
 Bytes held by one GPU = weights + gradients + optimizer state + activations + overhead, per pipeline
 stage; the estimate reports every stage and judges the largest. GB = 1e9 bytes. Legend: T tokens per
-micro-batch on one GPU (micro_batch_size x seq_len / CP, packed or not; context parallelism splits each
-sequence over CP ranks, and a windowless ring of K/V chunks adds 8T kv hd / t to attention's working set), H hidden, t TP size, s = t with sequence
-parallel else 1, V padded vocab, P a stage's parameters per TP rank (TP-sharded params / t + params
-megatron replicates over TP: pre-norm weights, row-parallel biases, the final norm), DP = GPUs / (t x PP).
+micro-batch on one GPU (micro_batch_size x seq_len / CP, packed or not: context parallelism splits each
+sequence over CP ranks, and its ring of K/V chunks adds 8T kv hd / t to attention's working set), H hidden,
+t TP size, s = t with sequence parallel else 1, V padded vocab, P a stage's parameters per TP rank
+(TP-sharded params / t + params megatron replicates over TP: pre-norm weights, row-parallel biases, the final
+norm), DP = GPUs / (t x PP x CP).
 
 States (megatron DDP with grad_reduce_in_fp32, as training/loop.py builds it):
   weights    2 B/param (bf16), 4 B for the fp32 SSM params (A_log, D, dt_bias) and for dtype fp32
@@ -14,7 +15,8 @@ States (megatron DDP with grad_reduce_in_fp32, as training/loop.py builds it):
              one that Hopper's FP8 GEMMs need in the backward, for all micro-batches of the step
   grads      4 B/param: the fp32 grad buffer is full size on every rank, distributed optimizer or not
   optimizer  Adam: fp32 master + m + v = 12 B per bf16 param, 8 B per fp32 param (it is its own
-             master); divided by DP with the distributed optimizer, whole without it
+             master); divided by DP x CP with the distributed optimizer (megatron shards it over the
+             data-and-context-parallel group), whole without it
 
 Activations kept for the backward, per layer and micro-batch (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models", adapted to this stack; dropout is 0 in our
@@ -36,7 +38,7 @@ models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep
   moe        + [8T E + 4T k H + 2T k (Fe u + Fe) + 2T S u + 2T S] / t  (fp32 router logits and scores; the
              k routed copies of each token before and after the experts; each expert's fc1 and activation
              outputs; the shared expert as an MLP). Routed experts' weights, grads and optimizer state are
-             divided by EP (expert parallelism), their optimizer state by DP / EP instead of DP.
+             divided by EP (expert parallelism), their optimizer state by DP x CP / EP instead of DP x CP.
   full recompute (uniform, N = train.recompute_num_layers): 2TH/s per checkpoint of N layers instead.
 Per model chunk and micro-batch also 2TH/s for the chunk's output, which megatron's pipeline schedule
 keeps until the backward (deallocate_pipeline_outputs=False), except on the model's last chunk.
@@ -176,7 +178,7 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     dp = data_parallel_size(cfg, world_size)
     s = tp if par.sequence_parallel else 1
-    cp = par.context_parallel_size
+    cp, ep = par.context_parallel_size, par.expert_model_parallel_size
     T, H, V = train.micro_batch_size * seq_len // cp, m.hidden_size, padded_vocab  # this rank's share of the tokens
     bsm = cfg.data.batch_size_multiple
     sequences = cfg.data.global_batch_tokens // seq_len // bsm * bsm
@@ -208,8 +210,7 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 sharded += p.total - p.replicated - p.expert
                 replicated += p.replicated
                 fp32 += p.fp32 if fp32_ssm else 0
-                ep_split = p.gemm - p.expert + p.expert / par.expert_model_parallel_size
-                fp8_gemm += ep_split if prec.fp8 and not bf16_layer[first + i] else 0
+                fp8_gemm += p.gemm - p.expert + p.expert / ep if prec.fp8 and not bf16_layer[first + i] else 0
             work = max([work] + [w for _, w in acts])
             if train.recompute == "full":
                 n = train.recompute_num_layers
@@ -220,22 +221,23 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 stored = sum(a for a, _ in acts)
             model_output = last and c == len(stage.chunks) - 1
             chunk_bytes.append(stored + (0 if model_output else 2 * T * H / s))
-        ep = par.expert_model_parallel_size
-        params = sharded / tp + replicated + expert / (tp * ep)
+        expert_rank = expert / (tp * ep)
+        params = sharded / tp + replicated + expert_rank
         fp32_rank = fp32 / tp
         held = in_flight(pp, vpp, stage.pp_rank, num_micro)
         activations = held * max(chunk_bytes) + work + 4 * T * H / s + (2 * T * H if s > 1 else 0)
         if last:
             activations += 6 * T * V / tp + 4 * T * H / s
         state_bytes = 12 if half else 8
-        dense = state_bytes * (params - fp32_rank - expert / (tp * ep)) + 8 * fp32_rank
-        experts = state_bytes * expert / (tp * ep)
+        dense = state_bytes * (params - fp32_rank - expert_rank) + 8 * fp32_rank
+        experts = state_bytes * expert_rank
+        shards = dp * cp  # the distributed optimizer's group: data and context parallel ranks
         out.append(StageMemory(
             pp_rank=stage.pp_rank,
             weights=(2 if half else 4) * (params - fp32_rank) + 4 * fp32_rank,
             fp8_weights=FP8_WEIGHT_BYTES * fp8_gemm / tp,
             grads=4 * params,
-            optimizer=dense / dp + experts / (dp // ep) if par.use_distributed_optimizer else dense + experts,
+            optimizer=dense / shards + experts / (shards // ep) if par.use_distributed_optimizer else dense + experts,
             activations=activations,
             in_flight=held,
         ))
@@ -255,9 +257,9 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
     optimizer = f"distributed optimizer (sharded over DP {dp})" if par.use_distributed_optimizer else (
         "optimizer state replicated on every DP rank (use_distributed_optimizer=false)"
     )
+    cp = f" x CP {par.context_parallel_size}" if par.context_parallel_size > 1 else ""
     lines = [
-        f"{world_size} GPUs = TP {tp} x PP {pp}{f' x CP {par.context_parallel_size}' if par.context_parallel_size > 1 else ''}"
-        f" x DP {dp}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
+        f"{world_size} GPUs = TP {tp} x PP {pp}{cp} x DP {dp}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
         f"{optimizer}; fp8 {cfg.precision.fp8 or 'off'}"
     ]
     for st in stages:

@@ -1,10 +1,10 @@
 """Per-layer-type document boundaries for one forward pass: the mechanism behind the ``state`` suite's cuts.
 
 megatron's hybrid stack hands every layer the same ``packed_seq_params`` (``cu_seqlens``: where documents
-start; Mamba-2 derives its state resets from them, attention its causal segments). ``layer_overrides``
-gives the Mamba layers, the Gated DeltaNet layers or the attention layers other boundaries for the duration of a ``with`` block, through
-forward pre-hooks that replace that keyword argument, so that a memory can be cut for one layer type while
-the other still sees the whole document. Layers of other types (MLP, MoE) ignore the boundaries.
+start; Mamba-2 and Gated DeltaNet derive their state resets from them, attention its causal segments).
+``layer_overrides`` gives the Mamba, the Gated DeltaNet or the attention layers other boundaries for the
+duration of a ``with`` block, through forward pre-hooks that replace that keyword argument, so that a memory
+can be cut for one layer type while the others still see the whole document. Layers of other types (MLP, MoE) ignore the boundaries.
 """
 
 from __future__ import annotations
