@@ -60,7 +60,7 @@ def test_fp32_rule_names_mamba_and_gdn_parameters_and_nothing_else():
 
 
 def test_flops_memory_and_inference_cache_count_the_gdn_layers():
-    m, mamba = _cfg().model, load_run_config(TINY).model
+    m = _cfg().model
     w = geometry.gdn_widths(m)
     mixing = 2 * 4 * w.conv + 16 * (64 * 128 + 64 * 192 + 6 * 64 * 64)
     assert flops.layer_cost(m, "G", 1024).flops_per_token == 2 * geometry.layer(m, "G").gemm + mixing

@@ -24,15 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from hybrid_megatron.model import geometry as geo
 from hybrid_megatron.model import pattern as pat
 from hybrid_megatron.model.config import ModelConfig
 from hybrid_megatron.model.geometry import CONV_PARTS, IN_PROJ_PARTS, SSM_FP32_NAMES
-
-if TYPE_CHECKING:
-    import torch
 
 HF_PREFIX = "backbone."  # the prefix NVIDIA's checkpoints use; transformers >= 5 renames it to "model." on load
 HF_PREFIXES = ("backbone.", "model.")  # accepted when reading an HF checkpoint
@@ -62,7 +58,7 @@ class Dims:
         return tuple(rows for _, rows in self.mamba.conv_parts)
 
 
-Fn = Callable[[list["torch.Tensor"]], list["torch.Tensor"]]
+Fn = Callable[[list], list]  # torch tensors in, torch tensors out
 
 
 @dataclass(frozen=True, slots=True)

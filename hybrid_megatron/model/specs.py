@@ -18,9 +18,10 @@ def _mixer_params(model: ModelConfig) -> dict:
 
 
 def te_available() -> bool:
+    import importlib
+
     try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception:  # TE raises assorted errors when its CUDA libraries are missing
         return False
     return True
