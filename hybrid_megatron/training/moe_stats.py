@@ -34,7 +34,7 @@ class RouterStats:
         self.k, self.experts = m.moe_top_k, m.moe_num_experts
         self.flags = [int(s == pat.MOE) for s in pat.layers(m.hybrid_layer_pattern)]
         self.routers = moe_routers(model_chunks)
-        device = torch.cuda.current_device()
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         self.counts = torch.zeros(max(len(self.routers), 1), self.experts, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(max(len(self.routers), 1), dtype=torch.float64, device=device)
         self.aux, self.steps = 0.0, 0
