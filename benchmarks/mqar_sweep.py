@@ -2,12 +2,16 @@
 the ``mqar`` and ``state`` suites on each: the recall diagnostics end to end.
 
     python benchmarks/mqar_sweep.py [--docs 64000] [--work DIR] [--out-dir DIR] [--timeout-s S]
+                                    [--archs attention,mamba,hybrid] [--resume]
 
 Writes the MQAR sources (``prepare-data --synthetic mqar``, training seed 0, validation seed 1), trains
 ``configs/mqar/{attention,mamba,hybrid}.yaml`` at the same time on one GPU, evaluates each final checkpoint
 with ``eval --suite mqar,state`` (512 unseen items per cell) and ``compare`` over the three. Writes
 ``mqar_sweep.json`` (device, versions, commands, per-run results) with the reports and plots beside it;
-prints accuracy by pairs and the reliance scores last.
+prints accuracy by pairs and the reliance scores last. Each model's report and plots land in ``--out-dir`` as
+soon as its evaluation ends. ``--resume`` keeps ``--work``: the data is not written again and each training
+continues from its last checkpoint (``pretrain`` resumes from ``latest``), so a sweep cut off by a time limit
+finishes in later calls, one model at a time with ``--archs`` if need be.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from data_pipeline.shards import INDEX_NAME
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
 from hybrid_megatron.devtools.gpu_launch import device_name, launch
 from hybrid_megatron.training.environment import versions
@@ -35,7 +40,7 @@ def _run(name: str, argv: list[str], work: Path, timeout: float) -> dict:
             f"{name}_seconds": round(time.perf_counter() - start, 1), **({f"{name}_tail": tail} if code else {})}
 
 
-def arch(name: str, data: Path, work: Path, timeout: float) -> dict:
+def arch(name: str, data: Path, work: Path, timeout: float, out_dir: Path) -> dict:
     run_dir = work / name
     overrides = [f"data.sources.mqar={data / 'train'}", f"data.validation.sources.mqar_val={data / 'val'}",
                  f"logging.run_dir={run_dir}", "logging.tensorboard=false"]
@@ -47,6 +52,9 @@ def arch(name: str, data: Path, work: Path, timeout: float) -> dict:
         found = sorted(run_dir.glob("eval/step-*/results.json"))
         if found:
             out["eval"] = json.loads(found[-1].read_text())
+            (out_dir / name).mkdir(exist_ok=True)
+            for f in sorted(found[-1].parent.iterdir()):
+                shutil.copy(f, out_dir / name / f.name)
     return out
 
 
@@ -56,28 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mqar_sweep"))
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "mqar_sweep")
     ap.add_argument("--timeout-s", type=float, default=480.0, help="per training run and per evaluation")
+    ap.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of {', '.join(ARCHS)}")
+    ap.add_argument("--resume", action="store_true", help="keep --work: reuse its data, continue its trainings")
     args = ap.parse_args(argv)
-    if args.work.exists():
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if not archs or set(archs) - set(ARCHS):
+        ap.error(f"--archs {args.archs!r}: choose from {', '.join(ARCHS)}")
+    if args.work.exists() and not args.resume:
         shutil.rmtree(args.work)
-    args.work.mkdir(parents=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     data = args.work / "data"
     for split, seed, docs in (("train", 0, args.docs), ("val", 1, 2048)):
+        if (data / split / INDEX_NAME).is_file():  # written last: the source is complete
+            continue
         code, tail = launch(1, ["-m", "hybrid_megatron", "prepare-data", "--synthetic", "mqar", "--docs", str(docs),
                                 "--seed", str(seed), "--output", str(data / split), "--no-progress"], 600.0,
                             args.work / f"data-{split}.log")
         if code:
             print(f"prepare-data {split} failed:\n{tail}")
             return 1
-    with ThreadPoolExecutor(len(ARCHS)) as pool:
-        runs = list(pool.map(lambda a: arch(a, data, args.work, args.timeout_s), ARCHS))
+    with ThreadPoolExecutor(len(archs)) as pool:
+        runs = list(pool.map(lambda a: arch(a, data, args.work, args.timeout_s, args.out_dir), archs))
     done = [r for r in runs if "eval" in r]
     code, tail = launch(1, ["-m", "hybrid_megatron", "compare", *(r["run_dir"] for r in done), "--out",
                             str(args.out_dir / "compare")], 300.0, args.work / "compare.log")
-    for r in done:
-        for f in sorted(Path(r["run_dir"]).glob("eval/step-*/*")):
-            (args.out_dir / r["arch"]).mkdir(exist_ok=True)
-            shutil.copy(f, args.out_dir / r["arch"] / f.name)
     result = {"benchmark": "mqar_sweep", "command": " ".join(["python", *sys.argv]), "device": device_name(),
               "versions": versions(), "docs": args.docs, "runs": runs, "compare_exit": code,
               **({"compare_tail": tail} if code else {})}
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             cuts = [f"{cut} reliance {c[cut]['reliance']:.3f} (p {c[cut]['mcnemar']['p_value']:.2g})"
                     for cut in ("ssm_cut", "attention_cut") if isinstance(c[cut], dict) and c[cut]["reliance"] is not None]
             print(f"{'':<10} {c['pairs']} pairs: full {c['accuracy']['full']:.3f}; " + "; ".join(cuts))
-    return 0 if len(done) == len(ARCHS) and code == 0 else 1
+    return 0 if len(done) == len(archs) and code == 0 else 1
 
 
 if __name__ == "__main__":
