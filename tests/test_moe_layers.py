@@ -74,5 +74,7 @@ def test_the_dry_run_prints_total_and_active_parameters(capsys):
     assert main(["pretrain", TINY, "--dry-run", *MOE]) == 0
     out = capsys.readouterr().out
     assert "4 moe" in out and "active per token" in out and "top-2 of 8 experts" in out
+    assert main(["pretrain", TINY, "--dry-run", *MOE, "parallel.expert_model_parallel_size=4"]) == 0
+    assert "8 GPUs = TP 1 x PP 1 x DP 8 (experts over EP 4 of them)" in capsys.readouterr().out
     assert main(["pretrain", TINY, "--dry-run", "--gpus", "6", *MOE, "parallel.expert_model_parallel_size=4"]) == 2
     assert "does not divide the data-parallel size 6" in capsys.readouterr().err

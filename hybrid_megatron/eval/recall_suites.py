@@ -2,8 +2,8 @@
 
 ``mqar``: accuracy over answers for every (key-value pairs, sequence length) cell.
 ``state``: the same items under three conditions: the full model; the SSM state cut before the queries (the
-Mamba layers start a new document at the first query, attention still sees the bindings); attention cut to
-a window of ``attention_window`` tokens before the first query (the SSM intact). Per cut: accuracy, the
+Mamba and Gated DeltaNet layers start a new document at the first query, attention still sees the
+bindings); attention cut to a window of ``attention_window`` tokens before the first query (the SSM intact). Per cut: accuracy, the
 memory-reliance score (acc_full - acc_cut) / acc_full and McNemar's exact test on the paired answers. A cut
 of a layer type the model does not have is reported as not applicable.
 """

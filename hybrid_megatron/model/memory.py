@@ -258,8 +258,9 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
         "optimizer state replicated on every DP rank (use_distributed_optimizer=false)"
     )
     cp = f" x CP {par.context_parallel_size}" if par.context_parallel_size > 1 else ""
+    ep = f" (experts over EP {par.expert_model_parallel_size} of them)" if par.expert_model_parallel_size > 1 else ""
     lines = [
-        f"{world_size} GPUs = TP {tp} x PP {pp}{cp} x DP {dp}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
+        f"{world_size} GPUs = TP {tp} x PP {pp}{cp} x DP {dp}{ep}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
         f"{optimizer}; fp8 {cfg.precision.fp8 or 'off'}"
     ]
     for st in stages:
