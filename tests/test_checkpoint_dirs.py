@@ -101,6 +101,23 @@ def test_architecture_change_is_refused_but_cuts_and_spellings_may_differ(tmp_pa
         architecture.check_architecture(saved, {**saved, "mamba_state_dim": 128}, tmp_path)
 
 
+def test_the_new_families_weight_shapes_are_architecture_but_routing_is_not(tmp_path):
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.config_io import to_dict
+
+    saved = to_dict(load_run_config("configs/tiny.yaml", [
+        "model.hybrid_layer_pattern=GEG*E|GEG*E", "model.gdn_key_head_dim=64", "model.gdn_value_head_dim=64",
+        "model.moe_num_experts=8", "model.moe_shared_expert_size=256"]).model)
+    architecture.check_architecture(saved, {**saved, "moe_top_k": 4, "moe_capacity_factor": 1.5,
+                                            "gdn_num_key_heads": 8, "moe_ffn_hidden_size": 1536}, tmp_path)
+    for change, message in (({"gdn_num_value_heads": 8}, "model.gdn_num_value_heads=16 there, 8"),
+                            ({"moe_num_experts": 16}, "model.moe_num_experts=8 there, 16"),
+                            ({"moe_expert_bias": True}, "model.moe_expert_bias=False there, True"),
+                            ({"moe_shared_expert_size": None}, "model.moe_shared_expert_size=256 there, None")):
+        with pytest.raises(ConfigError, match=message):
+            architecture.check_architecture(saved, {**saved, **change}, tmp_path)
+
+
 def test_a_latest_pointer_of_binary_garbage_is_one_clear_error(tmp_path):
     (tmp_path / "latest").write_bytes(b"\xff\xfe\x00step")
     with pytest.raises(ConfigError, match="latest: unreadable pointer file"):

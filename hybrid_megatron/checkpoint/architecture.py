@@ -1,7 +1,8 @@
 """What a checkpoint must share with the model that loads it: everything that shapes the weights.
 
-Pipeline cuts, the layer spec (TE and local write the same keys), init and the SSD chunk size may
-change between save and load; a TP/PP/DP change is resharded by torch_dist.
+Pipeline cuts, the layer spec (TE and local write the same keys), init, the SSD chunk size, attention
+windows and MoE routing (top-k, scores, capacity, loss) may change between save and load; a TP/PP/DP/EP
+change is resharded by torch_dist.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def _architecture(raw: dict) -> dict:
         "mamba_num_groups": m.mamba_num_groups,
         "mamba_state_dim": m.mamba_state_dim,
         "mamba_conv_kernel": m.mamba_conv_kernel,
+        "gdn_key_head_dim": m.gdn_key_head_dim,
+        "gdn_value_head_dim": m.gdn_value_head_dim,
+        "gdn_num_key_heads": m.num_gdn_key_heads,
+        "gdn_num_value_heads": m.num_gdn_value_heads,
+        "gdn_conv_kernel": m.gdn_conv_kernel,
+        "moe_num_experts": m.moe_num_experts,
+        "moe_ffn_hidden_size": m.expert_ffn_hidden_size,
+        "moe_shared_expert_size": m.moe_shared_expert_size,
+        "moe_expert_bias": m.moe_expert_bias,  # a stored buffer, there or not
         "normalization": m.normalization,
         "add_bias_linear": m.add_bias_linear,
         "activation": m.activation,
