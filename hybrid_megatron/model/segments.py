@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 LAYER_TYPES = ("mamba", "gdn", "attention")
-RECURRENT_TYPES = ("mamba", "gdn")  # what the SSM-state cut restarts
 
 
 def layer_type(module) -> str | None:
