@@ -3,14 +3,10 @@ ranks: the same tokens as an argmax or a sample over the whole vocabulary, paddi
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from hybrid_megatron.training.distributed import free_port
+from gloo_world import run_ranks
 
 VOCAB, PADDED = 50, 64  # TP=2 shards of 32 columns; ids 50-63 are padding
 
@@ -23,42 +19,31 @@ def _logits(seed: int) -> torch.Tensor:
     return full
 
 
-def _worker(rank: int, world: int, port: int, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import parallel_state
+def _rank(rank: int, out: dict):
+    """One of two tensor-parallel ranks: each holds one vocabulary shard."""
+    from hybrid_megatron.eval.decode import next_tokens
+    from hybrid_megatron.eval.recall import answer_check, vocab_parallel_argmax
 
-    parallel_state.initialize_model_parallel(world, 1)
-    try:
-        from hybrid_megatron.eval.decode import next_tokens
-        from hybrid_megatron.eval.recall import answer_check, vocab_parallel_argmax
-
-        full = _logits(0)
-        part = full[..., rank * 32:(rank + 1) * 32]
-        out[f"argmax{rank}"] = vocab_parallel_argmax(part, VOCAB).tolist()
-        labels = vocab_parallel_argmax(part, VOCAB).clone()
-        labels[0, 5] = (labels[0, 5] + 1) % VOCAB  # one wrong answer
-        mask = torch.zeros(1, 12)
-        mask[0, [1, 5, 7, 11]] = 1
-        _, _, report = answer_check(labels, mask, VOCAB, 6, 2, part)
-        out[f"answers{rank}"] = report["answers"].tolist()
-        last = torch.tensor([5, 11])
-        _, _, greedy = next_tokens(part, last_positions=last, temperature=0.0, generator=None, vocab_size=VOCAB)
-        out[f"greedy{rank}"] = greedy["next"].tolist()
-        gen = torch.Generator().manual_seed(3)
-        _, _, sampled = next_tokens(part, last_positions=last, temperature=1.0, generator=gen, vocab_size=VOCAB)
-        out[f"sampled{rank}"] = sampled["next"].tolist()
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    full = _logits(0)
+    part = full[..., rank * 32:(rank + 1) * 32]
+    out[f"argmax{rank}"] = vocab_parallel_argmax(part, VOCAB).tolist()
+    labels = vocab_parallel_argmax(part, VOCAB).clone()
+    labels[0, 5] = (labels[0, 5] + 1) % VOCAB  # one wrong answer
+    mask = torch.zeros(1, 12)
+    mask[0, [1, 5, 7, 11]] = 1
+    _, _, report = answer_check(labels, mask, VOCAB, 6, 2, part)
+    out[f"answers{rank}"] = report["answers"].tolist()
+    last = torch.tensor([5, 11])
+    _, _, greedy = next_tokens(part, last_positions=last, temperature=0.0, generator=None, vocab_size=VOCAB)
+    out[f"greedy{rank}"] = greedy["next"].tolist()
+    gen = torch.Generator().manual_seed(3)
+    _, _, sampled = next_tokens(part, last_positions=last, temperature=1.0, generator=gen, vocab_size=VOCAB)
+    out[f"sampled{rank}"] = sampled["next"].tolist()
 
 
 @pytest.fixture(scope="module")
 def outputs():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-        return dict(out)
+    return run_ranks(_rank, world=2, tp=2)
 
 
 def test_the_argmax_over_shards_is_the_argmax_over_the_vocabulary(outputs):

@@ -4,53 +4,38 @@ every rank's tokens, the dropped fraction, and megatron's balancing loss per ste
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from hybrid_megatron.training.distributed import free_port
+from gloo_world import run_ranks
 
 MOE = ["model.hybrid_layer_pattern=MEME", "model.moe_num_experts=4", "model.moe_top_k=2"]
 
 
-def _worker(rank: int, world: int, port: int, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import parallel_state
+def _rank(rank: int, out: dict):
+    """One of two data-parallel ranks."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-    parallel_state.initialize_model_parallel(1, 1)  # DP = 2
-    try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from hybrid_megatron.config import load_run_config
+    from hybrid_megatron.training.moe_stats import RouterStats
 
-        from hybrid_megatron.config import load_run_config
-        from hybrid_megatron.training.moe_stats import RouterStats
-
-        cfg = load_run_config("configs/tiny.yaml", MOE)
-        stats = RouterStats([], cfg)  # the counts the router hooks would add up, set by hand
-        stats.counts = torch.tensor([[10.0, 10.0, 10.0, 10.0], [30.0, 10.0, 0.0, 0.0]]) * (rank + 1)
-        stats.tokens = torch.tensor([20.0, 25.0]) * (rank + 1)  # layer 2 routed 40 of its 50 copies on rank 0
-        tracker = get_moe_metrics_tracker()
-        for layer, value in ((2, 1.0 + rank), (4, 3.0 + rank)):  # two micro-batches each
-            for _ in range(2):
-                tracker.record("load_balancing_loss", torch.tensor(value), layer, 4)
-        stats.calls += 2
-        stats.step_end()
-        out[rank] = stats.summary()
-        out[f"cleared{rank}"] = float(stats.counts.sum())
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    cfg = load_run_config("configs/tiny.yaml", MOE)
+    stats = RouterStats([], cfg)  # the counts the router hooks would add up, set by hand
+    stats.counts = torch.tensor([[10.0, 10.0, 10.0, 10.0], [30.0, 10.0, 0.0, 0.0]]) * (rank + 1)
+    stats.tokens = torch.tensor([20.0, 25.0]) * (rank + 1)  # layer 2 routed 40 of its 50 copies on rank 0
+    tracker = get_moe_metrics_tracker()
+    for layer, value in ((2, 1.0 + rank), (4, 3.0 + rank)):  # two micro-batches each
+        for _ in range(2):
+            tracker.record("load_balancing_loss", torch.tensor(value), layer, 4)
+    stats.calls += 2
+    stats.step_end()
+    out[rank] = stats.summary()
+    out[f"cleared{rank}"] = float(stats.counts.sum())
 
 
 @pytest.fixture(scope="module")
 def summaries():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-        return dict(out)
+    return run_ranks(_rank, world=2)
 
 
 def test_the_worst_layer_over_all_ranks_and_the_dropped_share(summaries):

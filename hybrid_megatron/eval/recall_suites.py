@@ -95,7 +95,7 @@ def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar, f
     base, cells, seed = grid(cfg, opts)
     full = full or {}
     kinds = set(pat.layers(cfg.model.hybrid_layer_pattern))
-    recurrent = {name: symbol for name, symbol in (("mamba", pat.MAMBA), ("gdn", pat.GDN)) if symbol in kinds}
+    recurrent = [pat.LAYER_SYMBOLS[s] for s in (pat.MAMBA, pat.GDN) if s in kinds]  # the layer types the SSM cut restarts
     conditions = bool(recurrent) + (pat.ATTENTION in kinds)
     announce(bar, sum((conditions + (cell not in full)) * opts.items * cell[1] for cell in cells))
     out = {"seed": seed, "items_per_cell": opts.items, "attention_window": opts.attention_window, "cells": []}
