@@ -143,6 +143,13 @@ def num_sequences(config: DataConfig, seq_len: int) -> int:
     return (config.global_batch_tokens // seq_len) // bsm * bsm
 
 
+def step_input_tokens(config: DataConfig, seq_len: int) -> int:
+    """Input tokens of one optimizer step at ``seq_len`` over every data-parallel rank: every token the model runs
+    on, loss-masked or not (what throughput, FLOPs and the token axis of ``compare`` count; the loss tokens of a
+    step, answers only in MQAR, can be far fewer)."""
+    return num_sequences(config, seq_len) * seq_len
+
+
 def _steps_at_this_length(curriculum: SeqLenCurriculum, done: int, per_step: int, limit: int) -> int:
     """How many of the next ``limit`` steps (each ``per_step`` tokens, the first after ``done``) keep the
     current curriculum segment: a binary search over a monotone segment key, not a walk over steps."""

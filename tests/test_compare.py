@@ -95,6 +95,20 @@ def test_runs_that_vary_size_and_tokens_get_the_two_variable_fit(tmp_path):
     assert summary["scaling_fit_nd"]["runs"] == 6 and "## Size and tokens" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_the_token_axis_counts_input_tokens_not_loss_tokens(tmp_path):
+    """MQAR trains answers only: a step's loss tokens (losses.jsonl "tokens") are a few percent of its input."""
+    from hybrid_megatron.eval.compare import compare
+
+    _run_dir(tmp_path, "h256", 256, steps=10, extra=["data.global_batch_tokens=16384"])
+    lines = [json.loads(x) for x in (tmp_path / "h256" / "losses.jsonl").read_text().splitlines()]
+    with open(tmp_path / "h256" / "losses.jsonl", "w") as f:  # 1,000 answer tokens a step
+        f.writelines(json.dumps({**r, "tokens": 1000}) + "\n" for r in lines)
+    summary = compare([str(tmp_path / "h256")], tmp_path / "out")
+    cfg = load_run_config(tmp_path / "h256" / "config.yaml")
+    per_step = (16384 // 1024) // cfg.data.batch_size_multiple * cfg.data.batch_size_multiple * 1024
+    assert summary["runs"][0]["tokens"] == 10 * per_step == 10 * 16384
+
+
 def test_a_larger_model_with_a_higher_loss_is_a_red_flag(tmp_path):
     from hybrid_megatron.eval.compare import compare
 

@@ -1,7 +1,8 @@
 """``hybrid-megatron compare RUN_DIR... --out DIR``: runs side by side, on a CPU.
 
 Reads each run directory as ``pretrain`` leaves it: ``config.yaml`` (the resolved config: parameters by the
-project's own counter, FLOPs per token), ``losses.jsonl`` (train loss per step), ``val.jsonl``
+project's own counter, FLOPs per token; the input tokens of each step, loss-masked ones included, come from its
+data schedule), ``losses.jsonl`` (train loss per step), ``val.jsonl``
 (validation loss) and ``eval/<step dir>/results.json`` (``hybrid-megatron eval``; the latest step's are
 shown side by side). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.png`` (every run on one plot,
 train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. With three or more
@@ -84,6 +85,7 @@ def _vocab(cfg: RunConfig, run_dir: Path) -> int:
 
 
 def load_run(run_dir: str | Path) -> Run:
+    from data_pipeline.schedule import step_input_tokens
     from hybrid_megatron.model.build import padded_vocab_size
     from hybrid_megatron.model.flops import num_parameters, training_flops_per_token
 
@@ -97,8 +99,9 @@ def load_run(run_dir: str | Path) -> Run:
     tokens = flops = 0.0
     at_step = {}
     for r in _jsonl(run_dir / "losses.jsonl"):
-        tokens += r["tokens"]
-        flops += r["tokens"] * training_flops_per_token(cfg.model, padded, r["seq_len"])
+        step_tokens = step_input_tokens(cfg.data, r["seq_len"])  # losses.jsonl's "tokens" are loss tokens
+        tokens += step_tokens
+        flops += step_tokens * training_flops_per_token(cfg.model, padded, r["seq_len"])
         at_step[r["step"]] = (tokens, flops)
         if not r.get("skipped"):
             run.train.append((int(tokens), flops, float(r["loss"])))

@@ -50,6 +50,7 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
     """Steps from the resume point to the end of the plan; returns the exit code."""
     import torch
 
+    from data_pipeline.schedule import step_input_tokens
     from hybrid_megatron.model.flops import training_flops_per_token
     from hybrid_megatron.training.loss_log import LossLog
     from hybrid_megatron.training.metrics import LossWindow, MetricsLogger
@@ -100,7 +101,7 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
             step += 1
             window_steps += 1
             window_loss.add(result.loss, result.tokens, result.skipped)
-            metrics.record(step, batch.seq_len, result.tokens)
+            metrics.record(step, batch.seq_len, step_input_tokens(cfg.data, batch.seq_len))
             if losses is not None:
                 losses.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                               "lr": scheduler.current_lr(), "tokens": result.tokens, "seq_len": batch.seq_len,

@@ -94,7 +94,8 @@ class MetricsLogger:
             )
 
     def record(self, step: int, seq_len: int, tokens: int) -> None:
-        """Counts a step's tokens into the current window (every rank may call; cheap)."""
+        """Counts a step's input tokens (all data-parallel ranks, loss-masked ones included: the work done) into
+        the current window (every rank may call; cheap)."""
         self._window_tokens += tokens
         self._window_flops += tokens * self.flops_per_token_at(seq_len)
 
@@ -139,7 +140,7 @@ class MetricsLogger:
         by_source = record["loss_by_source"]
         log.info(" | ".join([f"validation at step {record['step']}", f"loss {record['loss']:.4f}",
                              *(f"{k} {v:.4f}" for k, v in by_source.items()),
-                             f"{record['tokens']:,} tokens in {record['seconds']:.1f}s"]))
+                             f"{record['tokens']:,} loss tokens in {record['seconds']:.1f}s"]))
         scalars = {"val/loss": record["loss"], **{f"val/loss/{k}": v for k, v in by_source.items()}}
         if self._tb is not None:
             for k, v in scalars.items():
