@@ -123,6 +123,13 @@ def test_default_args_and_list():
 # ---- FLOPs / MFU math and results -------------------------------------------------------------------
 
 
+def test_a_cases_memory_peak_leaves_out_what_earlier_cases_left_allocated():
+    gib = 2**30
+    row = C.memory_row(max_allocated=50 * gib, max_reserved=52 * gib, resident=11 * gib)
+    assert row == {"max_allocated_gib": 50.0, "max_reserved_gib": 52.0, "resident_at_start_gib": 11.0,
+                   "case_peak_gib": 39.0}
+
+
 def test_rates_against_the_h100_peak_and_a_measured_gemm():
     r = C.rates(tokens=1000, seconds=2.0, flops_per_token=1e12, device_name="NVIDIA H100 80GB HBM3",
                 gemm_tflops=800.0)

@@ -216,11 +216,17 @@ def init_single_gpu(seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def peak_memory_gib() -> dict:
+def peak_memory_gib(resident_bytes: int = 0) -> dict:
+    """Peak memory since the last reset; ``resident_bytes`` (allocated when the case began: what earlier cases of an
+    ``--in-process`` run left behind) is taken out of ``case_peak_gib``, the case's own peak."""
     import torch
 
-    return {"max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    return memory_row(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), resident_bytes)
+
+
+def memory_row(max_allocated: int, max_reserved: int, resident: int) -> dict:
+    return {"max_allocated_gib": max_allocated / 2**30, "max_reserved_gib": max_reserved / 2**30,
+            "resident_at_start_gib": resident / 2**30, "case_peak_gib": (max_allocated - resident) / 2**30}
 
 
 # ---------------------------------------------------------------------------------------------------
