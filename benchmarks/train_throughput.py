@@ -15,10 +15,11 @@ settings with megatron's default param groups, and a minimal loop on ``get_forwa
 Both get the same TransformerConfig (sizes, FP8 recipe), the same synthetic batches, micro-batches and
 warm-up; warm-up steps are not timed. FP8 is ``hybrid`` format with ``tensorwise`` (current) scaling.
 
-Each case runs in a fresh process (``--in-process`` runs them in this one, faster, but a finished case leaves
-about 10 bytes per parameter allocated, 9.8-11.1 GiB after the 1B cases on an H200, cause not found yet: ``case_peak_gib``, the "mem GiB" column, is the peak above what
-was allocated when the case began, ``resident_at_start_gib``); the JSON in ``benchmarks/results/`` is rewritten
-after every case, so a time-out keeps the finished ones.
+Each case runs in a fresh process. ``--in-process`` runs them in this one, faster, but a finished case leaves
+about 10 bytes per parameter allocated (9.8-11.1 GiB after the 1B cases on an H200; cause not found yet):
+``case_peak_gib``, the "mem GiB" column, is the peak above what was allocated when the case began
+(``resident_at_start_gib``). The JSON in ``benchmarks/results/`` is rewritten after every case, so a time-out
+keeps the finished ones.
 """
 
 from __future__ import annotations
