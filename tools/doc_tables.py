@@ -8,8 +8,9 @@
 that moves a documented number fails until the docs are regenerated. Blocks:
 ``cluster-7b-dry-run`` (the 7B recipe's dry-run excerpt), ``cluster-7b-layouts`` (the layouts table),
 ``data-sample-steps`` (the sample mixture's step count), ``data-scale-projection`` (prepare-data wall time at
-cluster scale from the measured per-core rates), ``data-scale-measured``, ``eval-size-sweep`` and
-``eval-mqar-sweep`` (recorded measurements, so that the doc and its source file cannot part).
+cluster scale from the measured per-core rates), ``data-scale-measured``, ``eval-size-sweep``,
+``eval-mqar-sweep``, ``families-throughput`` and ``families-windows`` (recorded measurements, so that the doc and
+its source file cannot part; the windows table adds the KV cache the dry run computes).
 """
 
 from __future__ import annotations
@@ -161,6 +162,76 @@ def eval_mqar_sweep() -> str:
     return "\n".join(rows)
 
 
+FAMILIES = "benchmarks/results/families_throughput_h200"
+# (what the row shows, result file, model): each file holds one process's cases, in the order they ran
+FAMILY_ROWS = [
+    ("Gated DeltaNet hybrid", "gdn_hybrid_4k.json", "gdn1b"),
+    ("Mamba-2 hybrid", "gdn_hybrid_4k.json", "hybrid1b"),
+    ("Mamba-2 hybrid", "moe_attn_hybrid_4k.json", "hybrid1b"),
+    ("attention only", "moe_attn_hybrid_4k.json", "attn1b"),
+    ("MoE hybrid", "moe_attn_hybrid_4k.json", "moe1b"),
+    ("Gated DeltaNet hybrid", "gdn_16k_stock_first.json", "gdn1b"),
+    ("Mamba-2 hybrid", "hybrid_16k.json", "hybrid1b"),
+    ("attention only", "attn_16k.json", "attn1b"),
+]
+
+
+def _result(name: str) -> dict:
+    import json
+
+    return json.loads((REPO_ROOT / FAMILIES / name).read_text())
+
+
+def _case(result: dict, name: str) -> tuple[int, dict]:
+    """(1-based position in the process, the case's first run)."""
+    rows = [c for c in result["cases"] if c["repeat"] == 0]
+    i = next(i for i, c in enumerate(rows) if c["name"] == name)
+    return i + 1, rows[i]
+
+
+def _ran(result: dict) -> int:
+    return sum(1 for c in result["cases"] if c["repeat"] == 0 and "error" not in c)
+
+
+def families_throughput() -> str:
+    """Ours against stock megatron-core for each layer family, bf16, one H200 (benchmarks/results/
+    families_throughput_h200/)."""
+    from hybrid_megatron.devtools.bench import MODELS, run_config
+    from hybrid_megatron.model.flops import active_parameters
+
+    rows = ["| model | params (active) | seq | ours tok/s | stock tok/s | ours / stock | cases in the process | source |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for what, name, model in FAMILY_ROWS:
+        result = _result(name)
+        (i, ours), (j, stock) = _case(result, f"{model}-bf16-ours"), _case(result, f"{model}-bf16-stock")
+        pattern = MODELS[model]["hybrid_layer_pattern"]
+        active = active_parameters(run_config(model, "bf16", ours["seq_len"], 1, 1).model, ours["padded_vocab"])
+        size = f"{ours['params'] / 1e9:.2f}B" + (f" ({active / 1e9:.2f}B)" if active != ours["params"] else "")
+        unit = next(pattern[:n] for n in range(1, len(pattern) + 1) if pattern == pattern[:n] * (len(pattern) // n))
+        rows.append(f"| {what} (`{unit}` x{len(pattern) // len(unit)}) | {size} | "
+                    f"{ours['seq_len']} | {ours['tokens_per_s']:,.0f} | {stock['tokens_per_s']:,.0f} | "
+                    f"{ours['tokens_per_s'] / stock['tokens_per_s']:.3f} | {i} and {j} of {_ran(result)} | `{name}` |")
+    return "\n".join(rows)
+
+
+def families_windows() -> str:
+    """The windowed hybrid against its full-attention twin: training tokens/s (measured) and the inference KV cache
+    (computed, as the dry run prints it)."""
+    from hybrid_megatron.devtools.bench import run_config
+    from hybrid_megatron.model.inference_cache import cache_bytes
+
+    rows = ["| seq | windowed tok/s | full tok/s | windowed / full | KV cache, windowed | KV cache, full | source |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("windows_16k.json", "windows_32k.json"):
+        result = _result(name)
+        (_, win), (_, full) = _case(result, "swa1b-bf16-ours"), _case(result, "swafull1b-bf16-ours")
+        seq = win["seq_len"]
+        cache = [cache_bytes(run_config(m, "bf16", seq, 1, 1).model, seq).attention / 2**30 for m in ("swa1b", "swafull1b")]
+        rows.append(f"| {seq} | {win['tokens_per_s']:,.0f} | {full['tokens_per_s']:,.0f} | "
+                    f"{win['tokens_per_s'] / full['tokens_per_s']:.3f} | {cache[0]:.2f} GiB | {cache[1]:.2f} GiB | `{name}` |")
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "cluster-7b-dry-run": ("docs/cluster.md", cluster_7b_dry_run),
     "cluster-7b-layouts": ("docs/cluster.md", cluster_7b_layouts),
@@ -169,6 +240,8 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "data-scale-measured": ("docs/data.md", data_scale_measured),
     "eval-size-sweep": ("README.md", eval_size_sweep),
     "eval-mqar-sweep": ("README.md", eval_mqar_sweep),
+    "families-throughput": ("README.md", families_throughput),
+    "families-windows": ("README.md", families_windows),
 }
 
 
