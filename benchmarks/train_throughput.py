@@ -15,11 +15,11 @@ settings with megatron's default param groups, and a minimal loop on ``get_forwa
 Both get the same TransformerConfig (sizes, FP8 recipe), the same synthetic batches, micro-batches and
 warm-up; warm-up steps are not timed. FP8 is ``hybrid`` format with ``tensorwise`` (current) scaling.
 
-Each case runs in a fresh process. ``--in-process`` runs them in this one, faster, but a finished case leaves
-about 10 bytes per parameter allocated (9.8-11.1 GiB after the 1B cases on an H200; cause not found yet):
-``case_peak_gib``, the "mem GiB" column, is the peak above what was allocated when the case began
-(``resident_at_start_gib``). The JSON in ``benchmarks/results/`` is rewritten after every case, so a time-out
-keeps the finished ones.
+Each case runs in a fresh process (``--in-process`` runs them in this one, faster). ``case_peak_gib``, the "mem
+GiB" column, is the peak above what was allocated when the case began (``resident_at_start_gib``, which should be
+~0: runs before this field existed kept the previous case's model alive through a loop variable, about 10 bytes
+per parameter). The JSON in ``benchmarks/results/`` is rewritten after every case, so a time-out keeps the
+finished ones.
 """
 
 from __future__ import annotations
@@ -273,8 +273,9 @@ def run_case(spec: dict, args: argparse.Namespace, gemm_tflops: float | None) ->
     row["built_params"] = sum(p.numel() for m in model for p in m.parameters())
     row["build_s"] = time.perf_counter() - t0
     batches = synthetic_batches(2, spec["global_batch"], seq_len, cfg.model.vocab_size, doc_tokens=args.packed)
-    for m in model:
-        m.train()
+    for chunk in model:
+        chunk.train()
+    del chunk  # a loop variable left alive keeps the whole model (buffers, main params) past the case
     losses = [step_fn(batches[i % 2]) for i in range(args.warmup)]
     torch.cuda.synchronize()
     times = []
