@@ -1,0 +1,168 @@
+"""State-passing context parallelism for Mamba-2: the degree is not capped by the number of heads.
+
+megatron-core's Mamba context parallelism is all-to-all over heads, so CP can be at most Mamba heads / TP. Here
+every CP rank keeps all heads and a share of the sequence instead. The sequence is cut into chunks (one per rank,
+or megatron's load-balancing zigzag for attention: rank r holds chunks r and 2*cp-1-r). Each chunk runs the
+layer's own kernels from a zero state, and three exact corrections make the result the full sequence's:
+
+1. conv halo: the causal depthwise convolution of chunk k needs the last ``kernel - 1`` conv inputs of chunk k-1,
+   held by whichever rank holds it (every chunk's tail is all-gathered: small);
+2. state passing: each chunk's final state from zero (S_k) and its pass-through decay (P_k = exp(A * sum of its
+   dt), 0 when a document starts inside it) are all-gathered, and the state entering chunk k is
+   H_k = P_{k-1} H_{k-1} + S_{k-1}, H_0 = 0: a scan over the chunks, of [batch, heads, head_dim, state] tensors;
+3. correction: H_k reaches the tokens of chunk k before its first document boundary, and the SSM is linear in
+   its state, so y_t += exp(A * cumsum(dt)_t) * C_t . H_k there.
+
+Packed documents: ``seq_idx`` numbers documents over the whole sequence (before the split), so a state or a halo
+stops at a boundary whichever rank it crosses to. The gathers carry gradients (an all-reduce of the gathered
+gradients, which gloo and NCCL both have), so one backward pass through the layer is exact too.
+
+The kernels come in as callables: the CPU tests pass the token-by-token reference (``tests/ssd_reference.py``);
+on a GPU they are to be causal-conv1d's ``causal_conv1d_fn`` and mamba-ssm's ``mamba_chunk_scan_combined`` (with
+``seq_idx`` and ``return_final_states``), wired into the Mamba mixer together with the CP data split (not yet:
+``pretrain`` refuses CP > 1):
+
+- ``conv(x, seq_idx) -> x``: causal depthwise conv + activation over [batch, length, channels], not crossing
+  documents;
+- ``scan(x, dt, A, B, C, seq_idx) -> (y, final_state)``: the SSD scan from a zero state with dt already
+  processed (softplus, bias, limits), no D skip; the final state is the last document's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def chunk_ids(cp_rank: int, cp_size: int, zigzag: bool) -> tuple[int, ...]:
+    """The chunks of the sequence one CP rank holds, in the order its tokens are laid out."""
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"CP rank {cp_rank} outside a CP group of {cp_size}")
+    return (cp_rank, 2 * cp_size - 1 - cp_rank) if zigzag else (cp_rank,)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather stacked on a new first dim; backward all-reduces the gathered gradients and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def gather_chunks(local: torch.Tensor, zigzag: bool, group) -> dict[int, torch.Tensor]:
+    """``local`` stacks one tensor per chunk this rank holds (``chunk_ids`` order): -> every chunk's, by chunk id.
+    Gradients flow back when ``local`` requires them; every rank must then use the result in its output (each
+    backward is a collective)."""
+    cp = dist.get_world_size(group)
+    if local.requires_grad:
+        gathered = _GatherWithGrad.apply(local, group)
+    else:
+        parts = [torch.empty_like(local) for _ in range(cp)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        gathered = torch.stack(parts)
+    return {k: gathered[r, i] for r in range(cp) for i, k in enumerate(chunk_ids(r, cp, zigzag))}
+
+
+@dataclass(frozen=True)
+class Dims:
+    heads: int
+    head_dim: int
+    groups: int  # B/C groups; heads share them in contiguous blocks
+    state: int
+    conv_kernel: int
+
+    @property
+    def channels(self) -> int:  # the conv's inputs: x, B, C
+        return self.heads * self.head_dim + 2 * self.groups * self.state
+
+
+def with_halo(x: torch.Tensor, seq_idx: torch.Tensor, tail: torch.Tensor, tail_idx: torch.Tensor):
+    """Chunk inputs with the previous chunk's last conv inputs in front: the conv then sees what it would in the
+    whole sequence (halo positions of another document are masked by ``seq_idx`` like any boundary)."""
+    return torch.cat([tail, x], dim=1), torch.cat([tail_idx, seq_idx], dim=1)
+
+
+def entering_states(finals: dict[int, torch.Tensor], passes: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """H_k = P_{k-1} H_{k-1} + S_{k-1} over every chunk in order; H_0 = 0. finals: [b, h, p, n], passes: [b, h].
+    H_0 is 0 * S_0 rather than a new zero tensor: every H then hangs off the gather, whose backward every rank runs."""
+    first = min(finals)
+    states = {first: finals[first] * 0}
+    for k in range(first + 1, first + len(finals)):
+        states[k] = passes[k - 1][..., None, None] * states[k - 1] + finals[k - 1]
+    return states
+
+
+def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor, A: torch.Tensor,
+                        D: torch.Tensor, dims: Dims, zigzag: bool, group, *,
+                        conv: Callable, scan: Callable) -> torch.Tensor:
+    """One CP rank's Mamba-2 core (conv through the SSD scan and D skip, before gating) over its chunks.
+
+    xbc: [b, L, channels] conv inputs, dt: [b, L, heads] processed, seq_idx: [b, L] global document ids; the rank's
+    chunks one after another along L in ``chunk_ids`` order (``zigzag``: megatron's load-balancing layout), each
+    L / len(chunks) long; ``group`` is the CP group, its ranks the CP ranks. Returns y: [b, L, heads, head_dim].
+    """
+    ids = chunk_ids(dist.get_rank(group), dist.get_world_size(group), zigzag)
+    n_local = len(ids)
+    if xbc.shape[1] % n_local:
+        raise ValueError(f"{xbc.shape[1]} tokens do not split into this rank's {n_local} chunks")
+    k_1 = dims.conv_kernel - 1
+    xs, dts, idxs = (t.chunk(n_local, dim=1) for t in (xbc, dt, seq_idx))
+    if xs[0].shape[1] < k_1:
+        raise ValueError(f"chunks of {xs[0].shape[1]} tokens are shorter than the conv halo ({k_1})")
+    # 1. conv halo: the previous chunk's last conv inputs and their document ids
+    tails = gather_chunks(torch.stack([x[:, x.shape[1] - k_1:] for x in xs]), zigzag, group)
+    tail_idx = gather_chunks(torch.stack([i[:, i.shape[1] - k_1:] for i in idxs]), zigzag, group)
+    ys, finals, passes, prev_docs, local = [], [], [], [], []
+    for k, x, d, idx in zip(ids, xs, dts, idxs):
+        if k == 0:  # nothing before the sequence: a zero halo of another "document" that the conv masks (0 * a
+            # gathered tail, so that this rank's output hangs off the gather and its backward runs here too)
+            tail, t_idx = tails[0] * 0, torch.full_like(tail_idx[0], -1)
+        else:
+            tail, t_idx = tails[k - 1], tail_idx[k - 1]
+        x_h, idx_h = with_halo(x, idx, tail, t_idx)
+        conv_out = conv(x_h, idx_h)[:, k_1:]
+        xi, B, C = torch.split(conv_out, [dims.heads * dims.head_dim, dims.groups * dims.state,
+                                          dims.groups * dims.state], dim=-1)
+        xi = xi.unflatten(-1, (dims.heads, dims.head_dim))
+        B, C = (t.unflatten(-1, (dims.groups, dims.state)) for t in (B, C))
+        y, final = scan(xi, d, A, B, C, idx)
+        prev_doc = t_idx[:, -1]  # the document the entering state belongs to
+        carried = idx == prev_doc[:, None]  # [b, l]: tokens the entering state reaches (a prefix)
+        acc = torch.promote_types(d.dtype, torch.float32)  # decays in fp32 at least
+        decay = torch.exp(A.to(acc) * torch.cumsum(d.to(acc), dim=1))  # [b, l, h]
+        passes.append(torch.where(carried.all(dim=1)[:, None], decay[:, -1], torch.zeros_like(decay[:, -1])))
+        finals.append(final)
+        local.append((y, xi, C, decay * carried[..., None]))
+    # 2. state passing over every chunk of the sequence
+    summary = torch.cat([torch.stack(finals).flatten(2), torch.stack(passes).to(finals[0].dtype)], dim=2)
+    gathered = gather_chunks(summary, zigzag, group)  # one collective: its backward's order is the same everywhere
+    size = finals[0][0].numel()
+    states = entering_states({k: v[:, :size].view_as(finals[0]) for k, v in gathered.items()},
+                             {k: v[:, size:] for k, v in gathered.items()})
+    # 3. the entering state's share of each token's output, and the D skip
+    for k, (y, xi, C, reach) in zip(ids, local):
+        C_h = C.repeat_interleave(dims.heads // dims.groups, dim=2)  # [b, l, h, n]
+        acc = reach.dtype
+        entering = torch.einsum("blhn,bhpn->blhp", C_h.to(acc), states[k].to(acc)) * reach[..., None]
+        ys.append(y + entering.to(y.dtype) + xi * D[:, None].to(xi.dtype))
+    return torch.cat(ys, dim=1)
+
+
+def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, float] = (0.0, float("inf"))):
+    """softplus(dt + bias) clamped to ``limit``: what megatron's MambaMixer has its kernel do to dt."""
+    acc = torch.promote_types(dt.dtype, torch.float32)
+    out = F.softplus(dt.to(acc) + dt_bias.to(acc))
+    return out.clamp(*limit) if limit != (0.0, float("inf")) else out
