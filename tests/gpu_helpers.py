@@ -57,12 +57,18 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def straight_and_resumed(common: list[str], root: Path, steps: int) -> tuple[dict[int, float], dict[int, float]]:
     """Losses of a straight run of ``steps`` and of one stopped half way (``train.exit_after_steps``) and resumed,
-    both with the pretrain arguments ``common``; asserts every step ran exactly once in the resumed run."""
+    both with the pretrain arguments ``common``; asserts every step ran exactly once in the resumed run. The
+    straight run and the first half run at the same time (two processes on the GPU): two runs' wall time, not 3."""
+    from concurrent.futures import ThreadPoolExecutor
+
     straight, split = root / "straight", root / "split"
-    for args in ([f"logging.run_dir={straight}"], [f"logging.run_dir={split}", f"train.exit_after_steps={steps // 2}"],
-                 [f"logging.run_dir={split}"]):
-        proc = run_pretrain([*common, f"train.train_steps={steps}", *args])
+    first = ([f"logging.run_dir={straight}"], [f"logging.run_dir={split}", f"train.exit_after_steps={steps // 2}"])
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda args: run_pretrain([*common, f"train.train_steps={steps}", *args]), first))
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_pretrain([*common, f"train.train_steps={steps}", f"logging.run_dir={split}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = losses(straight), losses(split)
     assert sorted(b) == list(range(1, steps + 1)), "a step was repeated or skipped across the resume"
     return a, b
