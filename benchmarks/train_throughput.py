@@ -15,11 +15,11 @@ settings with megatron's default param groups, and a minimal loop on ``get_forwa
 Both get the same TransformerConfig (sizes, FP8 recipe), the same synthetic batches, micro-batches and
 warm-up; warm-up steps are not timed. FP8 is ``hybrid`` format with ``tensorwise`` (current) scaling.
 
-Each case runs in a fresh process (``--in-process`` runs them in this one, faster). ``case_peak_gib``, the "mem
-GiB" column, is the peak above what was allocated when the case began (``resident_at_start_gib``, which should be
-~0: runs before this field existed kept the previous case's model alive through a loop variable, about 10 bytes
-per parameter; reproduced with a CPU stand-in). The JSON in ``benchmarks/results/`` is rewritten after every case, so a time-out keeps the
-finished ones.
+Each case runs in a fresh process (``--in-process`` runs them in this one, faster). ``case_peak_gib``, the
+"mem GiB" column, is the peak above what was allocated when the case began (``resident_at_start_gib``, which
+should be ~0: runs before this field existed kept the previous case's model alive through a loop variable,
+about 10 bytes per parameter; reproduced with a CPU stand-in). The JSON in ``benchmarks/results/`` is rewritten
+after every case, so a time-out keeps the finished ones.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     # 1. conv halo: the previous chunk's last conv inputs and their document ids
     tails = gather_chunks(torch.stack([x[:, x.shape[1] - k_1:] for x in xs]), zigzag, group)
     tail_idx = gather_chunks(torch.stack([i[:, i.shape[1] - k_1:] for i in idxs]), zigzag, group)
-    ys, finals, passes, prev_docs, local = [], [], [], [], []
+    finals, passes, local = [], [], []
     for k, x, d, idx in zip(ids, xs, dts, idxs):
         if k == 0:  # nothing before the sequence: a zero halo of another "document" that the conv masks (0 * a
             # gathered tail, so that this rank's output hangs off the gather and its backward runs here too)
@@ -153,6 +153,7 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     states = entering_states({k: v[:, :size].view_as(finals[0]) for k, v in gathered.items()},
                              {k: v[:, size:] for k, v in gathered.items()})
     # 3. the entering state's share of each token's output, and the D skip
+    ys = []
     for k, (y, xi, C, reach) in zip(ids, local):
         C_h = C.repeat_interleave(dims.heads // dims.groups, dim=2)  # [b, l, h, n]
         acc = reach.dtype
@@ -164,5 +165,4 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
 def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, float] = (0.0, float("inf"))):
     """softplus(dt + bias) clamped to ``limit``: what megatron's MambaMixer has its kernel do to dt."""
     acc = torch.promote_types(dt.dtype, torch.float32)
-    out = F.softplus(dt.to(acc) + dt_bias.to(acc))
-    return out.clamp(*limit) if limit != (0.0, float("inf")) else out
+    return F.softplus(dt.to(acc) + dt_bias.to(acc)).clamp(*limit)
