@@ -45,15 +45,19 @@ def chunk_ids(cp_rank: int, cp_size: int, zigzag: bool) -> tuple[int, ...]:
     return (cp_rank, 2 * cp_size - 1 - cp_rank) if zigzag else (cp_rank,)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather stacked on a new first dim; backward all-reduces the gathered gradients and keeps this rank's."""
+class _GatherBySum(torch.autograd.Function):
+    """Every rank's ``x`` stacked on a new first dim, by an all-reduce of a stack that holds only this rank's slot:
+    all-reduce is the one collective gloo also has for CUDA tensors (so CP ranks can share one GPU in a test), and
+    what is gathered here is small (conv tails, final states). Backward all-reduces the stacked gradients and keeps
+    this rank's slot."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, x.contiguous(), group=group)
-        return torch.stack(out)
+        out = x.new_zeros((dist.get_world_size(group), *x.shape))
+        out[dist.get_rank(group)] = x
+        dist.all_reduce(out, group=group)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -64,15 +68,13 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_chunks(local: torch.Tensor, zigzag: bool, group) -> dict[int, torch.Tensor]:
     """``local`` stacks one tensor per chunk this rank holds (``chunk_ids`` order): -> every chunk's, by chunk id.
-    Gradients flow back when ``local`` requires them; every rank must then use the result in its output (each
-    backward is a collective)."""
+    When ``local`` requires grad, every rank must use the result in its output (each backward is a collective)."""
     cp = dist.get_world_size(group)
     if local.requires_grad:
-        gathered = _GatherWithGrad.apply(local, group)
+        gathered = _GatherBySum.apply(local, group)
     else:
-        parts = [torch.empty_like(local) for _ in range(cp)]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        gathered = torch.stack(parts)
+        with torch.no_grad():
+            gathered = _GatherBySum.apply(local, group)
     return {k: gathered[r, i] for r in range(cp) for i, k in enumerate(chunk_ids(r, cp, zigzag))}
 
 
@@ -127,11 +129,13 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     tail_idx = gather_chunks(torch.stack([i[:, i.shape[1] - k_1:] for i in idxs]), zigzag, group)
     finals, passes, local = [], [], []
     for k, x, d, idx in zip(ids, xs, dts, idxs):
-        if k == 0:  # nothing before the sequence: a zero halo of another "document" that the conv masks (0 * a
-            # gathered tail, so that this rank's output hangs off the gather and its backward runs here too)
-            tail, t_idx = tails[0] * 0, torch.full_like(tail_idx[0], -1)
+        if k == 0:  # nothing before the sequence: a halo of zeros adds nothing to the conv (0 * a gathered tail,
+            # so that this rank's output hangs off the gather and its backward runs here too); no entering state
+            tail, t_idx = tails[0] * 0, idx[:, :1].expand(-1, k_1)
+            carried = torch.zeros_like(idx, dtype=torch.bool)
         else:
             tail, t_idx = tails[k - 1], tail_idx[k - 1]
+            carried = idx == t_idx[:, -1:]  # [b, l]: tokens in the entering state's document (a prefix)
         x_h, idx_h = with_halo(x, idx, tail, t_idx)
         conv_out = conv(x_h, idx_h)[:, k_1:]
         xi, B, C = torch.split(conv_out, [dims.heads * dims.head_dim, dims.groups * dims.state,
@@ -139,8 +143,6 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
         xi = xi.unflatten(-1, (dims.heads, dims.head_dim))
         B, C = (t.unflatten(-1, (dims.groups, dims.state)) for t in (B, C))
         y, final = scan(xi, d, A, B, C, idx)
-        prev_doc = t_idx[:, -1]  # the document the entering state belongs to
-        carried = idx == prev_doc[:, None]  # [b, l]: tokens the entering state reaches (a prefix)
         acc = torch.promote_types(d.dtype, torch.float32)  # decays in fp32 at least
         decay = torch.exp(A.to(acc) * torch.cumsum(d.to(acc), dim=1))  # [b, l, h]
         passes.append(torch.where(carried.all(dim=1)[:, None], decay[:, -1], torch.zeros_like(decay[:, -1])))
@@ -166,3 +168,27 @@ def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, floa
     """softplus(dt + bias) clamped to ``limit``: what megatron's MambaMixer has its kernel do to dt."""
     acc = torch.promote_types(dt.dtype, torch.float32)
     return F.softplus(dt.to(acc) + dt_bias.to(acc)).clamp(*limit)
+
+
+def kernel_conv(weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "silu") -> Callable:
+    """The ``conv`` callable on a GPU: causal-conv1d's kernel, as megatron's MambaMixer calls it (weight [c, K]),
+    in the channel-last layout its ``seq_idx`` needs."""
+    from causal_conv1d import causal_conv1d_fn
+
+    def conv(x: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+        out = causal_conv1d_fn(x.transpose(1, 2), weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(),
+                               activation=activation)
+        return out.transpose(1, 2)
+
+    return conv
+
+
+def kernel_scan(chunk_size: int) -> Callable:
+    """The ``scan`` callable on a GPU: mamba-ssm's chunked SSD kernel from a zero state, dt already processed."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    def scan(x, dt, A, B, C, seq_idx):
+        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, seq_idx=seq_idx.to(torch.int32).contiguous(),
+                                         dt_softplus=False, return_final_states=True)
+
+    return scan

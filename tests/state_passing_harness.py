@@ -1,0 +1,116 @@
+"""One CP rank's check of model/ssm_state_passing.py against the whole sequence, shared by the CPU test (the
+token-by-token reference, float64) and the GPU test (causal-conv1d's and mamba-ssm's kernels, float32; CP ranks
+sharing one GPU over gloo). ``body`` runs inside ``tests/gloo_world.run_ranks(..., cp=CP)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from hybrid_megatron.model.ssm_state_passing import (Dims, chunk_ids, kernel_conv, kernel_scan, mamba_state_passing,
+                                                     process_dt)
+from tests.ssd_reference import causal_conv, ssd_scan
+
+PARAMS = ("conv_w", "conv_b", "dt_bias", "A_log", "D")
+
+
+@dataclass(frozen=True)
+class Backend:
+    dims: Dims
+    chunk: int  # tokens per CP chunk
+    device: str
+    dtype: torch.dtype
+    kernels: bool  # False: the reference
+    scan_chunk: int = 0  # the SSD kernel's chunk size
+
+
+REFERENCE = Backend(Dims(heads=4, head_dim=3, groups=2, state=5, conv_kernel=4), chunk=6, device="cpu",
+                    dtype=torch.float64, kernels=False)
+KERNELS = Backend(Dims(heads=8, head_dim=32, groups=2, state=32, conv_kernel=4), chunk=64, device="cuda",
+                  dtype=torch.float32, kernels=True, scan_chunk=32)
+
+
+def _doc_ids(length: int, starts: list[int]) -> torch.Tensor:
+    ids = torch.zeros(length, dtype=torch.long)
+    for s in starts:
+        ids[s:] += 1
+    return ids
+
+
+def inputs(be: Backend, n_chunks: int, packed: bool) -> dict:
+    """The same global tensors on every rank."""
+    g = torch.Generator().manual_seed(0)
+    L, b, c, d = n_chunks * be.chunk, 2, be.chunk, be.dims
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(be.device, be.dtype)
+
+    if packed:  # a start on a chunk's first token, one inside the next chunk's halo, a one-token document, a
+        # document over more than a whole chunk (its state passes through one untouched)
+        rows = [[c, c + 2, 2 * c + 1, 2 * c + 2], [1, L - c - 1]]
+        seq_idx = torch.stack([_doc_ids(L, [s for s in r if s < L]) for r in rows])
+    else:
+        seq_idx = torch.zeros(b, L, dtype=torch.long)
+    return {"xbc": randn(b, L, d.channels), "dt": randn(b, L, d.heads), "seq_idx": seq_idx.to(be.device),
+            "weights": randn(b, L, d.heads, d.head_dim),
+            "conv_w": randn(d.channels, d.conv_kernel, scale=0.5), "conv_b": randn(d.channels, scale=0.1),
+            "dt_bias": randn(d.heads, scale=0.5), "A_log": randn(d.heads, scale=0.5), "D": randn(d.heads)}
+
+
+def _kernels(be: Backend, p: dict):
+    if be.kernels:
+        return kernel_conv(p["conv_w"], p["conv_b"]), kernel_scan(be.scan_chunk)
+    return partial(_reference_conv, p["conv_w"], p["conv_b"]), ssd_scan
+
+
+def _reference_conv(weight, bias, x, seq_idx):
+    return causal_conv(x, weight, bias, seq_idx)
+
+
+def whole(be: Backend, xbc, dt_raw, seq_idx, p) -> torch.Tensor:
+    """The whole sequence on one rank: what every CP rank's share must equal."""
+    d = be.dims
+    conv, scan = _kernels(be, p)
+    u = conv(xbc, seq_idx)
+    x, B, C = torch.split(u, [d.heads * d.head_dim, d.groups * d.state, d.groups * d.state], -1)
+    x = x.unflatten(-1, (d.heads, d.head_dim))
+    y, _ = scan(x, process_dt(dt_raw, p["dt_bias"]), -torch.exp(p["A_log"]), B.unflatten(-1, (d.groups, d.state)),
+                C.unflatten(-1, (d.groups, d.state)), seq_idx)
+    return y + x * p["D"][:, None]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def body(rank: int, out, be: Backend, zigzag: bool, packed: bool) -> None:
+    """Max differences, CP rank against the whole sequence: outputs, input and parameter gradients."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if be.device == "cuda":
+        torch.cuda.set_device(0)
+    group, cp = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
+    ids = chunk_ids(ps.get_context_parallel_rank(), cp, zigzag)
+    data = inputs(be, 2 * cp if zigzag else cp, packed)
+    ref_p = {k: data[k].clone().requires_grad_() for k in PARAMS}
+    ref_in = {k: data[k].clone().requires_grad_() for k in ("xbc", "dt")}
+    y_ref = whole(be, ref_in["xbc"], ref_in["dt"], data["seq_idx"], ref_p)
+    (y_ref * data["weights"]).sum().backward()
+
+    index = torch.cat([torch.arange(k * be.chunk, (k + 1) * be.chunk) for k in ids]).to(be.device)
+    p = {k: data[k].clone().requires_grad_() for k in PARAMS}
+    local = {k: data[k][:, index].clone().requires_grad_() for k in ("xbc", "dt")}
+    conv, scan = _kernels(be, p)
+    y = mamba_state_passing(local["xbc"], process_dt(local["dt"], p["dt_bias"]), data["seq_idx"][:, index],
+                            -torch.exp(p["A_log"]), p["D"], be.dims, zigzag, group, conv=conv, scan=scan)
+    (y * data["weights"][:, index]).sum().backward()
+    for k in PARAMS:  # megatron sums parameter gradients over the CP ranks (the DP x CP reduction)
+        dist.all_reduce(p[k].grad, group=group)
+    scale = {"y": y_ref, **{f"grad_{k}": ref_in[k].grad for k in local}, **{f"grad_{k}": ref_p[k].grad for k in PARAMS}}
+    diff = {"y": _max_diff(y, y_ref[:, index]),
+            **{f"grad_{k}": _max_diff(local[k].grad, ref_in[k].grad[:, index]) for k in local},
+            **{f"grad_{k}": _max_diff(p[k].grad, ref_p[k].grad) for k in PARAMS}}
+    out[rank] = {"diff": diff, "scale": {k: float(v.abs().max()) for k, v in scale.items()}}
