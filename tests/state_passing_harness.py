@@ -11,7 +11,7 @@ import torch
 
 from hybrid_megatron.model.ssm_state_passing import (Dims, chunk_ids, kernel_conv, kernel_scan, mamba_state_passing,
                                                      process_dt)
-from tests.ssd_reference import causal_conv, ssd_scan
+from ssd_reference import causal_conv, ssd_scan
 
 PARAMS = ("conv_w", "conv_b", "dt_bias", "A_log", "D")
 

@@ -9,8 +9,8 @@ from functools import partial
 
 import pytest
 
-from tests.gloo_world import run_ranks
-from tests.state_passing_harness import KERNELS, body, inputs
+from gloo_world import run_ranks
+from state_passing_harness import KERNELS, body, inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -19,7 +19,7 @@ def test_the_kernel_callables_compute_the_reference_recurrence():
     import torch
 
     from hybrid_megatron.model.ssm_state_passing import kernel_conv, kernel_scan, process_dt
-    from tests.ssd_reference import causal_conv, ssd_scan
+    from ssd_reference import causal_conv, ssd_scan
 
     d = KERNELS.dims
     data = inputs(KERNELS, 2, packed=True)  # 128 tokens, four document starts in row 0, two in row 1

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hybrid_megatron.model.ssm_state_passing import chunk_ids, entering_states
-from tests.gloo_world import run_ranks
-from tests.state_passing_harness import REFERENCE, body
+from gloo_world import run_ranks
+from state_passing_harness import REFERENCE, body
 
 
 @pytest.mark.parametrize("cp, zigzag, packed", [(2, False, False), (2, True, True), (4, True, True), (4, False, True)],
