@@ -26,6 +26,24 @@ def test_cp_ranks_compute_the_whole_sequence_forward_and_backward(cp, zigzag, pa
         assert not bad, f"CP rank {rank} differs from the whole sequence: {bad}"
 
 
+def _megatron_share(rank: int, out) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    tokens = torch.arange(2 * 24).reshape(2, 24)
+    share = get_batch_on_this_cp_rank({"tokens": tokens, "cu_seqlens": None}, is_hybrid_cp=False,
+                                      cp_group=ps.get_context_parallel_group())["tokens"]
+    ids = chunk_ids(ps.get_context_parallel_rank(), ps.get_context_parallel_world_size(), zigzag=True)
+    chunk = 24 // (2 * ps.get_context_parallel_world_size())
+    out[rank] = (share.tolist(), tokens[:, [t for k in ids for t in range(k * chunk, (k + 1) * chunk)]].tolist())
+
+
+def test_the_zigzag_layout_is_megatrons_cp_data_split():
+    """The tokens megatron's CP batch split gives a rank are the chunks ``chunk_ids`` says it holds, in order."""
+    for rank, (megatron_share, ours) in run_ranks(_megatron_share, world=3, cp=3).items():
+        assert megatron_share == ours, rank
+
+
 def test_zigzag_chunks_balance_the_causal_work():
     assert [chunk_ids(r, 4, zigzag=True) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
     assert chunk_ids(2, 4, zigzag=False) == (2,)
