@@ -32,6 +32,10 @@ class ParallelConfig:
     """Context parallelism: each sequence split over this many ranks (attention: TE's ring of K/V chunks; Mamba:
     megatron's all-to-all over heads, so CP divides the Mamba heads per TP rank). Planned by the dry run (memory,
     layout, the caps); training with CP > 1 is refused until its step is built."""
+    mamba_context_parallel: Literal["all_to_all", "state_passing"] = "all_to_all"
+    """Mamba layers under CP > 1: megatron's all-to-all over heads (capped at the heads per TP rank), or state
+    passing (model/ssm_state_passing.py: every rank keeps all heads, its share of the sequence and passes the SSM
+    state on; no head cap)."""
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -286,23 +290,27 @@ class RunConfig:
         cp, tp = par.context_parallel_size, par.tensor_model_parallel_size
         if cp == 1:
             return
-        if counts["mamba"]:
+        if counts["mamba"] and par.mamba_context_parallel == "all_to_all":
             heads, groups = m.num_mamba_heads // tp, m.mamba_num_groups // tp
             if heads % cp:
                 raise ConfigError(
                     f"parallel.context_parallel_size={cp}: megatron's Mamba context parallelism gives each CP rank whole "
                     f"heads of the {heads} per TP rank (model.mamba_num_heads {m.num_mamba_heads} / TP {tp}), so CP "
-                    f"must divide {heads}: at most {heads}")
+                    f"must divide {heads}: at most {heads} (or parallel.mamba_context_parallel=state_passing)")
             if groups % cp and cp % groups:
                 raise ConfigError(f"parallel.context_parallel_size={cp}: the {groups} Mamba groups per TP rank must divide "
                                   f"CP or be divided by it (megatron's Mamba context parallelism)")
         if counts["gdn"] and (m.num_gdn_key_heads % (tp * cp) or m.num_gdn_value_heads % (tp * cp)):
             raise ConfigError(f"parallel.context_parallel_size={cp}: TP {tp} x CP {cp} must divide the Gated DeltaNet "
                               f"key heads ({m.num_gdn_key_heads}) and value heads ({m.num_gdn_value_heads})")
+        halo = m.mamba_conv_kernel - 1
         for name, value in seq_len_settings(self.data):
             if value % (2 * cp):
                 raise ConfigError(f"{name}={value}: context parallelism splits every sequence into 2 x CP = {2 * cp} "
                                   "chunks (two per rank, for load balance); use a multiple of it")
+            if counts["mamba"] and par.mamba_context_parallel == "state_passing" and value // (2 * cp) < halo:
+                raise ConfigError(f"{name}={value}: chunks of {value // (2 * cp)} tokens (2 x CP = {2 * cp} per "
+                                  f"sequence) are shorter than the Mamba conv's halo of {halo} tokens")
         if self.data.reset_at_document_boundaries:
             raise ConfigError(f"parallel.context_parallel_size={cp} with packed documents "
                               "(data.reset_at_document_boundaries) needs each document padded to a multiple of 2 x CP, "

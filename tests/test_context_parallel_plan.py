@@ -32,6 +32,20 @@ def test_megatron_caps_are_one_line(overrides, message):
         _cfg(*overrides)
 
 
+def test_state_passing_lifts_the_mamba_head_cap_down_to_the_conv_halo():
+    from hybrid_megatron.model.specs import stack_spec
+
+    sp = ["parallel.mamba_context_parallel=state_passing", "model.layer_spec=local"]
+    cfg = _cfg("parallel.context_parallel_size=128", *sp)  # 64 heads: twice megatron's all-to-all cap
+    assert stack_spec(cfg).submodules.mamba_layer.submodules.mixer.module.__name__ == "StatePassingMambaMixer"
+    assert stack_spec(_cfg("parallel.context_parallel_size=2", "model.layer_spec=local")
+                      ).submodules.mamba_layer.submodules.mixer.module.__name__ == "MambaMixer"
+    with pytest.raises(ConfigError, match="chunks of 2 tokens .* shorter than the Mamba conv's halo of 3 tokens"):
+        _cfg("parallel.context_parallel_size=1024", *sp)
+    with pytest.raises(ConfigError, match="parallel.mamba_context_parallel='ring': must be one of"):
+        _cfg("parallel.mamba_context_parallel=ring")
+
+
 def test_packed_documents_and_gdn_heads_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match="needs each document padded to a multiple of 2 x CP"):
         load_run_config(ONE_B, ["parallel.context_parallel_size=2"])

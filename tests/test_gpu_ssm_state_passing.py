@@ -1,7 +1,8 @@
 """GPU: state-passing context parallelism for Mamba-2 with the real kernels (causal-conv1d, mamba-ssm's chunked
 SSD scan). First the kernel callables against the token-by-token reference (their seq_idx and final-state
 semantics are what the state passing relies on), then two CP ranks sharing the one GPU over gloo against the
-whole sequence through the same kernels, forward and backward."""
+whole sequence through the same kernels, forward and backward, then StatePassingMambaMixer on two CP ranks
+against megatron's MambaMixer on the whole sequence with the same weights."""
 
 from __future__ import annotations
 
@@ -44,3 +45,64 @@ def test_two_cp_ranks_on_one_gpu_compute_the_whole_sequence(zigzag, packed):
         print(rank, {k: f"{v:.1e}" for k, v in rel.items()})
         bad = {k: v for k, v in rel.items() if v > 1e-4}
         assert not bad, f"CP rank {rank} differs from the whole sequence (relative to its largest value): {bad}"
+
+
+def _relative(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def _mixer_body(rank: int, out) -> None:
+    """megatron's MambaMixer over the whole sequence against StatePassingMambaMixer on this CP rank's zigzag share,
+    with the same weights: outputs and parameter gradients (summed over CP, as megatron's DP x CP reduction)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from gpu_helpers import tiny_config
+    from hybrid_megatron.model.build import build_transformer_config
+    from hybrid_megatron.model.mamba_cp_mixer import own_group
+    from hybrid_megatron.model.specs import local_stack_spec
+
+    torch.cuda.set_device(0)
+    cfg = tiny_config("data.reset_at_document_boundaries=false", "parallel.context_parallel_size=2",
+                      "parallel.mamba_context_parallel=state_passing", "model.layer_spec=local")
+    config = build_transformer_config(cfg)
+
+    def mixer(state_passing: bool, cp_group):
+        pgs = ProcessGroupCollection()
+        pgs.tp, pgs.cp = ps.get_tensor_model_parallel_group(), cp_group
+        model_parallel_cuda_manual_seed(0)
+        spec = local_stack_spec(cfg.model, state_passing).submodules.mamba_layer.submodules.mixer
+        return build_module(spec, config, d_model=config.hidden_size, layer_number=1, pg_collection=pgs)
+
+    stock, ours = mixer(False, own_group()), mixer(True, ps.get_context_parallel_group())
+    ours.load_state_dict(stock.state_dict())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(2, 256, config.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)  # [b, l, h]
+    weights = torch.randn(2, 256, config.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)
+    share = get_batch_on_this_cp_rank({"h": hidden, "w": weights, "y": None, "cu_seqlens": None}, is_hybrid_cp=False,
+                                      cp_group=ps.get_context_parallel_group())
+    y_full, _ = stock(hidden.transpose(0, 1).contiguous())
+    (y_full * weights.transpose(0, 1)).float().sum().backward()
+    y_share, _ = ours(share["h"].transpose(0, 1).contiguous())
+    (y_share * share["w"].transpose(0, 1)).float().sum().backward()
+    full = y_full.detach().transpose(0, 1).contiguous()
+    y_full_share = get_batch_on_this_cp_rank({"y": full, "cu_seqlens": None}, is_hybrid_cp=False,
+                                             cp_group=ps.get_context_parallel_group())["y"]
+    grads = {}
+    for (name, p_stock), (_, p_ours) in zip(stock.named_parameters(), ours.named_parameters()):
+        dist.all_reduce(p_ours.grad, group=ps.get_context_parallel_group())
+        grads[name] = _relative(p_ours.grad, p_stock.grad)
+    out[rank] = {"y": _relative(y_share.detach().transpose(0, 1), y_full_share), "grads": grads}
+
+
+def test_the_state_passing_mixer_on_two_cp_ranks_matches_megatrons_mixer_on_the_whole_sequence():
+    results = run_ranks(_mixer_body, world=2, cp=2)
+    for rank, r in results.items():
+        print(rank, r)
+        bad = {k: v for k, v in {"y": r["y"], **r["grads"]}.items() if v > 2e-2}
+        assert not bad, f"CP rank {rank}: relative differences from megatron's mixer (bf16): {bad}"

@@ -17,6 +17,17 @@ def _mixer_params(model: ModelConfig) -> dict:
     return {"d_conv": model.mamba_conv_kernel, "chunk_size": model.mamba_chunk_size, "expand": model.mamba_expand}
 
 
+def _mixer_class(state_passing: bool):
+    """megatron's MambaMixer, or the one with state-passing context parallelism (model/mamba_cp_mixer.py)."""
+    if state_passing:
+        from hybrid_megatron.model.mamba_cp_mixer import StatePassingMambaMixer
+
+        return StatePassingMambaMixer
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    return MambaMixer
+
+
 def te_available() -> bool:
     import importlib
 
@@ -76,7 +87,7 @@ def _moe_layer(model: ModelConfig, norm):
     )
 
 
-def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
+def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False, state_passing: bool = False):
     """The hybrid stack on Transformer Engine: fused norm+linear, cuDNN/flash attention, FP8-capable.
 
     ``bf16_mamba_projections``: Mamba in_proj/out_proj run in BF16 even inside FP8 layers (``fp8_scope``).
@@ -90,7 +101,7 @@ def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -110,7 +121,7 @@ def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
                     mixer=ModuleSpec(
-                        module=MambaMixer,
+                        module=_mixer_class(state_passing),
                         params=_mixer_params(model),
                         submodules=MambaMixerSubmodules(in_proj=mamba_in_proj, out_proj=mamba_out_proj),
                     ),
@@ -150,7 +161,7 @@ def te_stack_spec(model: ModelConfig, bf16_mamba_projections: bool = False):
     )
 
 
-def local_stack_spec(model: ModelConfig):
+def local_stack_spec(model: ModelConfig, state_passing: bool = False):
     """The hybrid stack without Transformer Engine: megatron's parallel linears, torch norms and SDPA.
 
     Checkpoint keys are mapped onto the TE names, so both specs read each other's checkpoints.
@@ -158,7 +169,7 @@ def local_stack_spec(model: ModelConfig):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -179,7 +190,7 @@ def local_stack_spec(model: ModelConfig):
                 submodules=MambaLayerSubmodules(
                     norm=WrappedTorchNorm,
                     mixer=ModuleSpec(
-                        module=MambaMixer,
+                        module=_mixer_class(state_passing),
                         params=_mixer_params(model),
                         submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
                     ),
@@ -223,7 +234,10 @@ def local_stack_spec(model: ModelConfig):
 
 
 def stack_spec(cfg: RunConfig):
+    par = cfg.parallel
+    state_passing = par.context_parallel_size > 1 and par.mamba_context_parallel == "state_passing"
     if resolve_layer_spec(cfg.model) == "local":
-        return local_stack_spec(cfg.model)
+        return local_stack_spec(cfg.model, state_passing)
     p = cfg.precision
-    return te_stack_spec(cfg.model, bf16_mamba_projections=bool(p.fp8 and p.fp8_mamba_projections_bf16))
+    return te_stack_spec(cfg.model, bf16_mamba_projections=bool(p.fp8 and p.fp8_mamba_projections_bf16),
+                         state_passing=state_passing)

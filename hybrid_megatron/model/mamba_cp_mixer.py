@@ -1,0 +1,76 @@
+"""megatron's MambaMixer with state-passing context parallelism (``model/ssm_state_passing.py``) in place of its
+all-to-all over heads, chosen by ``parallel.mamba_context_parallel: state_passing``.
+
+The mixer keeps megatron's parameters, projections, checkpoint keys and gated norm; only the conv and the scan
+change. Its own ``MambaContextParallel`` gets a one-rank group, so megatron neither exchanges heads nor slices
+parameters by CP rank; the real CP group goes to the state passing, which takes each rank's share of the sequence
+in megatron's load-balancing zigzag (the layout of its CP batch split). The conv, scan and gate run as separate
+kernels (causal-conv1d, mamba-ssm's chunked scan) rather than megatron's fused memory-efficient one, so a layer
+keeps more activations for the backward pass.
+
+Not covered: packed documents (refused with CP by the config), inference (eval refuses CP > 1), ``D`` per head
+dimension (megatron's ``D_has_hdim``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.ssm.mamba_mixer import MambaContextParallel, MambaMixer
+
+from hybrid_megatron.model.ssm_state_passing import Dims, kernel_conv, kernel_scan, mamba_state_passing, process_dt
+
+_OWN_GROUP = None
+
+
+def own_group():
+    """A process group of this rank alone (created once, collectively: every rank calls this at model build)."""
+    global _OWN_GROUP
+    if _OWN_GROUP is None:
+        _OWN_GROUP, _ = dist.new_subgroups(group_size=1)
+    return _OWN_GROUP
+
+
+class StatePassingMambaMixer(MambaMixer):
+    """MambaMixer whose training forward passes the SSM state between CP ranks instead of exchanging heads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.D_has_hdim:
+            raise ValueError("state-passing context parallelism takes D per head (megatron's D_has_hdim=False)")
+        if not self.use_mem_eff_path:
+            raise ValueError("state-passing context parallelism replaces megatron's training path "
+                             "(use_mamba_mem_eff_path=True); its other path is inference's")
+        self.state_passing_group = self.pg_collection.cp
+        self.cp = MambaContextParallel(
+            cp_group=own_group(), d_inner_local_tp=self.d_inner_local_tp, nheads_local_tp=self.nheads_local_tp,
+            ngroups_local_tp=self.ngroups_local_tp, d_state=self.d_state, conv1d_weight_cp1=self.conv1d_weight,
+            conv1d_bias_cp1=self.conv1d_bias, conv1d_padding=self.d_conv - 1, dt_bias_cp1=self.dt_bias,
+            A_log_cp1=self.A_log, D_cp1=self.D, D_has_hdim=self.D_has_hdim,
+        )
+
+    def _ssm_training(self, zxBCdt: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
+        """[l, b, z | x B C | dt] (this rank's share of every sequence) -> the gated, normed [l, b, d_inner]."""
+        if packed_seq_params is not None:
+            raise ValueError("state-passing context parallelism does not take packed documents yet")
+        zxBCdt = zxBCdt.transpose(0, 1)  # l b d -> b l d
+        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state
+        z, xbc, dt = torch.split(zxBCdt, [self.d_inner_local_tp, conv_dim, self.nheads_local_tp], dim=-1)
+        dims = Dims(heads=self.nheads_local_tp, head_dim=self.headdim, groups=self.ngroups_local_tp,
+                    state=self.d_state, conv_kernel=self.d_conv)
+        seq_idx = torch.zeros(xbc.shape[:2], dtype=torch.int32, device=xbc.device)  # one document per row
+        y = mamba_state_passing(
+            xbc.contiguous(), process_dt(dt, self.dt_bias), seq_idx, -torch.exp(self.A_log.float()), self.D, dims,
+            zigzag=True, group=self.state_passing_group,
+            conv=kernel_conv(self.conv1d_weight.squeeze(1), self.conv1d_bias, self.activation),
+            scan=kernel_scan(self.chunk_size),
+        )
+        y = y.flatten(-2) * F.silu(z)  # (C h + D x) * silu(z): the gate megatron's fused kernel applies
+        y = y.transpose(0, 1).contiguous()  # b l d -> l b d
+        return self.norm(y) if self.rmsnorm else y
+
+    def _ssm_prefill(self, *args, **kwargs):
+        if self.state_passing_group.size() > 1:
+            raise ValueError("state-passing context parallelism runs training only; run inference with CP 1")
+        return super()._ssm_prefill(*args, **kwargs)
