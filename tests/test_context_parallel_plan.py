@@ -1,12 +1,14 @@
 """Context parallelism as the dry run plans it: megatron's caps as one line each (Mamba heads per TP rank for its
 all-to-all, groups, Gated DeltaNet heads, 2 x CP chunks per sequence, packed documents), the layout and the
-memory per GPU; training with CP > 1 is refused before any GPU work until its step is built."""
+memory per GPU; training with CP > 1 is refused before any GPU work until its step has run on several GPUs. The
+step's pieces that exist are checked here: each CP rank's share of a micro-batch, and the state-passing choice."""
 
 from __future__ import annotations
 
 import pytest
 
 from data_pipeline.errors import ConfigError
+from gloo_world import run_ranks
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
 from hybrid_megatron.model import memory
@@ -70,3 +72,27 @@ def test_the_dry_run_plans_cp_and_pretrain_refuses_it(capsys):
     assert "8 GPUs = TP 1 x PP 1 x CP 4 x DP 2" in capsys.readouterr().out
     assert main(argv) == 2
     assert "its training step (each rank's share of every sequence" in capsys.readouterr().err
+
+
+def _share(rank: int, out) -> None:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from hybrid_megatron.training.step import MicroBatch, cp_share
+
+    tokens = torch.arange(2 * 16).reshape(2, 16)
+    mb = MicroBatch(input_ids=tokens, labels=tokens + 1, loss_mask=(tokens % 3 > 0).float(), position_ids=tokens % 16,
+                    packed_seq_params=None)
+    got = cp_share(mb, ps.get_context_parallel_group())
+    out[rank] = {k: getattr(got, k).tolist() for k in ("input_ids", "labels", "loss_mask", "position_ids")}
+
+
+def test_the_training_step_gives_each_cp_rank_its_zigzag_share_of_every_tensor():
+    """CP 2: 4 chunks of 4 tokens, rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2, for every per-token tensor."""
+    shares = run_ranks(_share, world=2, cp=2)
+    cols = {0: [0, 1, 2, 3, 12, 13, 14, 15], 1: [4, 5, 6, 7, 8, 9, 10, 11]}
+    for rank, got in shares.items():
+        ids = [[16 * row + c for c in cols[rank]] for row in range(2)]
+        assert got["input_ids"] == ids and got["labels"] == [[t + 1 for t in r] for r in ids]
+        assert got["position_ids"] == [[t % 16 for t in r] for r in ids]
+        assert got["loss_mask"] == [[float(t % 3 > 0) for t in r] for r in ids]

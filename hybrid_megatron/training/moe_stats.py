@@ -79,7 +79,7 @@ class RouterStats:
         from megatron.core import parallel_state
 
         counts, expected = self.counts.clone(), self.tokens.clone() * self.k
-        groups = [parallel_state.get_data_parallel_group()]
+        groups = [parallel_state.get_data_parallel_group(with_context_parallel=True)]  # CP ranks: other tokens
         if self.sequence_parallel:  # each TP rank routes its own part of the sequence
             groups.append(parallel_state.get_tensor_model_parallel_group())
         for group in groups:

@@ -144,7 +144,26 @@ def plan_micro_batches(batch: StepBatch, model_chunks, cfg, max_seq_len: int) ->
     interleaved = len(model_chunks) > 1
     mbs = micro_batch_size_for(n_local, seq_len, cfg.train.micro_batch_size, max_seq_len,
                                cfg.parallel.pipeline_model_parallel_size if interleaved else 1)
-    return mbs, split_micro_batches(batch, mbs, cfg.data.reset_at_document_boundaries, torch.cuda.current_device())
+    micro = split_micro_batches(batch, mbs, cfg.data.reset_at_document_boundaries, torch.cuda.current_device())
+    if cfg.parallel.context_parallel_size > 1:
+        from megatron.core import parallel_state
+
+        micro = [cp_share(mb, parallel_state.get_context_parallel_group()) for mb in micro]
+    return mbs, micro
+
+
+def cp_share(mb: MicroBatch, cp_group) -> MicroBatch:
+    """This CP rank's share of every sequence of a micro-batch, by megatron's own split: the sequence in 2 x CP
+    chunks, rank r holding chunks r and 2 x CP - 1 - r (load balance for causal attention; the layout
+    model/ssm_state_passing.py assumes). Packed documents are refused with CP by the config."""
+    from dataclasses import replace
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    keys = ("input_ids", "labels", "loss_mask", "position_ids")
+    share = get_batch_on_this_cp_rank({**{k: getattr(mb, k) for k in keys}, "cu_seqlens": None}, is_hybrid_cp=False,
+                                      cp_group=cp_group)
+    return replace(mb, **{k: share[k] for k in keys})
 
 
 def schedule(micro: list[MicroBatch], mbs: int, seq_len: int, model_chunks, cfg, forward_only: bool = False,
@@ -174,7 +193,7 @@ def run_schedule(batch: StepBatch, model_chunks, cfg, max_seq_len: int, forward_
 
 
 def sum_over_ranks(reports: list[dict], key: str, shape) -> torch.Tensor:
-    """The sum of ``report[key]`` over micro-batches and data-parallel ranks (fp64), shared along the
+    """The sum of ``report[key]`` over micro-batches and data-parallel x context-parallel ranks (fp64), shared along the
     pipeline so that every rank holds it (the reports live on the last stage)."""
     from megatron.core import parallel_state
 
@@ -182,7 +201,8 @@ def sum_over_ranks(reports: list[dict], key: str, shape) -> torch.Tensor:
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in reports:
             total += item[key].double()
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        # over DP x CP: with context parallelism each CP rank holds a share of every sequence's tokens
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return total
