@@ -144,6 +144,7 @@ def transformer_config_kwargs(cfg: RunConfig) -> dict:
             m.hybrid_layer_pattern, par.pipeline_model_parallel_size
         ),
         sequence_parallel=par.sequence_parallel,
+        context_parallel_size=par.context_parallel_size,
         calculate_per_token_loss=True,
         deterministic_mode=train.deterministic,
         **_activation(m),

@@ -57,7 +57,8 @@ def check_layout_runs(cfg: RunConfig) -> None:
     if cfg.parallel.context_parallel_size > 1:
         raise ConfigError(f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}: the dry run plans "
                           "context parallelism (memory, layout, megatron's caps), but its training step (each rank's "
-                          "share of every sequence, the loss over CP ranks) is not built yet: train with CP 1")
+                          "share of every sequence, the loss over DP x CP, state passing for Mamba) has not run on "
+                          "several GPUs yet: train with CP 1")
 
 
 def initialize(cfg: RunConfig) -> Ranks:
@@ -100,6 +101,7 @@ def initialize(cfg: RunConfig) -> Ranks:
             cfg.model.hybrid_layer_pattern, par.pipeline_model_parallel_size
         ),
         expert_model_parallel_size=par.expert_model_parallel_size,
+        context_parallel_size=par.context_parallel_size,
     )
     set_seeds(cfg.train.seed)
     return ranks
