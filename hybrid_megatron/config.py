@@ -31,7 +31,7 @@ class ParallelConfig:
     context_parallel_size: int = 1
     """Context parallelism: each sequence split over this many ranks (attention: TE's ring of K/V chunks; Mamba:
     megatron's all-to-all over heads, so CP divides the Mamba heads per TP rank). Planned by the dry run (memory,
-    layout, the caps); training with CP > 1 is refused until its step is built."""
+    layout, the caps); training with CP > 1 is refused until its step has run on several GPUs."""
     mamba_context_parallel: Literal["all_to_all", "state_passing"] = "all_to_all"
     """Mamba layers under CP > 1: megatron's all-to-all over heads (capped at the heads per TP rank), or state
     passing (model/ssm_state_passing.py: every rank keeps all heads, its share of the sequence and passes the SSM
