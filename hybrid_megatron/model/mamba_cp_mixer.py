@@ -3,10 +3,10 @@ all-to-all over heads, chosen by ``parallel.mamba_context_parallel: state_passin
 
 The mixer keeps megatron's parameters, projections, checkpoint keys and gated norm; only the conv and the scan
 change. Its own ``MambaContextParallel`` gets a one-rank group, so megatron neither exchanges heads nor slices
-parameters by CP rank; the real CP group goes to the state passing, which takes each rank's share of the sequence
-in megatron's load-balancing zigzag (the layout of its CP batch split). The conv, scan and gate run as separate
-kernels (causal-conv1d, mamba-ssm's chunked scan) rather than megatron's fused memory-efficient one, so a layer
-keeps more activations for the backward pass.
+parameters by CP rank (nor caps CP by the heads); the real CP group goes to the state passing, which takes each
+rank's share of the sequence in megatron's load-balancing zigzag (the layout of its CP batch split). The conv, scan
+and gate run as separate kernels (causal-conv1d, mamba-ssm's chunked scan) rather than megatron's fused
+memory-efficient one, so a layer keeps more activations for the backward pass.
 
 Not covered: packed documents (refused with CP by the config), inference (eval refuses CP > 1), ``D`` per head
 dimension (megatron's ``D_has_hdim``).
@@ -14,10 +14,12 @@ dimension (megatron's ``D_has_hdim``).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.ssm.mamba_mixer import MambaContextParallel, MambaMixer
+from megatron.core.ssm.mamba_mixer import MambaMixer
 
 from hybrid_megatron.model.ssm_state_passing import Dims, kernel_conv, kernel_scan, mamba_state_passing, process_dt
 
@@ -35,20 +37,18 @@ def own_group():
 class StatePassingMambaMixer(MambaMixer):
     """MambaMixer whose training forward passes the SSM state between CP ranks instead of exchanging heads."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, pg_collection, **kwargs) -> None:
+        # megatron's own MambaContextParallel gets a one-rank group: it would split heads (and refuse a CP beyond
+        # them); the real CP group is the state passing's
+        own = copy.copy(pg_collection)
+        own.cp = own_group()
+        super().__init__(*args, pg_collection=own, **kwargs)
         if self.D_has_hdim:
             raise ValueError("state-passing context parallelism takes D per head (megatron's D_has_hdim=False)")
         if not self.use_mem_eff_path:
             raise ValueError("state-passing context parallelism replaces megatron's training path "
                              "(use_mamba_mem_eff_path=True); its other path is inference's")
-        self.state_passing_group = self.pg_collection.cp
-        self.cp = MambaContextParallel(
-            cp_group=own_group(), d_inner_local_tp=self.d_inner_local_tp, nheads_local_tp=self.nheads_local_tp,
-            ngroups_local_tp=self.ngroups_local_tp, d_state=self.d_state, conv1d_weight_cp1=self.conv1d_weight,
-            conv1d_bias_cp1=self.conv1d_bias, conv1d_padding=self.d_conv - 1, dt_bias_cp1=self.dt_bias,
-            A_log_cp1=self.A_log, D_cp1=self.D, D_has_hdim=self.D_has_hdim,
-        )
+        self.state_passing_group = pg_collection.cp
 
     def _ssm_training(self, zxBCdt: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
         """[l, b, z | x B C | dt] (this rank's share of every sequence) -> the gated, normed [l, b, d_inner]."""
