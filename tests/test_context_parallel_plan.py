@@ -69,7 +69,10 @@ def test_cp_divides_each_gpus_tokens_and_comes_out_of_data_parallelism():
 def test_the_dry_run_plans_cp_and_pretrain_refuses_it(capsys):
     argv = ["pretrain", ONE_B, *UNPACKED, "parallel.context_parallel_size=4"]
     assert main([*argv, "--dry-run"]) == 0
-    assert "8 GPUs = TP 1 x PP 1 x CP 4 x DP 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 GPUs = TP 1 x PP 1 x CP 4 x DP 2" in out and "distributed optimizer (sharded over DP 2 x CP 4)" in out
+    assert main([*argv, "parallel.mamba_context_parallel=state_passing", "--dry-run"]) == 0
+    assert "Mamba CP by state passing (its unfused kernels' extra activations are not in" in capsys.readouterr().out
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "its training step (each rank's share of every sequence" in err and "has not run on several GPUs" in err

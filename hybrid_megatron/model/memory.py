@@ -254,14 +254,17 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     dp = data_parallel_size(cfg, world_size)
     stages = estimate(cfg, padded_vocab, seq_len, world_size=world_size)
-    optimizer = f"distributed optimizer (sharded over DP {dp})" if par.use_distributed_optimizer else (
+    cp = f" x CP {par.context_parallel_size}" if par.context_parallel_size > 1 else ""
+    optimizer = f"distributed optimizer (sharded over DP {dp}{cp})" if par.use_distributed_optimizer else (
         "optimizer state replicated on every DP rank (use_distributed_optimizer=false)"
     )
-    cp = f" x CP {par.context_parallel_size}" if par.context_parallel_size > 1 else ""
+    # state passing runs the Mamba conv, scan and gate unfused: more activations than megatron's fused path
+    passing = ("; Mamba CP by state passing (its unfused kernels' extra activations are not in this estimate)"
+               if cp and par.mamba_context_parallel == "state_passing" else "")
     ep = f" (experts over EP {par.expert_model_parallel_size} of them)" if par.expert_model_parallel_size > 1 else ""
     lines = [
         f"{world_size} GPUs = TP {tp} x PP {pp}{cp} x DP {dp}{ep}; sequence parallel {'on' if par.sequence_parallel else 'off'}; "
-        f"{optimizer}; fp8 {cfg.precision.fp8 or 'off'}"
+        f"{optimizer}; fp8 {cfg.precision.fp8 or 'off'}{passing}"
     ]
     for st in stages:
         weights = _gb(st.weights) + (f" + fp8 copies {_gb(st.fp8_weights)}" if st.fp8_weights else "")
