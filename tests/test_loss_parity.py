@@ -70,6 +70,28 @@ def test_parallel_suite_covers_the_layouts_recompute_and_cross_layout_resume(tmp
         assert Path(cfgs[name].checkpoint.load) == tmp_path / "tp1" / "checkpoints" / step_dir_name(0)
 
 
+def test_families_suite_runs_each_family_at_every_layout_from_its_own_initial_weights(tmp_path):
+    suite = L.SUITES["families"]
+    cfgs = {r.name: (r, load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 60, tmp_path))) for r in suite.runs}
+    symbols = {"gdn": "G", "moe": "E", "swa": "*"}
+    for family, symbol in symbols.items():
+        base_run, base = cfgs[f"{family}-1"]
+        assert base_run.gpus == 1 and base.checkpoint.save_initial and symbol in base.model.hybrid_layer_pattern
+        expected = {"tp2-sp": (2, 1, 1, 1), "pp2": (1, 2, 1, 1), "dp2": (1, 1, 2, 1)}
+        if family == "moe":
+            expected["ep2"] = (1, 1, 2, 2)
+        for layout, (tp, pp, dp, ep) in expected.items():
+            run, c = cfgs[f"{family}-{layout}"]
+            par = c.parallel
+            assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, data_parallel_size(c, run.gpus),
+                    par.expert_model_parallel_size) == (tp, pp, dp, ep)
+            assert run.reference == f"{family}-1" and c.model == base.model and c.train.deterministic
+            assert Path(c.checkpoint.load) == tmp_path / f"{family}-1" / "checkpoints" / step_dir_name(0)
+        assert [len(s.chunks[0]) for s in split_stages(base.model.hybrid_layer_pattern, 2)] == [7, 3]
+    assert cfgs["swa-1"][1].model.attention_window == 256 and cfgs["swa-1"][1].model.global_attention_layers == [1]
+    assert len(suite.runs) == 3 * 4 + 1
+
+
 def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     suite = L.SUITES["fp8"]
     cfgs = {r.name: load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 300, tmp_path)) for r in suite.runs}

@@ -1,6 +1,7 @@
 """Loss-curve parity of real ``pretrain`` runs: parallel layouts against one GPU, FP8 against BF16.
 
     python tools/loss_parity.py run parallel [--runs tp1,tp2-sp,...] [--steps 60]   # 2 GPUs (1 for tp1)
+    python tools/loss_parity.py run families [--runs gdn-1,gdn-tp2-sp,...]          # 2 GPUs (1 for *-1)
     python tools/loss_parity.py run fp8 [--runs bf16,fp8-tensorwise,...] [--steps 300]   # 1 GPU
     python tools/loss_parity.py run fp8-64k --runs bf16,bf16-repeat --concurrent 2    # 2 GPUs, one run each
     python tools/loss_parity.py run fp8 --runs bf16,fp8-tensorwise --concurrent 2   # side by side
@@ -21,6 +22,10 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   recompute at each layout follow that layout's run; the TP=2 checkpoint at the half-way step resumes
   at PP=2 and at TP=1 with the same next-step loss, and the overlapped DP=2 run resumes at its own
   layout within 1e-4 (bitwise expected).
+* ``families`` -- the layer families on configs/tiny.yaml with deterministic kernels: a Gated DeltaNet, an MoE
+  and a sliding-window hybrid (10 layers each, cut 7 + 3 for PP=2) at TP=2 with sequence parallel, PP=2 and
+  DP=2, and the MoE one at EP=2 too, each from its one-GPU run's initial weights and following that run within
+  1% at every step (2 GPUs; not run yet).
 * ``fp8`` -- configs/1b.yaml at 16k tokens per step (4 x 4096, ~3 min a run on an H100): FP8 recipes
   (tensorwise, tensorwise with the first/last 2 layers in BF16, delayed, tensorwise with the Mamba
   in/out projections in BF16, and both BF16 measures together) follow BF16 within 1.5% at every step

@@ -72,6 +72,32 @@ def _parallel_runs() -> tuple[Run, ...]:
     return tuple(runs)
 
 
+# the layer families (Gated DeltaNet, MoE, sliding windows) in the tiny model's 10 layers, cut 7 + 3 for PP=2:
+# family -> (pattern, overrides). Gated DeltaNet's deterministic kernels (megatron's torch delta rule) take
+# no packed documents
+FAMILIES = {
+    "gdn": ("G-G*-G-|G*-", ("model.gdn_key_head_dim=64", "model.gdn_value_head_dim=64",
+                            "data.reset_at_document_boundaries=false")),
+    "moe": ("MEM*EME|M*E", ("model.moe_num_experts=8", "model.moe_top_k=2", "model.moe_ffn_hidden_size=768",
+                            "model.moe_shared_expert_size=768")),
+    "swa": (PARALLEL_PATTERN, ("model.attention_window=256", "model.global_attention_layers=[1]")),
+}
+EP2 = ("parallel.expert_model_parallel_size=2",)  # two ranks of DP, the 8 experts split 4 + 4
+
+
+def _family_runs() -> tuple[Run, ...]:
+    """Each family at TP=2 with sequence parallel, PP=2, DP=2 (and EP=2 for MoE) from its one-GPU run's initial
+    weights, following that run within 1%: the multi-GPU checks the layer families owe."""
+    runs = []
+    for family, (pattern, over) in FAMILIES.items():
+        base = (f"model.hybrid_layer_pattern={pattern}", *over)
+        runs.append(Run(f"{family}-1", 1, (*base, "checkpoint.save_initial=true")))
+        layouts = {**LAYOUTS, **({"ep2": EP2} if family == "moe" else {})}
+        runs += [Run(f"{family}-{name}", 2, (*base, *layout), reference=f"{family}-1", init_from=f"{family}-1")
+                 for name, layout in layouts.items()]
+    return tuple(runs)
+
+
 FP8_BASE = ("precision.fp8=hybrid",)
 FP8_WARMUP = 10  # configs/1b.yaml schedule.lr_warmup_steps
 FP8_LOG_INTERVAL = 10  # the bar is "within 1.5% at every logged step": log lines show the interval's mean loss
@@ -120,6 +146,11 @@ SUITES = {
         ("train.deterministic=true", f"model.hybrid_layer_pattern={PARALLEL_PATTERN}", "schedule.lr_warmup_steps=10",
          "logging.log_interval=10", "logging.tensorboard=false"),
         _parallel_runs(), default_steps=60),
+    "families": Suite(
+        "families", "configs/tiny.yaml",
+        ("train.deterministic=true", "schedule.lr_warmup_steps=10", "logging.log_interval=10",
+         "logging.tensorboard=false"),
+        _family_runs(), default_steps=60),
     # micro-batches of 2, as the recorded runs had (configs/1b.yaml's own is 4: faster, and 13 GB more a run)
     "fp8": _fp8_suite("fp8", 16384, "train.micro_batch_size=2"),
     # the same runs at 4x the tokens a step (16 x 4096; micro-batches of 4, configs/1b.yaml's own): at 16k
