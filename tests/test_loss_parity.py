@@ -92,6 +92,20 @@ def test_families_suite_runs_each_family_at_every_layout_from_its_own_initial_we
     assert len(suite.runs) == 3 * 4 + 1
 
 
+def test_cp_suite_compares_both_mamba_cp_modes_with_cp1(tmp_path):
+    suite = L.SUITES["cp"]
+    runs = {r.name: (r, load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 60, tmp_path))) for r in suite.runs}
+    assert runs["cp1"][1].parallel.context_parallel_size == 1 and runs["cp1"][1].checkpoint.save_initial
+    modes = {}
+    for name in ("cp2-all-to-all", "cp2-state-passing"):
+        run, c = runs[name]
+        assert c.parallel.context_parallel_size == 2 and data_parallel_size(c, run.gpus) == 1
+        assert run.reference == "cp1" and Path(c.checkpoint.load) == tmp_path / "cp1" / "checkpoints" / step_dir_name(0)
+        assert not c.data.reset_at_document_boundaries
+        modes[name] = c.parallel.mamba_context_parallel
+    assert modes == {"cp2-all-to-all": "all_to_all", "cp2-state-passing": "state_passing"}
+
+
 def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
     suite = L.SUITES["fp8"]
     cfgs = {r.name: load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 300, tmp_path)) for r in suite.runs}

@@ -98,6 +98,18 @@ def _family_runs() -> tuple[Run, ...]:
     return tuple(runs)
 
 
+# context parallelism: the tiny model (one document per row: CP refuses packed ones) at CP=2, its Mamba layers by
+# megatron's all-to-all over heads and by state passing, against CP=1 from the same initial weights. pretrain
+# refuses CP > 1 until these runs have passed on two GPUs
+CP_COMMON = ("data.reset_at_document_boundaries=false",)
+CP_RUNS = (
+    Run("cp1", 1, ("checkpoint.save_initial=true",)),
+    Run("cp2-all-to-all", 2, ("parallel.context_parallel_size=2",), reference="cp1", init_from="cp1"),
+    Run("cp2-state-passing", 2, ("parallel.context_parallel_size=2", "parallel.mamba_context_parallel=state_passing"),
+        reference="cp1", init_from="cp1"),
+)
+
+
 FP8_BASE = ("precision.fp8=hybrid",)
 FP8_WARMUP = 10  # configs/1b.yaml schedule.lr_warmup_steps
 FP8_LOG_INTERVAL = 10  # the bar is "within 1.5% at every logged step": log lines show the interval's mean loss
@@ -151,6 +163,11 @@ SUITES = {
         ("train.deterministic=true", "schedule.lr_warmup_steps=10", "logging.log_interval=10",
          "logging.tensorboard=false"),
         _family_runs(), default_steps=60),
+    "cp": Suite(
+        "cp", "configs/tiny.yaml",
+        ("train.deterministic=true", *CP_COMMON, "schedule.lr_warmup_steps=10", "logging.log_interval=10",
+         "logging.tensorboard=false"),
+        CP_RUNS, default_steps=60),
     # micro-batches of 2, as the recorded runs had (configs/1b.yaml's own is 4: faster, and 13 GB more a run)
     "fp8": _fp8_suite("fp8", 16384, "train.micro_batch_size=2"),
     # the same runs at 4x the tokens a step (16 x 4096; micro-batches of 4, configs/1b.yaml's own): at 16k
