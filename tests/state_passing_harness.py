@@ -71,13 +71,9 @@ def _reference_conv(weight, bias, x, seq_idx):
 
 def whole(be: Backend, xbc, dt_raw, seq_idx, p) -> torch.Tensor:
     """The whole sequence on one rank: what every CP rank's share must equal."""
-    d = be.dims
     conv, scan = _kernels(be, p)
-    u = conv(xbc, seq_idx)
-    x, B, C = torch.split(u, [d.heads * d.head_dim, d.groups * d.state, d.groups * d.state], -1)
-    x = x.unflatten(-1, (d.heads, d.head_dim))
-    y, _ = scan(x, process_dt(dt_raw, p["dt_bias"]), -torch.exp(p["A_log"]), B.unflatten(-1, (d.groups, d.state)),
-                C.unflatten(-1, (d.groups, d.state)), seq_idx)
+    x, B, C = be.dims.split(conv(xbc, seq_idx))
+    y, _ = scan(x, process_dt(dt_raw, p["dt_bias"]), -torch.exp(p["A_log"]), B, C, seq_idx)
     return y + x * p["D"][:, None]
 
 

@@ -22,16 +22,13 @@ def test_the_kernel_callables_compute_the_reference_recurrence():
     from hybrid_megatron.model.ssm_state_passing import kernel_conv, kernel_scan, process_dt
     from ssd_reference import causal_conv, ssd_scan
 
-    d = KERNELS.dims
     data = inputs(KERNELS, 2, packed=True)  # 128 tokens, four document starts in row 0, two in row 1
     seq_idx = data["seq_idx"]
     u = kernel_conv(data["conv_w"], data["conv_b"])(data["xbc"], seq_idx)
     u_ref = causal_conv(data["xbc"], data["conv_w"], data["conv_b"], seq_idx)
     assert float((u - u_ref).abs().max()) < 1e-5 * float(u_ref.abs().max())
-    x, B, C = torch.split(u_ref, [d.heads * d.head_dim, d.groups * d.state, d.groups * d.state], -1)
-    args = (x.unflatten(-1, (d.heads, d.head_dim)).contiguous(), process_dt(data["dt"], data["dt_bias"]),
-            -torch.exp(data["A_log"]), B.unflatten(-1, (d.groups, d.state)).contiguous(),
-            C.unflatten(-1, (d.groups, d.state)).contiguous(), seq_idx)
+    x, B, C = (t.contiguous() for t in KERNELS.dims.split(u_ref))
+    args = (x, process_dt(data["dt"], data["dt_bias"]), -torch.exp(data["A_log"]), B, C, seq_idx)
     (y, final), (y_ref, final_ref) = kernel_scan(KERNELS.scan_chunk)(*args), ssd_scan(*args)
     for got, want in ((y, y_ref), (final, final_ref)):  # the final state is the last document's, from zero
         assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())

@@ -25,7 +25,7 @@ on a GPU they are to be causal-conv1d's ``causal_conv1d_fn`` and mamba-ssm's ``m
 - ``conv(x, seq_idx) -> x``: causal depthwise conv + activation over [batch, length, channels], not crossing
   documents;
 - ``scan(x, dt, A, B, C, seq_idx) -> (y, final_state)``: the SSD scan from a zero state with dt already
-  processed (softplus, bias, limits), no D skip; the final state is the last document's.
+  processed (bias, softplus), no D skip; the final state is the last document's.
 """
 
 from __future__ import annotations
@@ -70,11 +70,7 @@ def gather_chunks(local: torch.Tensor, zigzag: bool, group) -> dict[int, torch.T
     """``local`` stacks one tensor per chunk this rank holds (``chunk_ids`` order): -> every chunk's, by chunk id.
     When ``local`` requires grad, every rank must use the result in its output (each backward is a collective)."""
     cp = dist.get_world_size(group)
-    if local.requires_grad:
-        gathered = _GatherBySum.apply(local, group)
-    else:
-        with torch.no_grad():
-            gathered = _GatherBySum.apply(local, group)
+    gathered = _GatherBySum.apply(local, group)
     return {k: gathered[r, i] for r in range(cp) for i, k in enumerate(chunk_ids(r, cp, zigzag))}
 
 
@@ -89,6 +85,12 @@ class Dims:
     @property
     def channels(self) -> int:  # the conv's inputs: x, B, C
         return self.heads * self.head_dim + 2 * self.groups * self.state
+
+    def split(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv outputs [b, l, channels] -> x [b, l, heads, head_dim], B and C [b, l, groups, state]."""
+        x, B, C = torch.split(u, [self.heads * self.head_dim, self.groups * self.state, self.groups * self.state], -1)
+        return (x.unflatten(-1, (self.heads, self.head_dim)), B.unflatten(-1, (self.groups, self.state)),
+                C.unflatten(-1, (self.groups, self.state)))
 
 
 def with_halo(x: torch.Tensor, seq_idx: torch.Tensor, tail: torch.Tensor, tail_idx: torch.Tensor):
@@ -137,11 +139,7 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
             tail, t_idx = tails[k - 1], tail_idx[k - 1]
             carried = idx == t_idx[:, -1:]  # [b, l]: tokens in the entering state's document (a prefix)
         x_h, idx_h = with_halo(x, idx, tail, t_idx)
-        conv_out = conv(x_h, idx_h)[:, k_1:]
-        xi, B, C = torch.split(conv_out, [dims.heads * dims.head_dim, dims.groups * dims.state,
-                                          dims.groups * dims.state], dim=-1)
-        xi = xi.unflatten(-1, (dims.heads, dims.head_dim))
-        B, C = (t.unflatten(-1, (dims.groups, dims.state)) for t in (B, C))
+        xi, B, C = dims.split(conv(x_h, idx_h)[:, k_1:])
         y, final = scan(xi, d, A, B, C, idx)
         acc = torch.promote_types(d.dtype, torch.float32)  # decays in fp32 at least
         decay = torch.exp(A.to(acc) * torch.cumsum(d.to(acc), dim=1))  # [b, l, h]
@@ -164,10 +162,11 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     return torch.cat(ys, dim=1)
 
 
-def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, float] = (0.0, float("inf"))):
-    """softplus(dt + bias) clamped to ``limit``: what megatron's MambaMixer has its kernel do to dt."""
+def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """softplus(dt + bias), in fp32 at least: what megatron's MambaMixer has its training kernel do to dt (its dt
+    limits are the kernel's default, (0, inf), which softplus never leaves)."""
     acc = torch.promote_types(dt.dtype, torch.float32)
-    return F.softplus(dt.to(acc) + dt_bias.to(acc)).clamp(*limit)
+    return F.softplus(dt.to(acc) + dt_bias.to(acc))
 
 
 def kernel_conv(weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "silu") -> Callable:
