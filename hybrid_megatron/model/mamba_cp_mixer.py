@@ -55,10 +55,9 @@ class StatePassingMambaMixer(MambaMixer):
         if packed_seq_params is not None:
             raise ValueError("state-passing context parallelism does not take packed documents yet")
         zxBCdt = zxBCdt.transpose(0, 1)  # l b d -> b l d
-        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state
-        z, xbc, dt = torch.split(zxBCdt, [self.d_inner_local_tp, conv_dim, self.nheads_local_tp], dim=-1)
         dims = Dims(heads=self.nheads_local_tp, head_dim=self.headdim, groups=self.ngroups_local_tp,
                     state=self.d_state, conv_kernel=self.d_conv)
+        z, xbc, dt = torch.split(zxBCdt, [self.d_inner_local_tp, dims.channels, self.nheads_local_tp], dim=-1)
         seq_idx = torch.zeros(xbc.shape[:2], dtype=torch.int32, device=xbc.device)  # one document per row
         y = mamba_state_passing(
             xbc.contiguous(), process_dt(dt, self.dt_bias), seq_idx, -torch.exp(self.A_log.float()), self.D, dims,
