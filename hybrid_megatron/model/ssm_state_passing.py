@@ -18,9 +18,8 @@ stops at a boundary whichever rank it crosses to. The gathers carry gradients (a
 gradients, which gloo and NCCL both have), so one backward pass through the layer is exact too.
 
 The kernels come in as callables: the CPU tests pass the token-by-token reference (``tests/ssd_reference.py``);
-on a GPU they are to be causal-conv1d's ``causal_conv1d_fn`` and mamba-ssm's ``mamba_chunk_scan_combined`` (with
-``seq_idx`` and ``return_final_states``), wired into the Mamba mixer together with the CP data split (not yet:
-``pretrain`` refuses CP > 1):
+on a GPU, ``model/mamba_cp_mixer.py`` passes causal-conv1d's ``causal_conv1d_fn`` and mamba-ssm's
+``mamba_chunk_scan_combined`` (with ``seq_idx`` and ``return_final_states``; ``kernel_conv``, ``kernel_scan``):
 
 - ``conv(x, seq_idx) -> x``: causal depthwise conv + activation over [batch, length, channels], not crossing
   documents;
@@ -155,11 +154,45 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     # 3. the entering state's share of each token's output, and the D skip
     ys = []
     for k, (y, xi, C, reach) in zip(ids, local):
-        C_h = C.repeat_interleave(dims.heads // dims.groups, dim=2)  # [b, l, h, n]
-        acc = reach.dtype
-        entering = torch.einsum("blhn,bhpn->blhp", C_h.to(acc), states[k].to(acc)) * reach[..., None]
+        entering = _EnteringShare.apply(C, states[k], reach)
         ys.append(y + entering.to(y.dtype) + xi * D[:, None].to(xi.dtype))
     return torch.cat(ys, dim=1)
+
+
+class _EnteringShare(torch.autograd.Function):
+    """out[b, l, h, p] = reach[b, l, h] * sum_n C[b, l, g(h), n] H[b, h, p, n], in reach's dtype (fp32 at least), the
+    heads in contiguous blocks per group. Saves only its inputs (C is a view of the conv output the scan keeps
+    anyway) and recomputes the product in the backward: autograd through an einsum of C expanded to the heads would
+    keep an fp32 [b, l, h, n] copy of C and the fp32 [b, l, h, p] product, per layer, about as much as the layer's
+    other activations together."""
+
+    @staticmethod
+    def _share(C: torch.Tensor, H: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        b, g, n = C.shape[0], C.shape[2], C.shape[3]
+        Hg = H.to(acc).view(b, g, H.shape[1] // g, H.shape[2], n)  # [b, g, r, p, n]
+        return torch.einsum("blgn,bgrpn->blgrp", C.to(acc), Hg).flatten(2, 3)  # [b, l, h, p]
+
+    @staticmethod
+    def forward(ctx, C: torch.Tensor, H: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(C, H, reach)
+        return _EnteringShare._share(C, H, reach.dtype) * reach[..., None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        C, H, reach = ctx.saved_tensors
+        acc = reach.dtype
+        b, l, g, n = C.shape
+        h, p = H.shape[1], H.shape[2]
+        grad = grad.to(acc)
+        d_reach = (grad * _EnteringShare._share(C, H, acc)).sum(-1) if ctx.needs_input_grad[2] else None
+        d_share = (grad * reach[..., None]).view(b, l, g, h // g, p)  # [b, l, g, r, p]
+        d_C = d_H = None
+        if ctx.needs_input_grad[0]:
+            Hg = H.to(acc).view(b, g, h // g, p, n)
+            d_C = torch.einsum("blgrp,bgrpn->blgn", d_share, Hg).to(C.dtype)
+        if ctx.needs_input_grad[1]:
+            d_H = torch.einsum("blgrp,blgn->bgrpn", d_share, C.to(acc)).reshape(b, h, p, n).to(H.dtype)
+        return d_C, d_H, d_reach
 
 
 def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
