@@ -66,13 +66,28 @@ def test_cp_divides_each_gpus_tokens_and_comes_out_of_data_parallelism():
         memory.data_parallel_size(two, 7)
 
 
+def test_state_passing_counts_its_unfused_activations_in_every_mamba_layer():
+    """Same weights and optimizer; more activations, and the extra grows with the Mamba layers (the numbers per
+    layer are checked against the tensors autograd keeps in tests/test_gpu_ssm_state_passing.py)."""
+    def extra(pattern: str) -> float:
+        a2a, sp = (memory.estimate(_cfg("parallel.context_parallel_size=2", f"model.hybrid_layer_pattern={pattern}",
+                                        f"parallel.mamba_context_parallel={mode}"), 32000, 4096, world_size=2)[0]
+                   for mode in ("all_to_all", "state_passing"))
+        assert (sp.weights, sp.grads, sp.optimizer) == (a2a.weights, a2a.grads, a2a.optimizer)
+        return sp.activations - a2a.activations
+
+    assert extra("M-*-") > 0
+    assert extra("M-M-M-*-") == pytest.approx(3 * extra("M-*-"))
+    assert extra("*-*-") == 0
+
+
 def test_the_dry_run_plans_cp_and_pretrain_refuses_it(capsys):
     argv = ["pretrain", ONE_B, *UNPACKED, "parallel.context_parallel_size=4"]
     assert main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "8 GPUs = TP 1 x PP 1 x CP 4 x DP 2" in out and "distributed optimizer (sharded over DP 2 x CP 4)" in out
     assert main([*argv, "parallel.mamba_context_parallel=state_passing", "--dry-run"]) == 0
-    assert "Mamba CP by state passing (its unfused kernels' extra activations are not in" in capsys.readouterr().out
+    assert "Mamba CP by state passing (unfused conv, scan and gate: more activations" in capsys.readouterr().out
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "its training step (each rank's share of every sequence" in err and "has not run on several GPUs" in err

@@ -48,23 +48,19 @@ def _relative(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def _mixer_body(rank: int, out) -> None:
-    """megatron's MambaMixer over the whole sequence against StatePassingMambaMixer on this CP rank's zigzag share,
-    with the same weights: outputs and parameter gradients (summed over CP, as megatron's DP x CP reduction)."""
-    import torch
-    import torch.distributed as dist
+def _mixers():
+    """(run config, megatron's MambaMixer on a one-rank CP group, StatePassingMambaMixer on the CP group), with the
+    same weights, from the tiny model at CP 2 with state passing (local spec)."""
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.spec_utils import build_module
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from gpu_helpers import tiny_config
     from hybrid_megatron.model.build import build_transformer_config
     from hybrid_megatron.model.mamba_cp_mixer import own_group
     from hybrid_megatron.model.specs import local_stack_spec
 
-    torch.cuda.set_device(0)
     cfg = tiny_config("data.reset_at_document_boundaries=false", "parallel.context_parallel_size=2",
                       "parallel.mamba_context_parallel=state_passing", "model.layer_spec=local")
     config = build_transformer_config(cfg)
@@ -78,9 +74,23 @@ def _mixer_body(rank: int, out) -> None:
 
     stock, ours = mixer(False, own_group()), mixer(True, ps.get_context_parallel_group())
     ours.load_state_dict(stock.state_dict())
+    return cfg, stock, ours
+
+
+def _mixer_body(rank: int, out) -> None:
+    """megatron's MambaMixer over the whole sequence against StatePassingMambaMixer on this CP rank's zigzag share,
+    with the same weights: outputs and parameter gradients (summed over CP, as megatron's DP x CP reduction)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    torch.cuda.set_device(0)
+    cfg, stock, ours = _mixers()
+    hidden_size = cfg.model.hidden_size
     g = torch.Generator(device="cuda").manual_seed(1)
-    hidden = torch.randn(2, 256, config.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)  # [b, l, h]
-    weights = torch.randn(2, 256, config.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)
+    hidden = torch.randn(2, 256, hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)  # [b, l, h]
+    weights = torch.randn(2, 256, hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)
     share = get_batch_on_this_cp_rank({"h": hidden, "w": weights, "y": None, "cu_seqlens": None}, is_hybrid_cp=False,
                                       cp_group=ps.get_context_parallel_group())
     y_full, _ = stock(hidden.transpose(0, 1).contiguous())
@@ -103,3 +113,50 @@ def test_the_state_passing_mixer_on_two_cp_ranks_matches_megatrons_mixer_on_the_
         print(rank, r)
         bad = {k: v for k, v in {"y": r["y"], **r["grads"]}.items() if v > 2e-2}
         assert not bad, f"CP rank {rank}: relative differences from megatron's mixer (bf16): {bad}"
+
+
+def _saved_bytes(forward, exclude) -> int:
+    """Bytes of the storages autograd keeps for the backward of ``forward()``, each storage once (a saved view keeps
+    its whole storage), those of ``exclude`` (parameters, the caller's input) left out."""
+    import torch
+
+    kept, skip = {}, {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values())
+
+
+def _memory_body(rank: int, out) -> None:
+    """What each mixer keeps for its backward against the dry run's memory model (model/memory.py)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from hybrid_megatron.model.memory import mamba_mixer_stored
+
+    torch.cuda.set_device(0)
+    cfg, stock, ours = _mixers()
+    b, length = 2, 256
+    hidden = torch.randn(length, b, cfg.model.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    share = get_batch_on_this_cp_rank({"h": hidden.detach().transpose(0, 1), "cu_seqlens": None}, is_hybrid_cp=False,
+                                      cp_group=ps.get_context_parallel_group())["h"].transpose(0, 1).contiguous()
+    share.requires_grad_()
+    measured = {"fused": _saved_bytes(lambda: stock(hidden), [*stock.parameters(), hidden]),
+                "state_passing": _saved_bytes(lambda: ours(share), [*ours.parameters(), share])}
+    model = {"fused": mamba_mixer_stored(cfg.model, b * length, 1),
+             "state_passing": mamba_mixer_stored(cfg.model, b * length // 2, 1, state_passing=True)}
+    out[rank] = {k: (measured[k], model[k]) for k in measured}
+
+
+def test_the_memory_model_counts_what_each_mamba_mixer_keeps_for_its_backward():
+    for rank, r in run_ranks(_memory_body, world=2, cp=2).items():
+        print(rank, {k: f"measured {got:,} B, modelled {want:,.0f} B" for k, (got, want) in r.items()})
+        bad = {k: got / want for k, (got, want) in r.items() if abs(got / want - 1) > 0.1}
+        assert not bad, f"CP rank {rank}: measured / modelled bytes off by more than 10%: {bad}"
