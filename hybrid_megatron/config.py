@@ -179,6 +179,10 @@ class CheckpointConfig:
     async_save: bool = False
     load: str | None = None
     """A checkpoint to start from when <save_dir> has none yet; once this run has saved, <save_dir>/latest wins."""
+    load_weights_only: bool = False
+    """Take only the model weights from ``load``, even from a training checkpoint: fresh optimizer, schedule and
+    data position (a new phase on trained weights: long-context extension, another data mixture). This run's own
+    checkpoints, once it has saved, still resume in full."""
     keep_last: int | None = None
     """Delete older training checkpoints past this many (weights-only ones stay); None keeps all."""
     save_final: bool = True
@@ -191,6 +195,9 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         positive("checkpoint", save_interval=self.save_interval, keep_last=self.keep_last)
+        if self.load_weights_only and not self.load:
+            raise ConfigError("checkpoint.load_weights_only=true needs checkpoint.load (the checkpoint to take the "
+                              "weights from)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -171,3 +171,40 @@ def test_resume_refuses_a_crafted_metadata_before_torch_unpickles_it(tp2_checkpo
     got = _load(tmp_path / "run", f"checkpoint.load={crafted}")
     assert got["error"].startswith("DataError: ") and "refuses to load posix.system" in got["error"], got
     assert not (tmp_path / "PWNED").exists()
+
+
+def _as_training_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of the weights-only checkpoint whose train_state.json says it is a training one (step 40, a
+    schedule and a data position): what checkpoint.load_weights_only must ignore."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "step-000000" / "train_state.json").write_text(json.dumps(
+        {"step": 40, "scheduler": {"num_steps": 40, "segments": []}, "data": {"position": 123}}))
+    return dst
+
+
+def test_load_weights_only_takes_the_weights_of_a_training_checkpoint_and_nothing_else(tp2_checkpoint, tmp_path):
+    trained = _as_training_checkpoint(tp2_checkpoint, tmp_path / "trained")
+    got = _load(tmp_path / "run", f"checkpoint.load={trained}", "checkpoint.load_weights_only=true")
+    assert "error" not in got, got.get("error")
+    assert got["state"] == {}  # step 0, fresh optimizer, schedule and data position
+    gathered = torch.load(tp2_checkpoint / "gathered.pt")
+    for name in ("fc1", "fc2"):
+        assert torch.equal(got["weights"][name], gathered[name]), name
+    # without the setting the same checkpoint resumes in full: it asks for the optimizer state (there is none here)
+    assert "has no attribute 'sharded_state_dict'" in _load(tmp_path / "run", f"checkpoint.load={trained}")["error"]
+
+
+def test_a_runs_own_checkpoints_resume_in_full_even_with_load_weights_only(tp2_checkpoint, tmp_path):
+    """checkpoint.load_weights_only concerns the starting point: once the run has saved, its latest is its own."""
+    own = _as_training_checkpoint(tp2_checkpoint, tmp_path / "own")
+    got = _load(own, f"checkpoint.load={tp2_checkpoint}", "checkpoint.load_weights_only=true")
+    assert "has no attribute 'sharded_state_dict'" in got["error"]  # a full resume: it asks for the optimizer state
+
+
+def test_load_weights_only_without_load_is_one_line():
+    from data_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.load_weights_only=true needs checkpoint.load"):
+        _config(ROOT / "runs" / "x", 1, "checkpoint.load_weights_only=true")

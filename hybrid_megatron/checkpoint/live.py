@@ -178,8 +178,15 @@ class Checkpointer:
             return ckpt.resolve_step_dir(self.cfg.checkpoint.load, what="checkpoint.load=")
         return None
 
+    def starts_from_weights(self, step_dir: Path) -> bool:
+        """True when ``step_dir`` is checkpoint.load's and only its weights are wanted (checkpoint.load_weights_only);
+        never for this run's own checkpoints, which resume in full."""
+        own = ckpt.read_latest(self.save_dir)
+        return self.cfg.checkpoint.load_weights_only and (own is None or own.resolve() != step_dir.resolve())
+
     def load(self, step_dir: Path) -> dict:
-        """Restores model (+ optimizer, scheduler, RNG unless weights-only); returns train_state."""
+        """Restores model (+ optimizer, scheduler, RNG unless weights-only or ``starts_from_weights``); returns
+        train_state ({} when only weights were taken)."""
         import torch
         from megatron.core import dist_checkpointing
 
@@ -187,7 +194,7 @@ class Checkpointer:
         saved_cfg = yaml.safe_load((step_dir / ckpt.RUN_CONFIG).read_text())
         check_architecture(saved_cfg.get("model", {}), to_dict(self.cfg.model), step_dir)
         train_state = ckpt.read_train_state(step_dir)
-        weights_only = bool(train_state.get("weights_only"))
+        weights_only = bool(train_state.get("weights_only")) or self.starts_from_weights(step_dir)
         state = _model_sharded_state_dict(self.model)
         if not weights_only:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
