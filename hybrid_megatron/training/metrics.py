@@ -1,7 +1,8 @@
 """Console, TensorBoard and wandb logging of training metrics (rank 0 only).
 
 loss is the token-weighted mean over the logging window (``LossWindow``, as Megatron-LM logs it);
-tokens/s counts loss tokens of the global batch over the wall time of the logging window;
+tokens/s counts input tokens of the global batch (every token the model runs on, loss-masked or not) over the wall
+time of the logging window;
 TFLOP/s/GPU = tokens/s x model FLOPs per token (``model.flops``, recompute excluded) / GPUs;
 MFU = that over the GPU's dense BF16 peak.
 """
