@@ -115,3 +115,14 @@ def test_the_training_step_gives_each_cp_rank_its_zigzag_share_of_every_tensor()
         assert got["input_ids"] == ids and got["labels"] == [[t + 1 for t in r] for r in ids]
         assert got["position_ids"] == [[t % 16 for t in r] for r in ids]
         assert got["loss_mask"] == [[float(t % 3 > 0) for t in r] for r in ids]
+
+
+def test_the_state_passing_share_docs_cluster_states_is_the_memory_models():
+    import re
+    from pathlib import Path
+
+    stated = float(re.search(r"for the 1B hybrid about ([0-9.]+) times the fused",
+                             (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()).group(1))
+    m = _cfg().model
+    ratio = memory.mamba_mixer_stored(m, 4096, 1, state_passing=True) / memory.mamba_mixer_stored(m, 4096, 1)
+    assert round(ratio, 1) == stated
