@@ -77,10 +77,10 @@ def plan(seqs: list[int], cps: list[int], models: list[str], gpu_bytes: int, ste
     """One row per (model, seq, CP): its overrides and the dry run's estimate; recompute=full where none does not
     fit ``FIT`` of the GPU (as estimated). Refused settings (a config error) become the row's error."""
     from data_pipeline.errors import ConfigError
+    from data_pipeline.loader import config_vocab_size
     from hybrid_megatron.config import load_run_config
     from hybrid_megatron.model.build import padded_vocab_size
     from hybrid_megatron.model.flops import num_parameters
-    from data_pipeline.loader import config_vocab_size
     from hybrid_megatron.training.dry_run import peak_memory_bytes
 
     rows = []

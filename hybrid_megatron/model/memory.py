@@ -27,7 +27,7 @@ models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep
              out_proj input; fp32 group-norm rstd). The memory-efficient kernel recomputes the conv
              output and the chunk states in the backward, so those are working set, below.
   mamba, CP by state passing (model/ssm_state_passing.py: conv, scan and gate unfused) instead
-             + [2T W + 4T c + 8T di + 4TG + 24T nh] / t + 13T   (c = di + 2GN conv channels: in_proj output,
+             + [2T W + 4T c + 8T di + 4TG + 24T nh] / t + 9T   (c = di + 2GN conv channels: in_proj output,
              kept by the gate's z; conv input with its halo and conv output, which the scan and the D skip
              keep; scan output, gated sum, silu(z), gated-norm input, out_proj input; fp32 dt before and
              after softplus, the scan's dA cumsum, the decay's cumsum, exp and reach; int32 document ids of
@@ -98,7 +98,7 @@ def mamba_mixer_stored(m: ModelConfig, T: int, tp: int, state_passing: bool = Fa
     W = geo.mamba_widths(m).in_proj
     if state_passing:
         c = di + 2 * G * N
-        return (2 * T * W + 4 * T * c + 8 * T * di + 4 * T * G + 24 * T * nh) / tp + 13 * T
+        return (2 * T * W + 4 * T * c + 8 * T * di + 4 * T * G + 24 * T * nh) / tp + 9 * T
     return (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
 
 
