@@ -62,21 +62,21 @@ def test_entering_states_chain_decays_and_final_states():
 def test_the_entering_share_matches_the_expanded_product_and_saves_only_its_inputs():
     """The correction y += reach * C . H (heads in contiguous blocks per B/C group) and its gradients equal the
     plain autograd of C expanded to the heads; its forward keeps nothing for the backward beyond its inputs."""
-    from hybrid_megatron.model.ssm_state_passing import _EnteringShare
+    from hybrid_megatron.model.ssm_state_passing import EnteringShare
 
     torch.manual_seed(0)
     b, l, g, r, p, n = 2, 5, 2, 3, 4, 6
     C = torch.randn(b, l, g, n, dtype=torch.float64, requires_grad=True)
     H = torch.randn(b, g * r, p, n, dtype=torch.float64, requires_grad=True)
     reach = torch.rand(b, l, g * r, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(_EnteringShare.apply, (C, H, reach))
+    torch.autograd.gradcheck(EnteringShare.apply, (C, H, reach))
 
     expanded = torch.einsum("blhn,bhpn->blhp", C.repeat_interleave(r, dim=2), H) * reach[..., None]
     w = torch.randn_like(expanded)
     want = torch.autograd.grad((expanded * w).sum(), (C, H, reach))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = _EnteringShare.apply(C, H, reach)
+        out = EnteringShare.apply(C, H, reach)
     torch.testing.assert_close(out, expanded, rtol=0, atol=1e-12)
     for got, ref in zip(torch.autograd.grad((out * w).sum(), (C, H, reach)), want):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)

@@ -154,12 +154,12 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     # 3. the entering state's share of each token's output, and the D skip
     ys = []
     for k, (y, xi, C, reach) in zip(ids, local):
-        entering = _EnteringShare.apply(C, states[k], reach)
+        entering = EnteringShare.apply(C, states[k], reach)
         ys.append(y + entering.to(y.dtype) + xi * D[:, None].to(xi.dtype))
     return torch.cat(ys, dim=1)
 
 
-class _EnteringShare(torch.autograd.Function):
+class EnteringShare(torch.autograd.Function):
     """out[b, l, h, p] = reach[b, l, h] * sum_n C[b, l, g(h), n] H[b, h, p, n], in reach's dtype (fp32 at least), the
     heads in contiguous blocks per group. Saves only its inputs (C is a view of the conv output the scan keeps
     anyway) and recomputes the product in the backward: autograd through an einsum of C expanded to the heads would
@@ -175,7 +175,7 @@ class _EnteringShare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, C: torch.Tensor, H: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(C, H, reach)
-        return _EnteringShare._share(C, H, reach.dtype) * reach[..., None]
+        return EnteringShare._share(C, H, reach.dtype) * reach[..., None]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -184,7 +184,7 @@ class _EnteringShare(torch.autograd.Function):
         b, l, g, n = C.shape
         h, p = H.shape[1], H.shape[2]
         grad = grad.to(acc)
-        d_reach = (grad * _EnteringShare._share(C, H, acc)).sum(-1) if ctx.needs_input_grad[2] else None
+        d_reach = (grad * EnteringShare._share(C, H, acc)).sum(-1) if ctx.needs_input_grad[2] else None
         d_share = (grad * reach[..., None]).view(b, l, g, h // g, p)  # [b, l, g, r, p]
         d_C = d_H = None
         if ctx.needs_input_grad[0]:
