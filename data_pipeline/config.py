@@ -241,6 +241,11 @@ class DataConfig:
     ``position_ids`` is ``arange`` and ``seq_idx`` is all zeros (documents attend across EOS)."""
     eod_mask_loss: bool = False
     """Zero the loss where the input token is EOS (Megatron's ``eod_mask_loss``)."""
+    document_multiple: int = 1
+    """With packed documents: each document of a row padded to a multiple of this many tokens (pad tokens are not
+    trained), what context parallelism's per-document split needs (2 x CP divides it). A row keeps its length, so
+    the padding pushes up to ``document_multiple - 1`` tokens per document boundary out of the row's end: they are
+    not trained, and the training log counts them. 1: no padding."""
     num_workers: int = 0
     """Loader processes that prefetch/decompress steps (0 = inline). Never changes the order."""
     batch_size_multiple: int = 8
@@ -279,6 +284,12 @@ class DataConfig:
         curriculum = None if raw_cur is None else CurriculumConfig.from_dict(raw_cur, f"{path}.curriculum")
         flags = {k: _take(d, k, path, bool, default) for k, default in
                  (("reset_at_document_boundaries", True), ("eod_mask_loss", False))}
+        multiple = _take(d, "document_multiple", path, int, 1)
+        if multiple <= 0:
+            raise _fail(f"{path}.document_multiple", multiple, "must be positive")
+        if multiple > 1 and not flags["reset_at_document_boundaries"]:
+            raise _fail(f"{path}.document_multiple", multiple, "pads packed documents: needs "
+                        f"{path}.reset_at_document_boundaries=true")
         num_workers = _take(d, "num_workers", path, int, 0)
         if num_workers < 0:
             raise _fail(f"{path}.num_workers", num_workers, "must be >= 0")
@@ -291,6 +302,8 @@ class DataConfig:
                         f"holds fewer than batch_size_multiple={bsm} sequences of length {longest}")
         raw_val = d.get("validation")
         validation = None if raw_val is None else ValidationConfig.from_dict(raw_val, f"{path}.validation")
+        if multiple > 1:
+            _check_lengths_hold_padded_documents(path, multiple, seq_len, curriculum, validation)
         if validation is not None:
             clash = sorted(set(validation.sources) & set(sources))
             if clash:
@@ -302,7 +315,8 @@ class DataConfig:
                 raise _fail(f"{path}.validation.sources", shared[0], "is also a training source directory")
         return cls(seed=seed, global_batch_tokens=gbt, seq_len=seq_len,
                    sources={str(k): v for k, v in sources.items()}, phases=phases, curriculum=curriculum,
-                   num_workers=num_workers, batch_size_multiple=bsm, validation=validation, **flags)
+                   num_workers=num_workers, batch_size_multiple=bsm, validation=validation, document_multiple=multiple,
+                   **flags)
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-safe mapping that :meth:`from_dict` accepts back."""
@@ -322,6 +336,8 @@ class DataConfig:
         d = self.to_dict()
         d.pop("num_workers")
         d.pop("validation")  # evaluation never changes what training reads
+        if d["document_multiple"] == 1:
+            d.pop("document_multiple")  # the fingerprint of runs from before the setting existed
         d["sources"] = sorted(d["sources"])  # names only: moving the data must not break a resume
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -330,6 +346,23 @@ class DataConfig:
         if dp_size <= 0 or self.batch_size_multiple % dp_size:
             raise ConfigError(f"data.batch_size_multiple={self.batch_size_multiple}: data-parallel size "
                               f"{dp_size} must divide it (sequences per step are multiples of it)")
+
+
+def _check_lengths_hold_padded_documents(path: str, multiple: int, seq_len: int,
+                                         curriculum: CurriculumConfig | None, validation: ValidationConfig | None):
+    """Every sequence length a run reads must be a multiple of ``document_multiple`` (rows of padded documents)."""
+    if curriculum is None:
+        lengths = [(f"{path}.seq_len", seq_len)]
+    elif curriculum.seq_lens:
+        lengths = [(f"{path}.curriculum.seq_lens[{i}]", v) for i, v in enumerate(curriculum.seq_lens)]
+    else:
+        lengths = [(f"{path}.curriculum.{k}", getattr(curriculum, k)) for k in ("min_seq_len", "max_seq_len", "step")]
+    if validation is not None and validation.seq_len:
+        lengths.append((f"{path}.validation.seq_len", validation.seq_len))
+    for name, value in lengths:
+        if value % multiple:
+            raise _fail(name, value, f"must be a multiple of {path}.document_multiple={multiple} (rows of padded "
+                                     "documents)")
 
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict:

@@ -54,6 +54,7 @@ class StepBatch:
     hashes: list[str]  # per sequence, identity of its L+1 tokens
     tokens_by_source: dict[str, int]  # input tokens of this rank by source
     replay: list[bool] = field(default_factory=list)  # per sequence: drawn by the phase's replay share
+    dropped_tokens: int = 0  # tokens the rows' document padding pushed out (data.document_multiple), this rank
 
     @property
     def num_tokens(self) -> int:
@@ -111,9 +112,11 @@ def config_vocab_size(config: DataConfig) -> int:
 class _Materializer:
     """Reads and packs this rank's samples of a step (runs inline or in a worker process)."""
 
-    def __init__(self, paths: dict[str, str], seed: int, eos_id: int, reset: bool, eod_mask_loss: bool):
+    def __init__(self, paths: dict[str, str], seed: int, eos_id: int, reset: bool, eod_mask_loss: bool,
+                 document_multiple: int = 1):
         self.streams = {n: SourceStream(n, SourceIndex.open(p, n), seed) for n, p in paths.items()}
         self.eos_id, self.reset, self.eod_mask_loss = eos_id, reset, eod_mask_loss
+        self.document_multiple = document_multiple
         self.masked = any(s.has_masks for s in self.streams.values())
 
     def run(self, seq_len: int, sources: list[str], starts: list[int]) -> dict:
@@ -121,7 +124,7 @@ class _Materializer:
         targets = np.empty_like(windows, dtype=np.uint8) if self.masked else None
         for row, (src, start) in enumerate(zip(sources, starts)):
             self.streams[src].read_into(windows[row], start, None if targets is None else targets[row])
-        arrays = build_arrays(windows, self.eos_id, self.reset, self.eod_mask_loss, targets)
+        arrays = build_arrays(windows, self.eos_id, self.reset, self.eod_mask_loss, targets, self.document_multiple)
         arrays["hashes"] = [sample_hash(w) for w in windows]
         return arrays
 
@@ -161,7 +164,7 @@ class TokenLoader:
             digest.update(f"{name}={ix.fingerprint};".encode())
         self.fingerprint = digest.hexdigest()[:16]
         self._mat_args = ({n: str(ix.root) for n, ix in indexes.items()}, config.seed, self.eos_id,
-                          config.reset_at_document_boundaries, config.eod_mask_loss)
+                          config.reset_at_document_boundaries, config.eod_mask_loss, config.document_multiple)
         self._inline: _Materializer | None = None
         self._pool = None
         self._pending: deque = deque()  # (plan, state after, future) in step order
@@ -223,7 +226,8 @@ class TokenLoader:
         return StepBatch(step=plan.step, phase=plan.phase, seq_len=plan.seq_len, input_ids=arrays["input_ids"],
                          labels=arrays["labels"], loss_mask=arrays["loss_mask"], position_ids=arrays["position_ids"],
                          seq_idx=arrays["seq_idx"], sources=sources, hashes=arrays["hashes"],
-                         tokens_by_source=dict(sorted(by_source.items())), replay=replay)
+                         tokens_by_source=dict(sorted(by_source.items())), replay=replay,
+                         dropped_tokens=int(arrays["dropped_tokens"].sum()) if "dropped_tokens" in arrays else 0)
 
     def _drop_pending(self) -> None:
         while self._pending:

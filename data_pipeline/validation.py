@@ -86,7 +86,8 @@ class ValidationSet:
             finally:
                 stream.close()
             arrays = build_arrays(windows, self.eos_id, data.reset_at_document_boundaries, data.eod_mask_loss,
-                                  targets)
+                                  targets, data.document_multiple)
+            dropped = int(arrays.pop("dropped_tokens").sum()) if "dropped_tokens" in arrays else 0
             yield StepBatch(step=-1, phase="validation", seq_len=self.seq_len, sources=[p.name] * local,
                             hashes=[sample_hash(w) for w in windows], tokens_by_source={p.name: local * self.seq_len},
-                            **arrays)
+                            dropped_tokens=dropped, **arrays)

@@ -290,7 +290,7 @@ class RunConfig:
 
     def _check_context_parallel(self, counts: dict[str, int]) -> None:
         """megatron's context-parallel caps, one line each: Mamba heads and groups per TP rank (its all-to-all
-        hands each CP rank whole heads), Gated DeltaNet heads, sequences in 2 x CP chunks."""
+        hands each CP rank whole heads), Gated DeltaNet heads, sequences (and packed documents) in 2 x CP chunks."""
         from hybrid_megatron.model.fp8_dims import seq_len_settings
 
         m, par = self.model, self.parallel
@@ -319,9 +319,14 @@ class RunConfig:
                 raise ConfigError(f"{name}={value}: chunks of {value // (2 * cp)} tokens (2 x CP = {2 * cp} per "
                                   f"sequence) are shorter than the Mamba conv's halo of {halo} tokens")
         if self.data.reset_at_document_boundaries:
-            raise ConfigError(f"parallel.context_parallel_size={cp} with packed documents "
-                              "(data.reset_at_document_boundaries) needs each document padded to a multiple of 2 x CP, "
-                              "which the packer does not do: set data.reset_at_document_boundaries=false")
+            if counts["mamba"] and par.mamba_context_parallel == "state_passing":
+                raise ConfigError(f"parallel.context_parallel_size={cp}: state-passing Mamba CP splits whole rows, "
+                                  "not packed documents (megatron's per-document split): use "
+                                  "parallel.mamba_context_parallel=all_to_all or data.reset_at_document_boundaries=false")
+            if self.data.document_multiple % (2 * cp):
+                raise ConfigError(f"parallel.context_parallel_size={cp} with packed documents splits each document into "
+                                  f"2 x CP = {2 * cp} chunks: set data.document_multiple to a multiple of {2 * cp} "
+                                  f"(it is {self.data.document_multiple}), or data.reset_at_document_boundaries=false")
 
     @property
     def save_dir(self) -> Path:

@@ -1,5 +1,5 @@
 """Context parallelism as the dry run plans it: megatron's caps as one line each (Mamba heads per TP rank for its
-all-to-all, groups, Gated DeltaNet heads, 2 x CP chunks per sequence, packed documents), the layout and the
+all-to-all, groups, Gated DeltaNet heads, 2 x CP chunks per sequence and per packed document), the layout and the
 memory per GPU; training with CP > 1 is refused before any GPU work until its step has run on several GPUs. The
 step's pieces that exist are checked here: each CP rank's share of a micro-batch, and the state-passing choice."""
 
@@ -48,9 +48,20 @@ def test_state_passing_lifts_the_mamba_head_cap_down_to_the_conv_halo():
         _cfg("parallel.mamba_context_parallel=ring")
 
 
-def test_packed_documents_and_gdn_heads_are_refused_with_the_reason():
-    with pytest.raises(ConfigError, match="needs each document padded to a multiple of 2 x CP"):
+def test_packed_documents_need_padding_to_2cp_and_the_all_to_all_mamba_cp():
+    with pytest.raises(ConfigError, match=r"splits each document into 2 x CP = 4 chunks: set data.document_multiple "
+                                          r"to a multiple of 4 \(it is 1\)"):
         load_run_config(ONE_B, ["parallel.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match="to a multiple of 8 \\(it is 4\\)"):
+        load_run_config(ONE_B, ["parallel.context_parallel_size=4", "data.document_multiple=4"])
+    cfg = load_run_config(ONE_B, ["parallel.context_parallel_size=4", "data.document_multiple=16"])
+    assert cfg.data.reset_at_document_boundaries and cfg.data.document_multiple == 16
+    with pytest.raises(ConfigError, match="state-passing Mamba CP splits whole rows, not packed documents"):
+        load_run_config(ONE_B, ["parallel.context_parallel_size=2", "data.document_multiple=4",
+                                "parallel.mamba_context_parallel=state_passing"])
+
+
+def test_gdn_heads_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"TP 1 x CP 16 must divide the Gated DeltaNet key heads \(8\)"):
         load_run_config("configs/tiny.yaml", [*UNPACKED, "model.hybrid_layer_pattern=G-G*-", "model.gdn_key_head_dim=64",
                                               "model.gdn_value_head_dim=64", "parallel.context_parallel_size=16"])

@@ -94,3 +94,17 @@ def test_logged_loss_is_the_token_weighted_mean_of_the_window():
     assert math.isnan(window.close())  # the next window starts empty
     window.add(1.0, 10)
     assert window.close() == 1.0
+
+
+def test_the_log_line_shows_what_document_padding_pushed_out_only_when_documents_are_padded(tmp_path, caplog):
+    plain = load_run_config("configs/tiny.yaml", [f"logging.run_dir={tmp_path}"])
+    padded = load_run_config("configs/tiny.yaml", [f"logging.run_dir={tmp_path}", "data.document_multiple=8"])
+    assert M.padding_dropped(plain, 30, 1000) == {}
+    assert M.padding_dropped(padded, 30, 1000) == {"pad_dropped": 0.03}
+    assert M.padding_dropped(padded, 0, 0) == {"pad_dropped": 0.0}
+    logger = M.MetricsLogger(padded, enabled=True, flops_per_token_at=lambda seq: 1e9, world_size=1,
+                             device_name="cpu")
+    with caplog.at_level(logging.INFO, logger="hybrid_megatron.train"):
+        logger.log(1, 10, {"loss": 2.5, **M.padding_dropped(padded, 30, 1000), "window_steps": 1})
+    logger.close()
+    assert "| pad_dropped 0.03 |" in caplog.records[-1].getMessage()

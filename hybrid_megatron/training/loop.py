@@ -53,7 +53,7 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
     from data_pipeline.schedule import step_input_tokens
     from hybrid_megatron.model.flops import training_flops_per_token
     from hybrid_megatron.training.loss_log import LossLog
-    from hybrid_megatron.training.metrics import LossWindow, MetricsLogger
+    from hybrid_megatron.training.metrics import LossWindow, MetricsLogger, padding_dropped
     from hybrid_megatron.training.step import train_step
 
     cfg, model, loader, checkpointer = state.cfg, state.model, state.loader, state.checkpointer
@@ -82,6 +82,7 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
 
         router_stats = RouterStats(model, cfg)
     skipped_total, window_steps, started_at = 0, 0, step
+    window_dropped = window_tokens = 0  # tokens document padding pushed out of this rank's rows (data.document_multiple)
     window_loss = LossWindow()
     code = 0
 
@@ -102,6 +103,7 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
             window_steps += 1
             window_loss.add(result.loss, result.tokens, result.skipped)
             metrics.record(step, batch.seq_len, step_input_tokens(cfg.data, batch.seq_len))
+            window_dropped, window_tokens = window_dropped + batch.dropped_tokens, window_tokens + batch.num_tokens
             if losses is not None:
                 losses.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                               "lr": scheduler.current_lr(), "tokens": result.tokens, "seq_len": batch.seq_len,
@@ -119,8 +121,9 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
                 metrics.log(step, total_steps, {"phase": batch.phase, "loss": window_loss.close(),
                                                 "grad_norm": result.grad_norm or 0.0, "lr": scheduler.current_lr(),
                                                 "seq_len": batch.seq_len, "window_steps": window_steps,
+                                                **padding_dropped(cfg, window_dropped, window_tokens),
                                                 **(router_stats.summary() if router_stats is not None else {})})
-                window_steps = 0
+                window_steps = window_dropped = window_tokens = 0
             if validator is not None and validator.due(step, total_steps, step == state.anneal_start):
                 checkpointer.sync_params()  # overlapped param gather: this step's weights on every rank
                 metrics.log_validation(validator.evaluate(model, step))

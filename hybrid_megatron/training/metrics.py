@@ -40,6 +40,14 @@ class LossWindow:
         return mean
 
 
+def padding_dropped(cfg, dropped: int, tokens: int) -> dict:
+    """The log line's share of this rank's row tokens that document padding (``data.document_multiple``) pushed
+    out of the rows since the last line, untrained; nothing when documents are not padded."""
+    if cfg.data.document_multiple == 1:
+        return {}
+    return {"pad_dropped": dropped / tokens if tokens else 0.0}
+
+
 def peak_tflops(device_name: str) -> float | None:
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in device_name:

@@ -155,15 +155,25 @@ def plan_micro_batches(batch: StepBatch, model_chunks, cfg, max_seq_len: int) ->
 def cp_share(mb: MicroBatch, cp_group) -> MicroBatch:
     """This CP rank's share of every sequence of a micro-batch, by megatron's own split: the sequence in 2 x CP
     chunks, rank r holding chunks r and 2 x CP - 1 - r (load balance for causal attention; the layout
-    model/ssm_state_passing.py assumes). Packed documents are refused with CP by the config."""
+    model/ssm_state_passing.py assumes). Packed documents (padded to a multiple of 2 x CP: data.document_multiple)
+    are split the same way one document at a time (megatron's per-document split, Transformer Engine's
+    ``thd_get_partitioned_indices``); the PackedSeqParams stay the whole micro-batch's, as megatron's attention,
+    Mamba and Gated DeltaNet context parallelism expect."""
     from dataclasses import replace
 
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    keys = ("input_ids", "labels", "loss_mask", "position_ids")
-    share = get_batch_on_this_cp_rank({**{k: getattr(mb, k) for k in keys}, "cu_seqlens": None}, is_hybrid_cp=False,
-                                      cp_group=cp_group)
-    return replace(mb, **{k: share[k] for k in keys})
+    keys = {"input_ids": "tokens", "labels": "labels", "loss_mask": "loss_mask", "position_ids": "position_ids"}
+    batch = {theirs: getattr(mb, ours) for ours, theirs in keys.items()}
+    params = mb.packed_seq_params
+    if params is None:
+        batch.update(cu_seqlens=None)
+    else:  # a padded document's pads are its own tokens: its padded length is its length (CP reads the padded)
+        cu = params.cu_seqlens_q
+        params = replace(params, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu)
+        batch.update(cu_seqlens=cu[None], cu_seqlens_padded=cu[None])
+    share = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return replace(mb, packed_seq_params=params, **{ours: share[theirs] for ours, theirs in keys.items()})
 
 
 def schedule(micro: list[MicroBatch], mbs: int, seq_len: int, model_chunks, cfg, forward_only: bool = False,
