@@ -92,7 +92,7 @@ def test_families_suite_runs_each_family_at_every_layout_from_its_own_initial_we
     assert len(suite.runs) == 3 * 4 + 1
 
 
-def test_cp_suite_compares_both_mamba_cp_modes_with_cp1(tmp_path):
+def test_cp_suite_compares_both_mamba_cp_modes_and_packed_documents_with_cp1(tmp_path):
     suite = L.SUITES["cp"]
     runs = {r.name: (r, load_run_config(ROOT / suite.config, L.run_overrides(suite, r, 60, tmp_path))) for r in suite.runs}
     assert runs["cp1"][1].parallel.context_parallel_size == 1 and runs["cp1"][1].checkpoint.save_initial
@@ -104,6 +104,11 @@ def test_cp_suite_compares_both_mamba_cp_modes_with_cp1(tmp_path):
         assert not c.data.reset_at_document_boundaries
         modes[name] = c.parallel.mamba_context_parallel
     assert modes == {"cp2-all-to-all": "all_to_all", "cp2-state-passing": "state_passing"}
+    (base_run, base), (run, packed) = runs["cp1-packed"], runs["cp2-packed"]
+    assert base.data.reset_at_document_boundaries and base.data.document_multiple == 4 and base.checkpoint.save_initial
+    assert packed.data == base.data and packed.parallel.context_parallel_size == 2  # the same padded rows
+    assert packed.parallel.mamba_context_parallel == "all_to_all" and run.reference == "cp1-packed"
+    assert Path(packed.checkpoint.load) == tmp_path / "cp1-packed" / "checkpoints" / step_dir_name(0)
 
 
 def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):
