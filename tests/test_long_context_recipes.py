@@ -36,7 +36,7 @@ def test_the_model_is_the_4k_runs_and_each_gpu_holds_16k_tokens(k):
     assert cfg.data.seq_len // cfg.parallel.context_parallel_size == 16384
     recipe = load_run_config(_path(k))
     assert recipe.checkpoint.load == "runs/1b/checkpoints" and recipe.checkpoint.load_weights_only
-    assert not recipe.data.reset_at_document_boundaries  # CP refuses packed documents (the config's one line)
+    assert recipe.data.reset_at_document_boundaries and recipe.data.document_multiple == 2 * RECIPES[k]
 
 
 @pytest.mark.parametrize("k", RECIPES)

@@ -8,7 +8,8 @@ rank's share of the sequence in megatron's load-balancing zigzag (the layout of 
 and gate run as separate kernels (causal-conv1d, mamba-ssm's chunked scan) rather than megatron's fused
 memory-efficient one, so a layer keeps more activations for the backward pass.
 
-Not covered: packed documents (refused with CP by the config), inference (eval refuses CP > 1), ``D`` per head
+Not covered: packed documents (megatron splits them one document at a time; the config refuses them with
+state passing), inference (eval refuses CP > 1), ``D`` per head
 dimension (megatron's ``D_has_hdim``).
 """
 
