@@ -260,9 +260,9 @@ def test_fixture_configs_are_valid_and_small(name, tmp_path):
     assert FS.SEQ > m.mamba_chunk_size * 2 and FS.SEQ % m.mamba_chunk_size
     padded = padded_vocab_size(m.vocab_size, m, tp)
     assert (m.vocab_size, padded) == (257, 264)
-    # fp32 weights + reference logits stay inside the per-fixture budget (all fixtures together under 7 MB)
+    # fp32 weights + reference logits stay inside the per-fixture budget (the six fixtures together under 10 MB)
     estimate = 4 * num_parameters(m, padded) + 4 * FS.BATCH * FS.SEQ * padded
-    assert estimate < 0.8 * FS.MAX_FIXTURE_BYTES and len(FS.FIXTURES) * FS.MAX_FIXTURE_BYTES < 7_000_000
+    assert estimate < 0.8 * FS.MAX_FIXTURE_BYTES and len(FS.FIXTURES) * FS.MAX_FIXTURE_BYTES < 10_000_000
     if pp == 2:
         stages = pat.split_stages(m.hybrid_layer_pattern, 2)
         assert len(stages[0].chunks[0]) != len(stages[1].chunks[0])  # an uneven split

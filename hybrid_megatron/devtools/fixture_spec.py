@@ -11,12 +11,14 @@ from hybrid_megatron.devtools import REPO_ROOT as ROOT
 BATCH, SEQ, PROMPT_LEN, NEW_TOKENS = 2, 150, 70, 20
 WINDOW_STRIDE = 997  # token offset between the two input rows inside the source stream
 STEP_DIR = "step-000000"
-MAX_FIXTURE_BYTES = 1_600_000  # the four fixtures stay under 7 MB
+MAX_FIXTURE_BYTES = 1_600_000  # per fixture: the six stay under 10 MB
 FIXTURES = {  # name -> layout; the pattern is cut for PP=2 into 3 + 4 layers (an uneven split)
     "tp1": {"tp": 1, "pp": 1},
     "tp2": {"tp": 2, "pp": 1},
     "pp2": {"tp": 1, "pp": 2},
     "moe": {"tp": 1, "pp": 1},
+    "moe-tp2": {"tp": 2, "pp": 1},  # with sequence parallelism, which megatron's MoE dispatcher needs under TP
+    "moe-pp2": {"tp": 1, "pp": 2},
 }
 MODEL = {  # ~0.18M parameters: hidden 64, 4 Mamba heads of 32 (2 groups, state 16), 4 attention heads (2 KV)
     "hybrid_layer_pattern": "M-*|M-M-",
@@ -36,11 +38,10 @@ MODEL = {  # ~0.18M parameters: hidden 64, 4 Mamba heads of 32 (2 groups, state 
 
 # fixtures of another model: these fields replace MODEL's. "moe": NemotronH-style MoE layers (sigmoid top-2 routing
 # with an expert bias, a shared expert); MoE needs TE's grouped GEMM, so its reference is the TE model's (TF32)
-MODEL_CHANGES = {
-    "moe": {"hybrid_layer_pattern": "ME*|MEM-", "moe_num_experts": 4, "moe_top_k": 2, "moe_ffn_hidden_size": 64,
-            "moe_shared_expert_size": 64, "moe_expert_bias": True},
-}
-TE_REFERENCE = ("moe",)
+_MOE = {"hybrid_layer_pattern": "ME*|MEM-", "moe_num_experts": 4, "moe_top_k": 2, "moe_ffn_hidden_size": 64,
+        "moe_shared_expert_size": 64, "moe_expert_bias": True}
+MODEL_CHANGES = {name: _MOE for name in ("moe", "moe-tp2", "moe-pp2")}
+TE_REFERENCE = ("moe", "moe-tp2", "moe-pp2")
 
 
 def model_fields(name: str) -> dict:
@@ -62,6 +63,8 @@ def overrides(name: str, run_dir: Path, steps: int, layout: dict | None = None) 
         "data.reset_at_document_boundaries=false",
         f"parallel.tensor_model_parallel_size={layout['tp']}",
         f"parallel.pipeline_model_parallel_size={layout['pp']}",
+        *(["parallel.sequence_parallel=true"] if layout["tp"] > 1 and "E" in model_fields(name)["hybrid_layer_pattern"]
+          else []),
         f"train.train_steps={steps}",
         f"schedule.lr_warmup_steps={max(1, steps // 6)}",
         "logging.log_interval=10",
