@@ -65,3 +65,24 @@ def test_without_the_4k_checkpoint_the_recipe_names_what_it_needs(capsys, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", str(_path(32)), "build_sample_data=false", "--dry-run"]) == 2
     assert "checkpoint.load=runs/1b/checkpoints: no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_the_padding_losses_docs_cluster_states_are_the_loaders():
+    """docs/cluster.md states the share of tokens document padding pushes out of the rows of each recipe on the
+    sample data over the first 5 steps: the loader's own count (within 30%: the sample data is drawn from the
+    Python standard library, which differs a little between Python builds)."""
+    from data_pipeline.loader import build_loader
+    from data_pipeline.sample_data import ensure_sample_data
+
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    stated = [float(x) for x in re.search(r"pushed ([0-9.]+)%, ([0-9.]+)% and ([0-9.]+)% of the tokens", text).groups()]
+    for k, want in zip(RECIPES, stated):
+        cfg = _cfg(k, "data.num_workers=0")
+        ensure_sample_data(ROOT / "data" / "sample", progress=False)
+        loader = build_loader(cfg.data, 0, 1)
+        try:
+            batches = [next(loader) for _ in range(5)]
+        finally:
+            loader.close()
+        got = 100 * sum(b.dropped_tokens for b in batches) / sum(b.num_tokens for b in batches)
+        assert got == pytest.approx(want, rel=0.3), (k, got)
