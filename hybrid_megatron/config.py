@@ -310,6 +310,10 @@ class RunConfig:
         if counts["gdn"] and (m.num_gdn_key_heads % (tp * cp) or m.num_gdn_value_heads % (tp * cp)):
             raise ConfigError(f"parallel.context_parallel_size={cp}: TP {tp} x CP {cp} must divide the Gated DeltaNet "
                               f"key heads ({m.num_gdn_key_heads}) and value heads ({m.num_gdn_value_heads})")
+        if counts["attention"] and m.attention_window is not None:
+            raise ConfigError(f"parallel.context_parallel_size={cp} with sliding-window attention (model.attention_window="
+                              f"{m.attention_window}): Transformer Engine takes windows under context parallelism only "
+                              "with its a2a or all_gather exchange, and megatron's is p2p: use full attention or CP 1")
         halo = m.mamba_conv_kernel - 1
         for name, value in seq_len_settings(self.data):
             if value % (2 * cp):

@@ -61,6 +61,12 @@ def test_packed_documents_need_padding_to_2cp_and_the_all_to_all_mamba_cp():
                                 "parallel.mamba_context_parallel=state_passing"])
 
 
+def test_sliding_windows_under_cp_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="with sliding-window attention \\(model.attention_window=1024\\): Transformer "
+                                          "Engine takes windows under context parallelism only with its a2a or all_gather"):
+        _cfg("parallel.context_parallel_size=2", "model.attention_window=1024", "model.global_attention_layers=[0]")
+
+
 def test_gdn_heads_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"TP 1 x CP 16 must divide the Gated DeltaNet key heads \(8\)"):
         load_run_config("configs/tiny.yaml", [*UNPACKED, "model.hybrid_layer_pattern=G-G*-", "model.gdn_key_head_dim=64",
