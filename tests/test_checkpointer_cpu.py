@@ -14,31 +14,17 @@ import json
 import os
 from pathlib import Path
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_world import run_ranks
 from hybrid_megatron.checkpoint.offline import cpu_only_save_patches
-from hybrid_megatron.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-
-def _setup(rank: int, world: int, port: int, tp: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(tp, 1)
-
-
-def _teardown():
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _model(tp: int, seed: int):
@@ -74,10 +60,9 @@ def _config(save_dir: Path, tp: int, *extra: str):
                                                             f"parallel.tensor_model_parallel_size={tp}", *extra])
 
 
-def _save_at_tp2(rank: int, port: int, save_dir: str) -> None:
+def _save_at_tp2(rank: int, out, save_dir: str) -> None:
     from hybrid_megatron.checkpoint.live import Checkpointer
 
-    _setup(rank, 2, port, tp=2)
     model = _model(tp=2, seed=0)
     with cpu_only_save_patches():  # megatron's sync writer calls torch.cuda.synchronize()
         Checkpointer(_config(Path(save_dir), 2), [model], optimizer=None, scheduler=None,
@@ -90,13 +75,11 @@ def _save_at_tp2(rank: int, port: int, save_dir: str) -> None:
         full[name] = torch.cat(parts, dim=dim)
     if rank == 0:
         torch.save(full, Path(save_dir) / "gathered.pt")
-    _teardown()
 
 
-def _load_at_tp1(rank: int, port: int, save_dir: str, extra: list[str], results) -> None:
+def _load_at_tp1(rank: int, results, save_dir: str, extra: list[str]) -> None:
     from hybrid_megatron.checkpoint.live import Checkpointer
 
-    _setup(rank, 1, port, tp=1)
     model = _model(tp=1, seed=1)  # another init: the load must overwrite it
     checkpointer = Checkpointer(_config(Path(save_dir), 1, *extra), [model], optimizer=None, scheduler=None)
     try:
@@ -108,21 +91,17 @@ def _load_at_tp1(rank: int, port: int, save_dir: str, extra: list[str], results)
         results["weights"] = {n: getattr(model.module, n).weight.detach().clone() for n in ("fc1", "fc2")}
     except Exception as exc:  # reported to the test
         results["error"] = f"{type(exc).__name__}: {exc}"
-    _teardown()
 
 
 @pytest.fixture(scope="module")
 def tp2_checkpoint(tmp_path_factory) -> Path:
     save_dir = tmp_path_factory.mktemp("ckpt")
-    mp.spawn(_save_at_tp2, args=(free_port(), str(save_dir)), nprocs=2, join=True)
+    run_ranks(partial(_save_at_tp2, save_dir=str(save_dir)), world=2, tp=2)
     return save_dir
 
 
 def _load(save_dir: Path, *extra: str) -> dict:
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_load_at_tp1, args=(free_port(), str(save_dir), list(extra), results), nprocs=1, join=True)
-        return dict(results)
+    return run_ranks(partial(_load_at_tp1, save_dir=str(save_dir), extra=list(extra)), world=1)
 
 
 def test_weights_only_save_is_committed_with_latest_and_no_training_state(tp2_checkpoint):
