@@ -81,3 +81,11 @@ def test_without_a_gpu_it_says_so_and_exits_2(tmp_path):
                                                                        "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_plot_is_a_png_of_tokens_per_gpu_by_cp(tmp_path):
+    rows = [{"model": m, "seq_len": s, "cp": c, "tokens_per_s_per_gpu": 1000.0 / c}
+            for m in ("hybrid", "attention") for s in (32768, 65536) for c in (1, 2, 4)]
+    rows.append({"model": "hybrid", "seq_len": 131072, "cp": 1, "error": "out of memory"})  # no point: no line
+    B.plot(rows, tmp_path / "cp.png")
+    assert (tmp_path / "cp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
