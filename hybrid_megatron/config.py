@@ -297,6 +297,7 @@ class RunConfig:
         cp, tp = par.context_parallel_size, par.tensor_model_parallel_size
         if cp == 1:
             return
+        halo = m.mamba_conv_kernel - 1
         if counts["mamba"] and par.mamba_context_parallel == "all_to_all":
             heads, groups = m.num_mamba_heads // tp, m.mamba_num_groups // tp
             if heads % cp:
@@ -314,7 +315,6 @@ class RunConfig:
             raise ConfigError(f"parallel.context_parallel_size={cp} with sliding-window attention (model.attention_window="
                               f"{m.attention_window}): Transformer Engine takes windows under context parallelism only "
                               "with its a2a or all_gather exchange, and megatron's is p2p: use full attention or CP 1")
-        halo = m.mamba_conv_kernel - 1
         for name, value in seq_len_settings(self.data):
             if value % (2 * cp):
                 raise ConfigError(f"{name}={value}: context parallelism splits every sequence into 2 x CP = {2 * cp} "
@@ -323,10 +323,13 @@ class RunConfig:
                 raise ConfigError(f"{name}={value}: chunks of {value // (2 * cp)} tokens (2 x CP = {2 * cp} per "
                                   f"sequence) are shorter than the Mamba conv's halo of {halo} tokens")
         if self.data.reset_at_document_boundaries:
-            if counts["mamba"] and par.mamba_context_parallel == "state_passing":
-                raise ConfigError(f"parallel.context_parallel_size={cp}: state-passing Mamba CP splits whole rows, "
-                                  "not packed documents (megatron's per-document split): use "
-                                  "parallel.mamba_context_parallel=all_to_all or data.reset_at_document_boundaries=false")
+            shortest = 2 * cp * halo  # state passing: every chunk of a document holds the conv's halo
+            if counts["mamba"] and par.mamba_context_parallel == "state_passing" and (
+                    self.data.document_multiple < shortest or self.data.document_multiple % (2 * cp)):
+                raise ConfigError(f"parallel.context_parallel_size={cp}: state-passing Mamba CP splits each packed "
+                                  f"document into 2 x CP = {2 * cp} chunks of at least the conv's halo ({halo} tokens): "
+                                  f"set data.document_multiple to a multiple of {2 * cp} of at least {shortest} "
+                                  f"(it is {self.data.document_multiple})")
             if self.data.document_multiple % (2 * cp):
                 raise ConfigError(f"parallel.context_parallel_size={cp} with packed documents splits each document into "
                                   f"2 x CP = {2 * cp} chunks: set data.document_multiple to a multiple of {2 * cp} "

@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 
-from hybrid_megatron.model.ssm_state_passing import (Dims, chunk_ids, kernel_conv, kernel_scan, mamba_state_passing,
+from hybrid_megatron.model.ssm_state_passing import (Dims, Layout, kernel_conv, kernel_scan, mamba_state_passing,
                                                      process_dt)
 from ssd_reference import causal_conv, ssd_scan
 
@@ -40,19 +40,30 @@ def _doc_ids(length: int, starts: list[int]) -> torch.Tensor:
 
 
 def inputs(be: Backend, n_chunks: int, packed: bool) -> dict:
-    """The same global tensors on every rank."""
-    g = torch.Generator().manual_seed(0)
-    L, b, c, d = n_chunks * be.chunk, 2, be.chunk, be.dims
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(be.device, be.dtype)
-
+    """The same global tensors on every rank: two rows of ``n_chunks`` chunks."""
+    L, c = n_chunks * be.chunk, be.chunk
     if packed:  # a start on a chunk's first token, one inside the next chunk's halo, a one-token document, a
         # document over more than a whole chunk (its state passes through one untouched)
         rows = [[c, c + 2, 2 * c + 1, 2 * c + 2], [1, L - c - 1]]
         seq_idx = torch.stack([_doc_ids(L, [s for s in r if s < L]) for r in rows])
     else:
-        seq_idx = torch.zeros(b, L, dtype=torch.long)
+        seq_idx = torch.zeros(2, L, dtype=torch.long)
+    return _tensors(be, seq_idx)
+
+
+def document_inputs(be: Backend, doc_lengths: list[int]) -> dict:
+    """One packed row (thd: batch 1) of documents of these lengths, one after another."""
+    starts = torch.tensor(doc_lengths).cumsum(0)[:-1].tolist()
+    return _tensors(be, _doc_ids(sum(doc_lengths), starts)[None])
+
+
+def _tensors(be: Backend, seq_idx: torch.Tensor) -> dict:
+    g = torch.Generator().manual_seed(0)
+    (b, L), d = seq_idx.shape, be.dims
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(be.device, be.dtype)
+
     return {"xbc": randn(b, L, d.channels), "dt": randn(b, L, d.heads), "seq_idx": seq_idx.to(be.device),
             "weights": randn(b, L, d.heads, d.head_dim),
             "conv_w": randn(d.channels, d.conv_kernel, scale=0.5), "conv_b": randn(d.channels, scale=0.1),
@@ -81,27 +92,35 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def body(rank: int, out, be: Backend, zigzag: bool, packed: bool) -> None:
-    """Max differences, CP rank against the whole sequence: outputs, input and parameter gradients."""
+def body(rank: int, out, be: Backend, zigzag: bool, packed: bool, documents: list[int] | None = None) -> None:
+    """Max differences, CP rank against the whole sequence: outputs, input and parameter gradients. ``documents``:
+    one packed row of documents of these lengths in units of 2 x CP, split one document at a time
+    (``Layout.documents``) instead of whole rows."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if be.device == "cuda":
         torch.cuda.set_device(0)
     group, cp = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
-    ids = chunk_ids(ps.get_context_parallel_rank(), cp, zigzag)
-    data = inputs(be, 2 * cp if zigzag else cp, packed)
+    if documents is None:
+        data = inputs(be, 2 * cp if zigzag else cp, packed)
+        layout = Layout.rows(cp, zigzag, (2 if zigzag else 1) * be.chunk)
+    else:
+        doc_lengths = [2 * cp * n for n in documents]
+        data, layout = document_inputs(be, doc_lengths), Layout.documents(cp, doc_lengths)
+    starts = [0, *torch.tensor(layout.lengths).cumsum(0).tolist()]
+    ids = layout.ids[ps.get_context_parallel_rank()]
     ref_p = {k: data[k].clone().requires_grad_() for k in PARAMS}
     ref_in = {k: data[k].clone().requires_grad_() for k in ("xbc", "dt")}
     y_ref = whole(be, ref_in["xbc"], ref_in["dt"], data["seq_idx"], ref_p)
     (y_ref * data["weights"]).sum().backward()
 
-    index = torch.cat([torch.arange(k * be.chunk, (k + 1) * be.chunk) for k in ids]).to(be.device)
+    index = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in ids]).to(be.device)
     p = {k: data[k].clone().requires_grad_() for k in PARAMS}
     local = {k: data[k][:, index].clone().requires_grad_() for k in ("xbc", "dt")}
     conv, scan = _kernels(be, p)
     y = mamba_state_passing(local["xbc"], process_dt(local["dt"], p["dt_bias"]), data["seq_idx"][:, index],
-                            -torch.exp(p["A_log"]), p["D"], be.dims, zigzag, group, conv=conv, scan=scan)
+                            -torch.exp(p["A_log"]), p["D"], be.dims, layout, group, conv=conv, scan=scan)
     (y * data["weights"][:, index]).sum().backward()
     for k in PARAMS:  # megatron sums parameter gradients over the CP ranks (the DP x CP reduction)
         dist.all_reduce(p[k].grad, group=group)

@@ -48,7 +48,7 @@ def test_state_passing_lifts_the_mamba_head_cap_down_to_the_conv_halo():
         _cfg("parallel.mamba_context_parallel=ring")
 
 
-def test_packed_documents_need_padding_to_2cp_and_the_all_to_all_mamba_cp():
+def test_packed_documents_need_padding_to_2cp_and_the_conv_halo_with_state_passing():
     with pytest.raises(ConfigError, match=r"splits each document into 2 x CP = 4 chunks: set data.document_multiple "
                                           r"to a multiple of 4 \(it is 1\)"):
         load_run_config(ONE_B, ["parallel.context_parallel_size=2"])
@@ -56,9 +56,14 @@ def test_packed_documents_need_padding_to_2cp_and_the_all_to_all_mamba_cp():
         load_run_config(ONE_B, ["parallel.context_parallel_size=4", "data.document_multiple=4"])
     cfg = load_run_config(ONE_B, ["parallel.context_parallel_size=4", "data.document_multiple=16"])
     assert cfg.data.reset_at_document_boundaries and cfg.data.document_multiple == 16
-    with pytest.raises(ConfigError, match="state-passing Mamba CP splits whole rows, not packed documents"):
-        load_run_config(ONE_B, ["parallel.context_parallel_size=2", "data.document_multiple=4",
-                                "parallel.mamba_context_parallel=state_passing"])
+    sp = ["parallel.mamba_context_parallel=state_passing"]
+    with pytest.raises(ConfigError, match=r"state-passing Mamba CP splits each packed document into 2 x CP = 4 chunks "
+                                          r"of at least the conv's halo \(3 tokens\): set data.document_multiple to a "
+                                          r"multiple of 4 of at least 12 \(it is 4\)"):
+        load_run_config(ONE_B, ["parallel.context_parallel_size=2", "data.document_multiple=4", *sp])
+    with pytest.raises(ConfigError, match=r"a multiple of 8 of at least 24 \(it is 16\)"):
+        load_run_config(ONE_B, ["parallel.context_parallel_size=4", "data.document_multiple=16", *sp])
+    assert load_run_config(ONE_B, ["parallel.context_parallel_size=2", "data.document_multiple=16", *sp])
 
 
 def test_sliding_windows_under_cp_are_refused_with_the_reason():

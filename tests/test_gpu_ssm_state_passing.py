@@ -2,7 +2,8 @@
 SSD scan). First the kernel callables against the token-by-token reference (their seq_idx and final-state
 semantics are what the state passing relies on), then two CP ranks sharing the one GPU over gloo against the
 whole sequence through the same kernels, forward and backward, then StatePassingMambaMixer on two CP ranks
-against megatron's MambaMixer on the whole sequence with the same weights."""
+against megatron's MambaMixer on the whole sequence with the same weights, on rows of one document and on packed
+documents split one at a time, and what each mixer keeps for its backward against the dry run's memory model."""
 
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ def test_the_kernel_callables_compute_the_reference_recurrence():
         assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
 
 
-@pytest.mark.parametrize("zigzag, packed", [(False, False), (True, True)], ids=["contiguous", "zigzag-packed"])
-def test_two_cp_ranks_on_one_gpu_compute_the_whole_sequence(zigzag, packed):
-    results = run_ranks(partial(body, be=KERNELS, zigzag=zigzag, packed=packed), world=2, cp=2)
+@pytest.mark.parametrize("zigzag, packed, documents", [(False, False, None), (True, True, None),
+                                                       (True, True, [16, 8, 40, 32])],
+                         ids=["contiguous", "zigzag-packed", "per-document"])
+def test_two_cp_ranks_on_one_gpu_compute_the_whole_sequence(zigzag, packed, documents):
+    results = run_ranks(partial(body, be=KERNELS, zigzag=zigzag, packed=packed, documents=documents), world=2, cp=2)
     for rank, r in results.items():
         rel = {k: v / max(r["scale"][k], 1e-12) for k, v in r["diff"].items()}
         print(rank, {k: f"{v:.1e}" for k, v in rel.items()})
@@ -109,6 +112,47 @@ def _mixer_body(rank: int, out) -> None:
 
 def test_the_state_passing_mixer_on_two_cp_ranks_matches_megatrons_mixer_on_the_whole_sequence():
     results = run_ranks(_mixer_body, world=2, cp=2)
+    for rank, r in results.items():
+        print(rank, r)
+        bad = {k: v for k, v in {"y": r["y"], **r["grads"]}.items() if v > 2e-2}
+        assert not bad, f"CP rank {rank}: relative differences from megatron's mixer (bf16): {bad}"
+
+
+def _packed_mixer_body(rank: int, out) -> None:
+    """Packed documents (thd, one row of four documents padded to multiples of 16): megatron's MambaMixer over the
+    whole row against StatePassingMambaMixer on this CP rank's per-document share, taken by Transformer Engine's
+    ``thd_get_partitioned_indices`` (what megatron's CP batch split calls)."""
+    import torch
+    import torch.distributed as dist
+    import transformer_engine_torch as tex
+    from megatron.core import parallel_state as ps
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    torch.cuda.set_device(0)
+    cfg, stock, ours = _mixers()
+    lengths, total = [48, 16, 112, 80], 256
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                             cu_seqlens_kv_padded=cu, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths),
+                             total_tokens=total)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(total, 1, cfg.model.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)
+    weights = torch.randn(total, 1, cfg.model.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)
+    index = tex.thd_get_partitioned_indices(cu, total, ps.get_context_parallel_world_size(),
+                                            ps.get_context_parallel_rank())
+    y_full, _ = stock(hidden, packed_seq_params=params)
+    (y_full * weights).float().sum().backward()
+    y_share, _ = ours(hidden[index].contiguous(), packed_seq_params=params)
+    (y_share * weights[index]).float().sum().backward()
+    grads = {}
+    for (name, p_stock), (_, p_ours) in zip(stock.named_parameters(), ours.named_parameters()):
+        dist.all_reduce(p_ours.grad, group=ps.get_context_parallel_group())
+        grads[name] = _relative(p_ours.grad, p_stock.grad)
+    out[rank] = {"y": _relative(y_share.detach(), y_full.detach()[index]), "grads": grads}
+
+
+def test_the_state_passing_mixer_on_packed_documents_matches_megatrons_mixer_on_the_whole_row():
+    results = run_ranks(_packed_mixer_body, world=2, cp=2)
     for rank, r in results.items():
         print(rank, r)
         bad = {k: v for k, v in {"y": r["y"], **r["grads"]}.items() if v > 2e-2}

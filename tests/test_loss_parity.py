@@ -104,11 +104,13 @@ def test_cp_suite_compares_both_mamba_cp_modes_and_packed_documents_with_cp1(tmp
         assert not c.data.reset_at_document_boundaries
         modes[name] = c.parallel.mamba_context_parallel
     assert modes == {"cp2-all-to-all": "all_to_all", "cp2-state-passing": "state_passing"}
-    (base_run, base), (run, packed) = runs["cp1-packed"], runs["cp2-packed"]
-    assert base.data.reset_at_document_boundaries and base.data.document_multiple == 4 and base.checkpoint.save_initial
-    assert packed.data == base.data and packed.parallel.context_parallel_size == 2  # the same padded rows
-    assert packed.parallel.mamba_context_parallel == "all_to_all" and run.reference == "cp1-packed"
-    assert Path(packed.checkpoint.load) == tmp_path / "cp1-packed" / "checkpoints" / step_dir_name(0)
+    base = runs["cp1-packed"][1]
+    assert base.data.reset_at_document_boundaries and base.data.document_multiple == 16 and base.checkpoint.save_initial
+    for mode in ("all_to_all", "state_passing"):
+        run, packed = runs[f"cp2-packed-{mode.replace('_', '-')}"]
+        assert packed.data == base.data and packed.parallel.context_parallel_size == 2  # the same padded rows
+        assert packed.parallel.mamba_context_parallel == mode and run.reference == "cp1-packed"
+        assert Path(packed.checkpoint.load) == tmp_path / "cp1-packed" / "checkpoints" / step_dir_name(0)
 
 
 def test_fp8_suite_compares_recipes_with_bf16_after_warmup(tmp_path):

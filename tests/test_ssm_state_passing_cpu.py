@@ -26,6 +26,29 @@ def test_cp_ranks_compute_the_whole_sequence_forward_and_backward(cp, zigzag, pa
         assert not bad, f"CP rank {rank} differs from the whole sequence: {bad}"
 
 
+@pytest.mark.parametrize("cp, documents", [(2, [3, 6, 3, 9]), (4, [3, 5, 3])], ids=["cp2", "cp4"])
+def test_packed_documents_split_one_at_a_time_compute_the_whole_sequence(cp, documents):
+    """megatron's per-document split (each document in 2 x CP chunks, rank r holding chunks r and 2 x CP - 1 - r of
+    every one): documents of 3 to 9 tokens per chunk, the shortest exactly the conv's halo."""
+    results = run_ranks(partial(body, be=REFERENCE, zigzag=True, packed=True, documents=documents), world=cp, cp=cp)
+    assert sorted(results) == list(range(cp))
+    for rank, r in results.items():
+        assert r["scale"]["y"] > 0.1, r
+        bad = {k: v for k, v in r["diff"].items() if v > 1e-10}
+        assert not bad, f"CP rank {rank} differs from the whole sequence: {bad}"
+
+
+def test_the_document_layout_is_megatrons_per_document_split():
+    """Chunk ids run document by document; rank r holds chunks r and 2 x CP - 1 - r of each; lengths per chunk."""
+    from hybrid_megatron.model.ssm_state_passing import Layout
+
+    layout = Layout.documents(2, [8, 4])
+    assert layout.ids == ((0, 3, 4, 7), (1, 2, 5, 6)) and layout.lengths == (2, 2, 2, 2, 1, 1, 1, 1)
+    assert Layout.rows(2, True, 6) == Layout(((0, 3), (1, 2)), (3, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"documents of \[6\] tokens do not split into 2 x CP = 4 chunks"):
+        Layout.documents(2, [8, 6])
+
+
 def _megatron_share(rank: int, out) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank

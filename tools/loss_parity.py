@@ -26,11 +26,10 @@ Suites (``plan SUITE`` prints the runs and their command lines):
   and a sliding-window hybrid (10 layers each, cut 7 + 3 for PP=2) at TP=2 with sequence parallel, PP=2 and
   DP=2, and the MoE one at EP=2 too, each from its one-GPU run's initial weights and following that run within
   1% at every step (2 GPUs; not run yet).
-* ``cp`` -- context parallelism on configs/tiny.yaml: on rows of one document, CP=2 with megatron's all-to-all
-  Mamba context parallelism and with state passing (model/ssm_state_passing.py); on packed documents padded to
-  a multiple of 4 (data.document_multiple), CP=2 split one document at a time (all-to-all). Each from its CP=1
-  run's initial weights and following it within 1% at every step (2 GPUs; pretrain refuses CP > 1 until these
-  have passed).
+* ``cp`` -- context parallelism on configs/tiny.yaml: CP=2 with megatron's all-to-all Mamba context parallelism
+  and with state passing (model/ssm_state_passing.py), on rows of one document and on packed documents padded to
+  a multiple of 16 (data.document_multiple) and split one document at a time. Each from its CP=1 run's initial
+  weights and following it within 1% at every step (2 GPUs; pretrain refuses CP > 1 until these have passed).
 * ``fp8`` -- configs/1b.yaml at 16k tokens per step (4 x 4096, ~3 min a run on an H100): FP8 recipes
   (tensorwise, tensorwise with the first/last 2 layers in BF16, delayed, tensorwise with the Mamba
   in/out projections in BF16, and both BF16 measures together) follow BF16 within 1.5% at every step

@@ -99,19 +99,22 @@ def _family_runs() -> tuple[Run, ...]:
 
 
 # context parallelism: the tiny model at CP=2, its Mamba layers by megatron's all-to-all over heads and by state
-# passing, against CP=1 from the same initial weights, on rows of one document each; and packed documents (padded
-# to a multiple of 2 x CP, split one document at a time) at CP=2 against CP=1 on the same padded rows (all-to-all:
-# state passing takes whole rows). pretrain refuses CP > 1 until these runs have passed on two GPUs
+# passing, against CP=1 from the same initial weights, on rows of one document each and on packed documents (padded
+# to a multiple of 16: 2 x CP chunks of at least the conv's halo each, split one document at a time) against CP=1
+# on the same padded rows. pretrain refuses CP > 1 until these runs have passed on two GPUs
 CP_COMMON = ("data.reset_at_document_boundaries=false",)
-CP_PACKED = ("data.reset_at_document_boundaries=true", "data.document_multiple=4")
+CP_PACKED = ("data.reset_at_document_boundaries=true", "data.document_multiple=16")
 CP_RUNS = (
     Run("cp1", 1, ("checkpoint.save_initial=true",)),
     Run("cp2-all-to-all", 2, ("parallel.context_parallel_size=2",), reference="cp1", init_from="cp1"),
     Run("cp2-state-passing", 2, ("parallel.context_parallel_size=2", "parallel.mamba_context_parallel=state_passing"),
         reference="cp1", init_from="cp1"),
     Run("cp1-packed", 1, (*CP_PACKED, "checkpoint.save_initial=true")),
-    Run("cp2-packed", 2, (*CP_PACKED, "parallel.context_parallel_size=2"), reference="cp1-packed",
+    Run("cp2-packed-all-to-all", 2, (*CP_PACKED, "parallel.context_parallel_size=2"), reference="cp1-packed",
         init_from="cp1-packed"),
+    Run("cp2-packed-state-passing", 2, (*CP_PACKED, "parallel.context_parallel_size=2",
+                                        "parallel.mamba_context_parallel=state_passing"),
+        reference="cp1-packed", init_from="cp1-packed"),
 )
 
 

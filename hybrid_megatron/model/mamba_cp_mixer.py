@@ -8,9 +8,9 @@ rank's share of the sequence in megatron's load-balancing zigzag (the layout of 
 and gate run as separate kernels (causal-conv1d, mamba-ssm's chunked scan) rather than megatron's fused
 memory-efficient one, so a layer keeps more activations for the backward pass.
 
-Not covered: packed documents (megatron splits them one document at a time; the config refuses them with
-state passing), inference (eval refuses CP > 1), ``D`` per head
-dimension (megatron's ``D_has_hdim``).
+Packed documents come in megatron's per-document split (``Layout.documents``); every chunk of a document must
+hold the conv's halo, so the config asks for documents padded to at least 2 x CP x (conv kernel - 1) tokens.
+Not covered: inference (eval refuses CP > 1), ``D`` per head dimension (megatron's ``D_has_hdim``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.ssm.mamba_mixer import MambaMixer
 
-from hybrid_megatron.model.ssm_state_passing import Dims, kernel_conv, kernel_scan, mamba_state_passing, process_dt
+from hybrid_megatron.model.ssm_state_passing import (Dims, Layout, kernel_conv, kernel_scan, mamba_state_passing,
+                                                     process_dt)
 
 _OWN_GROUP = None
 
@@ -52,17 +53,22 @@ class StatePassingMambaMixer(MambaMixer):
         self.state_passing_group = pg_collection.cp
 
     def _ssm_training(self, zxBCdt: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
-        """[l, b, z | x B C | dt] (this rank's share of every sequence) -> the gated, normed [l, b, d_inner]."""
-        if packed_seq_params is not None:
-            raise ValueError("state-passing context parallelism does not take packed documents yet")
+        """[l, b, z | x B C | dt] (this rank's share of every sequence) -> the gated, normed [l, b, d_inner]. Rows
+        of one document come in megatron's zigzag of 2 x CP chunks; packed documents (thd, b = 1) in its
+        per-document split, read from the micro-batch's padded cu_seqlens."""
         zxBCdt = zxBCdt.transpose(0, 1)  # l b d -> b l d
         dims = Dims(heads=self.nheads_local_tp, head_dim=self.headdim, groups=self.ngroups_local_tp,
                     state=self.d_state, conv_kernel=self.d_conv)
         z, xbc, dt = torch.split(zxBCdt, [self.d_inner_local_tp, dims.channels, self.nheads_local_tp], dim=-1)
-        seq_idx = torch.zeros(xbc.shape[:2], dtype=torch.int32, device=xbc.device)  # one document per row
+        group = self.state_passing_group
+        if packed_seq_params is None:
+            layout = Layout.rows(group.size(), True, xbc.shape[1])
+            seq_idx = torch.zeros(xbc.shape[:2], dtype=torch.int32, device=xbc.device)  # one document per row
+        else:
+            layout, seq_idx = _document_layout(packed_seq_params, group, xbc.device)
         y = mamba_state_passing(
             xbc.contiguous(), process_dt(dt, self.dt_bias), seq_idx, -torch.exp(self.A_log.float()), self.D, dims,
-            zigzag=True, group=self.state_passing_group,
+            layout=layout, group=group,
             conv=kernel_conv(self.conv1d_weight.squeeze(1), self.conv1d_bias, self.activation),
             scan=kernel_scan(self.chunk_size),
         )
@@ -74,3 +80,17 @@ class StatePassingMambaMixer(MambaMixer):
         if self.state_passing_group.size() > 1:
             raise ValueError("state-passing context parallelism runs training only; run inference with CP 1")
         return super()._ssm_prefill(*args, **kwargs)
+
+
+def _document_layout(packed_seq_params, group, device) -> tuple[Layout, torch.Tensor]:
+    """The per-document layout of a packed micro-batch (its documents from the whole micro-batch's padded
+    cu_seqlens: one host read per layer) and this rank's document ids, [1, local tokens]."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        raise ValueError("packed documents under context parallelism need the padded cu_seqlens (training/step.cp_share)")
+    doc_lengths = torch.diff(cu).tolist()
+    layout = Layout.documents(group.size(), doc_lengths)
+    ids = layout.ids[group.rank()]
+    docs = torch.tensor([k // (2 * group.size()) for k in ids], device=device)
+    sizes = torch.tensor([layout.lengths[k] for k in ids], device=device)
+    return layout, torch.repeat_interleave(docs, sizes).to(torch.int32)[None]

@@ -17,6 +17,11 @@ Packed documents: ``seq_idx`` numbers documents over the whole sequence (before 
 stops at a boundary whichever rank it crosses to. The gathers carry gradients (an all-reduce of the gathered
 gradients, which gloo and NCCL both have), so one backward pass through the layer is exact too.
 
+Which chunks a rank holds is a ``Layout``: whole rows in CP chunks or megatron's zigzag of 2 x CP (``Layout.rows``),
+or packed documents each split into 2 x CP chunks, megatron's per-document split (``Layout.documents``: chunk
+ids run document by document, so the same recurrence crosses from one document's last chunk to the next one's
+first, where ``seq_idx`` stops it).
+
 The kernels come in as callables: the CPU tests pass the token-by-token reference (``tests/ssd_reference.py``);
 on a GPU, ``model/mamba_cp_mixer.py`` passes causal-conv1d's ``causal_conv1d_fn`` and mamba-ssm's
 ``mamba_chunk_scan_combined`` (with ``seq_idx`` and ``return_final_states``; ``kernel_conv``, ``kernel_scan``):
@@ -65,12 +70,38 @@ class _GatherBySum(torch.autograd.Function):
         return grad[dist.get_rank(ctx.group)], None
 
 
-def gather_chunks(local: torch.Tensor, zigzag: bool, group) -> dict[int, torch.Tensor]:
-    """``local`` stacks one tensor per chunk this rank holds (``chunk_ids`` order): -> every chunk's, by chunk id.
+@dataclass(frozen=True)
+class Layout:
+    """Which chunks of the sequence each CP rank holds, in the order of its tokens (``ids[rank]``, the same count
+    on every rank), and each chunk's length (``lengths[chunk id]``); chunk ids number the chunks in sequence order."""
+
+    ids: tuple[tuple[int, ...], ...]
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def rows(cls, cp: int, zigzag: bool, local_tokens: int) -> Layout:
+        """Whole rows split into CP chunks, or megatron's zigzag of 2 x CP (``chunk_ids``)."""
+        n = 2 if zigzag else 1
+        if local_tokens % n:
+            raise ValueError(f"{local_tokens} tokens do not split into this rank's {n} chunks")
+        return cls(tuple(chunk_ids(r, cp, zigzag) for r in range(cp)), (local_tokens // n,) * (n * cp))
+
+    @classmethod
+    def documents(cls, cp: int, doc_lengths: list[int]) -> Layout:
+        """megatron's split of packed documents (Transformer Engine's ``thd_get_partitioned_indices``): every
+        document in 2 x CP chunks, rank r holding chunks r and 2 x CP - 1 - r of each, documents in order."""
+        if bad := [n for n in doc_lengths if n % (2 * cp)]:
+            raise ValueError(f"documents of {bad[:3]} tokens do not split into 2 x CP = {2 * cp} chunks")
+        ids = tuple(tuple(d * 2 * cp + k for d in range(len(doc_lengths)) for k in chunk_ids(r, cp, True))
+                    for r in range(cp))
+        return cls(ids, tuple(n // (2 * cp) for n in doc_lengths for _ in range(2 * cp)))
+
+
+def gather_chunks(local: torch.Tensor, layout: Layout, group) -> dict[int, torch.Tensor]:
+    """``local`` stacks one tensor per chunk this rank holds (``layout.ids`` order): -> every chunk's, by chunk id.
     When ``local`` requires grad, every rank must use the result in its output (each backward is a collective)."""
-    cp = dist.get_world_size(group)
     gathered = _GatherBySum.apply(local, group)
-    return {k: gathered[r, i] for r in range(cp) for i, k in enumerate(chunk_ids(r, cp, zigzag))}
+    return {k: gathered[r, i] for r, ids in enumerate(layout.ids) for i, k in enumerate(ids)}
 
 
 @dataclass(frozen=True)
@@ -109,25 +140,25 @@ def entering_states(finals: dict[int, torch.Tensor], passes: dict[int, torch.Ten
 
 
 def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor, A: torch.Tensor,
-                        D: torch.Tensor, dims: Dims, zigzag: bool, group, *,
+                        D: torch.Tensor, dims: Dims, layout: Layout, group, *,
                         conv: Callable, scan: Callable) -> torch.Tensor:
     """One CP rank's Mamba-2 core (conv through the SSD scan and D skip, before gating) over its chunks.
 
     xbc: [b, L, channels] conv inputs, dt: [b, L, heads] processed, seq_idx: [b, L] global document ids; the rank's
-    chunks one after another along L in ``chunk_ids`` order (``zigzag``: megatron's load-balancing layout), each
-    L / len(chunks) long; ``group`` is the CP group, its ranks the CP ranks. Returns y: [b, L, heads, head_dim].
+    chunks one after another along L in ``layout.ids[rank]`` order, ``layout.lengths`` long; ``group`` is the CP
+    group, its ranks the CP ranks. Returns y: [b, L, heads, head_dim].
     """
-    ids = chunk_ids(dist.get_rank(group), dist.get_world_size(group), zigzag)
-    n_local = len(ids)
-    if xbc.shape[1] % n_local:
-        raise ValueError(f"{xbc.shape[1]} tokens do not split into this rank's {n_local} chunks")
+    ids = layout.ids[dist.get_rank(group)]
+    sizes = [layout.lengths[k] for k in ids]
+    if sum(sizes) != xbc.shape[1]:
+        raise ValueError(f"{xbc.shape[1]} tokens are not this rank's {len(ids)} chunks of {sum(sizes)} tokens")
     k_1 = dims.conv_kernel - 1
-    xs, dts, idxs = (t.chunk(n_local, dim=1) for t in (xbc, dt, seq_idx))
-    if xs[0].shape[1] < k_1:
-        raise ValueError(f"chunks of {xs[0].shape[1]} tokens are shorter than the conv halo ({k_1})")
+    xs, dts, idxs = (t.split(sizes, dim=1) for t in (xbc, dt, seq_idx))
+    if min(sizes) < k_1:
+        raise ValueError(f"chunks of {min(sizes)} tokens are shorter than the conv halo ({k_1})")
     # 1. conv halo: the previous chunk's last conv inputs and their document ids
-    tails = gather_chunks(torch.stack([x[:, x.shape[1] - k_1:] for x in xs]), zigzag, group)
-    tail_idx = gather_chunks(torch.stack([i[:, i.shape[1] - k_1:] for i in idxs]), zigzag, group)
+    tails = gather_chunks(torch.stack([x[:, x.shape[1] - k_1:] for x in xs]), layout, group)
+    tail_idx = gather_chunks(torch.stack([i[:, i.shape[1] - k_1:] for i in idxs]), layout, group)
     finals, passes, local = [], [], []
     for k, x, d, idx in zip(ids, xs, dts, idxs):
         if k == 0:  # nothing before the sequence: a halo of zeros adds nothing to the conv (0 * a gathered tail,
@@ -147,7 +178,7 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
         local.append((y, xi, C, decay * carried[..., None]))
     # 2. state passing over every chunk of the sequence
     summary = torch.cat([torch.stack(finals).flatten(2), torch.stack(passes).to(finals[0].dtype)], dim=2)
-    gathered = gather_chunks(summary, zigzag, group)  # one collective: its backward's order is the same everywhere
+    gathered = gather_chunks(summary, layout, group)  # one collective: its backward's order is the same everywhere
     size = finals[0][0].numel()
     states = entering_states({k: v[:, :size].view_as(finals[0]) for k, v in gathered.items()},
                              {k: v[:, size:] for k, v in gathered.items()})
