@@ -9,7 +9,7 @@ model of configs/1b.yaml) on CP GPUs (DP 1) under torch.distributed.run, from fr
 ``--warmup`` untimed steps, then ``--steps`` timed ones of ``--sequences`` sequences each. ``attention`` is its
 attention-only twin at the same widths and about the same parameters (``ATTENTION_PATTERN``). Recompute is none
 where the dry run's estimate fits the GPU, else full (the row says which). tokens/s counts input tokens over the
-timed steps' wall time (``losses.jsonl`` times); peak memory is rank 0's largest allocation, from the last
+timed steps' wall time (``losses.jsonl``'s ``input_tokens`` and times); peak memory is rank 0's largest allocation, from the last
 training log line; beside it the dry run's estimate. Each run's log stays under ``--work-dir``. The JSON is
 rewritten after every row, a PNG of tokens/s per GPU beside it. ``pretrain`` refuses CP > 1 until the ``cp``
 suite of tools/loss_parity.py has passed; those rows then fail with its one line.
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
-from hybrid_megatron.devtools.bench import ResultFile, fmt
+from hybrid_megatron.devtools.bench import ResultFile, fmt, tokens_per_s
 from hybrid_megatron.devtools.gpu_launch import device_name, gpu_memory_bytes, launch, visible_gpus
 
 RECIPES = {32768: "configs/long_context/1b_32k.yaml", 65536: "configs/long_context/1b_64k.yaml",
@@ -111,14 +111,14 @@ def peak_gib(log_text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def timed_rate(records: list[dict], warmup: int, step_tokens: int) -> dict | None:
-    """Input tokens per second over the steps after ``warmup`` (each record's ``time`` is its step's end)."""
-    timed = sorted((r for r in records if r.get("step", 0) >= warmup), key=lambda r: r["step"])
-    if len(timed) < 2:
+def timed_rate(records: list[dict], warmup: int) -> dict | None:
+    """Input tokens per second and seconds per step over the steps after ``warmup`` (``losses.jsonl``: one record
+    per step from step 1, each ``time`` its step's end)."""
+    skip = max(warmup - 1, 0)  # the timing starts where the last warm-up step ended
+    rate, timed = tokens_per_s(records, skip=skip), records[skip:]
+    if rate is None:
         return None
-    seconds = timed[-1]["time"] - timed[0]["time"]
-    steps = timed[-1]["step"] - timed[0]["step"]
-    return {"step_s": seconds / steps, "tokens_per_s": steps * step_tokens / max(seconds, 1e-9)}
+    return {"step_s": (timed[-1]["time"] - timed[0]["time"]) / (len(timed) - 1), "tokens_per_s": rate}
 
 
 def run_row(row: dict, args: argparse.Namespace) -> dict:
@@ -131,7 +131,7 @@ def run_row(row: dict, args: argparse.Namespace) -> dict:
     log_text = (run_dir / "console.log").read_text()
     losses = run_dir / "losses.jsonl"
     records = [json.loads(line) for line in losses.read_text().splitlines()] if losses.exists() else []
-    rate = timed_rate(records, args.warmup, args.sequences * row["seq_len"])
+    rate = timed_rate(records, args.warmup)
     out = {**row, "exit_code": code, "log": str(run_dir / "console.log"), "peak_gib": peak_gib(log_text),
            "steps_done": len(records)}
     if rate:

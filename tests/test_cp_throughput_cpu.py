@@ -49,10 +49,11 @@ def test_peak_memory_is_read_from_the_training_log_line(tmp_path, caplog):
 
 
 def test_tokens_per_second_counts_the_timed_steps_input_tokens():
-    records = [{"step": s, "time": 100.0 + 3 * s + (5 if s > 1 else 0)} for s in range(1, 7)]
-    rate = B.timed_rate(records, warmup=2, step_tokens=65536)  # steps 2..6: 4 steps in 12 s
+    records = [{"step": s, "time": 100.0 + 3 * s + (5 if s > 1 else 0), "tokens": 60000, "input_tokens": 65536}
+               for s in range(1, 7)]
+    rate = B.timed_rate(records, warmup=2)  # timed from the end of step 2: steps 3..6 in 12 s
     assert rate == {"step_s": 3.0, "tokens_per_s": pytest.approx(4 * 65536 / 12)}
-    assert B.timed_rate(records[:2], warmup=2, step_tokens=65536) is None
+    assert B.timed_rate(records[:2], warmup=2) is None
 
 
 def test_ratios_pair_models_and_compare_each_cp_with_one_gpu():

@@ -143,8 +143,9 @@ def test_the_64k_fp8_suite_is_the_fp8_suite_at_four_times_the_tokens(tmp_path):
 # ---- the comparison ------------------------------------------------------------------------------
 
 
-def _records(steps, loss=lambda s: 5.0 - 0.01 * s, tokens=1000, t0=100.0, dt=0.5):
-    return [{"step": s, "loss": loss(s), "tokens": tokens, "time": t0 + dt * s} for s in steps]
+def _records(steps, loss=lambda s: 5.0 - 0.01 * s, tokens=600, t0=100.0, dt=0.5):
+    """Records as losses.jsonl has them: 1000 input tokens a step, of which ``tokens`` were trained (loss tokens)."""
+    return [{"step": s, "loss": loss(s), "tokens": tokens, "input_tokens": 1000, "time": t0 + dt * s} for s in steps]
 
 
 def _ok(records):
@@ -173,7 +174,7 @@ def test_identical_curves_pass_bitwise():
     assert L.compare_run(base, 10, results)["verdict"] == "baseline"
     row = L.compare_run(run, 10, results)
     assert row["verdict"] == "pass" and row["bitwise"] and row["max_rel_diff"] == 0
-    assert row["tokens_per_s"] == pytest.approx(1000 / 0.5)
+    assert row["tokens_per_s"] == pytest.approx(1000 / 0.5)  # input tokens, not the 600 loss tokens
 
 
 def test_one_step_past_the_tolerance_fails_and_is_named():

@@ -376,8 +376,9 @@ def summarize_kernels(kernels: list[tuple[str, float, int]], top: int = 15) -> d
 
 
 def tokens_per_s(records: list[dict], skip: int = 5) -> float | None:
-    """Loss tokens per second over the steps after the first ``skip`` (start-up, compilation)."""
+    """Input tokens per second (``losses.jsonl``'s ``input_tokens``: loss-masked ones included, as the training log
+    counts them) over the steps after the first ``skip`` (start-up, compilation)."""
     timed = [r for r in records if "time" in r][skip:]
     if len(timed) < 2:
         return None
-    return sum(r["tokens"] for r in timed[1:]) / max(timed[-1]["time"] - timed[0]["time"], 1e-9)
+    return sum(r["input_tokens"] for r in timed[1:]) / max(timed[-1]["time"] - timed[0]["time"], 1e-9)

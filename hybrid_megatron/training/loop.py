@@ -102,12 +102,13 @@ def _run(state, ranks, preempt: signals.PreemptionHandler) -> int:
             step += 1
             window_steps += 1
             window_loss.add(result.loss, result.tokens, result.skipped)
-            metrics.record(step, batch.seq_len, step_input_tokens(cfg.data, batch.seq_len))
+            input_tokens = step_input_tokens(cfg.data, batch.seq_len)
+            metrics.record(step, batch.seq_len, input_tokens)
             window_dropped, window_tokens = window_dropped + batch.dropped_tokens, window_tokens + batch.num_tokens
             if losses is not None:
                 losses.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
-                              "lr": scheduler.current_lr(), "tokens": result.tokens, "seq_len": batch.seq_len,
-                              "phase": batch.phase, "skipped": result.skipped})
+                              "lr": scheduler.current_lr(), "tokens": result.tokens, "input_tokens": input_tokens,
+                              "seq_len": batch.seq_len, "phase": batch.phase, "skipped": result.skipped})
             if result.skipped:
                 skipped_total += 1
                 log.warning("step %d: non-finite loss %s / grad norm %s: update skipped", step, result.loss,

@@ -1,4 +1,6 @@
-"""``<run_dir>/losses.jsonl``: one JSON record per optimizer step, written by rank 0.
+"""``<run_dir>/losses.jsonl``: one JSON record per optimizer step, written by rank 0: ``step``, ``loss`` (mean per
+loss token), ``grad_norm``, ``lr``, ``tokens`` (the step's loss tokens), ``input_tokens`` (every token the model ran
+on, loss-masked or not: what throughput counts), ``seq_len``, ``phase``, ``skipped`` and ``time`` (its end).
 
 A resumed run repeats the steps after its checkpoint, so the records past the resume step (steps a
 crashed or preempted run took after its last checkpoint, and a torn last line) are dropped when the
