@@ -28,7 +28,7 @@ import numpy as np
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import ConfigError
 from data_pipeline.mixture import MixturePlanner, StepPlan
-from data_pipeline.packing import build_arrays, sample_hash
+from data_pipeline.packing import build_arrays, sample_hash, take_dropped
 from data_pipeline.schedule import build_schedule
 from data_pipeline.shards import SourceIndex
 from data_pipeline.streams import SourceStream
@@ -227,7 +227,7 @@ class TokenLoader:
                          labels=arrays["labels"], loss_mask=arrays["loss_mask"], position_ids=arrays["position_ids"],
                          seq_idx=arrays["seq_idx"], sources=sources, hashes=arrays["hashes"],
                          tokens_by_source=dict(sorted(by_source.items())), replay=replay,
-                         dropped_tokens=int(arrays["dropped_tokens"].sum()) if "dropped_tokens" in arrays else 0)
+                         dropped_tokens=take_dropped(arrays))
 
     def _drop_pending(self) -> None:
         while self._pending:

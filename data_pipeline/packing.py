@@ -77,6 +77,12 @@ def pad_documents(arrays: dict[str, np.ndarray], multiple: int, pad_id: int) -> 
     return out
 
 
+def take_dropped(arrays: dict) -> int:
+    """Removes ``pad_documents``' per-row count from ``build_arrays``' output and returns its total (0 when the
+    documents were not padded), leaving the per-token arrays a StepBatch takes."""
+    return int(arrays.pop("dropped_tokens", np.zeros(0, np.int64)).sum())
+
+
 def sample_hash(window: np.ndarray) -> str:
     """Identity of a sample's token content (all ``L + 1`` tokens, as uint32), independent of dtype."""
     return hashlib.blake2b(np.ascontiguousarray(window, dtype="<u4").tobytes(), digest_size=8).hexdigest()

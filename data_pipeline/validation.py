@@ -19,7 +19,7 @@ import numpy as np
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import ConfigError, DataError
 from data_pipeline.loader import StepBatch, TokenizerInfo, open_sources, open_validation_sources, tokenizer_info
-from data_pipeline.packing import build_arrays, sample_hash
+from data_pipeline.packing import build_arrays, sample_hash, take_dropped
 from data_pipeline.shards import SourceIndex
 from data_pipeline.streams import SourceStream
 
@@ -87,7 +87,7 @@ class ValidationSet:
                 stream.close()
             arrays = build_arrays(windows, self.eos_id, data.reset_at_document_boundaries, data.eod_mask_loss,
                                   targets, data.document_multiple)
-            dropped = int(arrays.pop("dropped_tokens").sum()) if "dropped_tokens" in arrays else 0
+            dropped = take_dropped(arrays)
             yield StepBatch(step=-1, phase="validation", seq_len=self.seq_len, sources=[p.name] * local,
                             hashes=[sample_hash(w) for w in windows], tokens_by_source={p.name: local * self.seq_len},
                             dropped_tokens=dropped, **arrays)

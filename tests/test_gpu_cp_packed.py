@@ -21,7 +21,7 @@ def _body(rank: int, out) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
-    from data_pipeline.packing import build_arrays
+    from data_pipeline.packing import build_arrays, take_dropped
     from data_pipeline.loader import StepBatch
     from hybrid_megatron.training.step import cp_share, split_micro_batches
 
@@ -31,7 +31,7 @@ def _body(rank: int, out) -> None:
     windows[rng.random(windows.shape) < 0.03] = EOS
     arrays = build_arrays(windows, EOS, True, False, document_multiple=4)
     batch = StepBatch(step=0, phase="p", seq_len=256, sources=["s", "s"], hashes=["", ""], tokens_by_source={},
-                      dropped_tokens=int(arrays.pop("dropped_tokens").sum()), **arrays)
+                      dropped_tokens=take_dropped(arrays), **arrays)
     (mb,) = split_micro_batches(batch, 2, True, torch.device("cuda"))
     share = cp_share(mb, ps.get_context_parallel_group())
     cu = mb.packed_seq_params.cu_seqlens_q.tolist()
