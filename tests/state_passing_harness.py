@@ -1,6 +1,7 @@
 """One CP rank's check of model/ssm_state_passing.py against the whole sequence, shared by the CPU test (the
-token-by-token reference, float64) and the GPU test (causal-conv1d's and mamba-ssm's kernels, float32; CP ranks
-sharing one GPU over gloo). ``body`` runs inside ``tests/gloo_world.run_ranks(..., cp=CP)``."""
+token-by-token reference, float64), the GPU test (causal-conv1d's and mamba-ssm's kernels, float32; CP ranks
+sharing one GPU over gloo) and the interpreted test (mamba-ssm's SSD kernel in Triton's interpreter on the CPU,
+the reference conv, float32). ``body`` runs inside ``tests/gloo_world.run_ranks(..., cp=CP)``."""
 
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ class Backend:
     chunk: int  # tokens per CP chunk
     device: str
     dtype: torch.dtype
-    kernels: bool  # False: the reference
-    scan_chunk: int = 0  # the SSD kernel's chunk size
+    scan_chunk: int = 0  # the SSD kernel's chunk size; 0: the reference scan
 
 
 REFERENCE = Backend(Dims(heads=4, head_dim=3, groups=2, state=5, conv_kernel=4), chunk=6, device="cpu",
-                    dtype=torch.float64, kernels=False)
+                    dtype=torch.float64)
 KERNELS = Backend(Dims(heads=8, head_dim=32, groups=2, state=32, conv_kernel=4), chunk=64, device="cuda",
-                  dtype=torch.float32, kernels=True, scan_chunk=32)
+                  dtype=torch.float32, scan_chunk=32)
+# CP chunks of 24 tokens, not a multiple of the kernel's 16: kernel chunks straddle CP chunks and documents
+INTERPRETED = Backend(Dims(heads=4, head_dim=16, groups=2, state=16, conv_kernel=4), chunk=24, device="cpu",
+                      dtype=torch.float32, scan_chunk=16)
 
 
 def _doc_ids(length: int, starts: list[int]) -> torch.Tensor:
@@ -71,9 +74,10 @@ def _tensors(be: Backend, seq_idx: torch.Tensor) -> dict:
 
 
 def _kernels(be: Backend, p: dict):
-    if be.kernels:
-        return kernel_conv(p["conv_w"], p["conv_b"]), kernel_scan(be.scan_chunk)
-    return partial(_reference_conv, p["conv_w"], p["conv_b"]), ssd_scan
+    """causal-conv1d's kernel on a GPU (it is CUDA only), mamba-ssm's scan wherever ``scan_chunk`` is set."""
+    conv = kernel_conv(p["conv_w"], p["conv_b"]) if be.device == "cuda" else partial(_reference_conv, p["conv_w"],
+                                                                                      p["conv_b"])
+    return conv, kernel_scan(be.scan_chunk) if be.scan_chunk else ssd_scan
 
 
 def _reference_conv(weight, bias, x, seq_idx):
