@@ -17,6 +17,7 @@ import torch
 from benchmarks import train_throughput as T
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
 from hybrid_megatron.devtools import bench as C
+from hybrid_megatron.devtools.throughput_paths import synthetic_batches
 from hybrid_megatron.training.environment import versions
 from hybrid_megatron.devtools import fixture_spec as FS
 from hybrid_megatron.devtools import fixture_worker as W
@@ -101,12 +102,12 @@ def test_packed_batches_reset_at_document_starts_and_reach_the_config():
     assert [s["name"] for s in specs] == ["hybrid1b-bf16-ours-packed512", "hybrid1b-bf16-stock-packed512"]
     assert T.spec_config(specs[0], args).data.reset_at_document_boundaries
     assert not T.spec_config(T.plan(T.parse_args([]))[0], T.parse_args([])).data.reset_at_document_boundaries
-    (batch,) = T.synthetic_batches(1, 4, 4096, 32000, doc_tokens=512)
+    (batch,) = synthetic_batches(1, 4, 4096, 32000, doc_tokens=512)
     eos = 32000 - 1
     starts = (batch.input_ids[:, :-1] == eos).sum()
     assert 16 < starts < 64  # ~4 * 4096 / 512 documents
     assert (batch.seq_idx[:, -1] == (batch.input_ids[:, :-1] == eos).sum(axis=1)).all()
-    (plain,) = T.synthetic_batches(1, 4, 4096, 32000)
+    (plain,) = synthetic_batches(1, 4, 4096, 32000)
     assert not plain.seq_idx.any() and not (plain.input_ids == eos).any()
     with pytest.raises(SystemExit):
         T.parse_args(["--packed", "1"])
