@@ -27,6 +27,7 @@ from pathlib import Path
 from data_pipeline.shards import INDEX_NAME
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
 from hybrid_megatron.devtools.gpu_launch import device_name, launch
+from hybrid_megatron.eval.report import cut_p_value
 from hybrid_megatron.training.environment import versions
 
 ARCHS = ("attention", "mamba", "hybrid")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         mqar = r["eval"]["suites"]["mqar"]["cells"]
         print(f"{r['arch']:<10} accuracy by pairs: " + ", ".join(f"{c['pairs']}: {c['accuracy']:.3f}" for c in mqar))
         for c in r["eval"]["suites"]["state"]["cells"]:
-            cuts = [f"{cut} reliance {c[cut]['reliance']:.3f} (p {c[cut]['mcnemar']['p_value']:.2g})"
+            cuts = [f"{cut} reliance {c[cut]['reliance']:.3f} (p {cut_p_value(c[cut])})"
                     for cut in ("ssm_cut", "attention_cut") if isinstance(c[cut], dict) and c[cut]["reliance"] is not None]
             print(f"{'':<10} {c['pairs']} pairs: full {c['accuracy']['full']:.3f}; " + "; ".join(cuts))
     return 0 if len(done) == len(archs) and code == 0 else 1

@@ -78,17 +78,37 @@ def test_a_model_not_trained_on_mqar_is_refused(tmp_path):
 
 
 def test_state_statistics_from_paired_outcomes():
+    from hybrid_megatron.eval.paired import mcnemar_items, unpack_outcomes
+
     rng = np.random.default_rng(0)
     full = rng.random((128, 4)) < 0.9
     ssm = full & (rng.random((128, 4)) < 0.3)  # the SSM cut loses most answers
-    row = recall_suites.state_cell(4, 64, {"full": full, "ssm_cut": ssm, "attention_cut": None})
+    row = recall_suites.state_cell(4, 64, {"full": full, "ssm_cut": ssm, "attention_cut": None}, "f00d")
     assert row["answers"] == 512 and row["accuracy"]["full"] == pytest.approx(full.mean())
     assert row["ssm_cut"]["reliance"] == pytest.approx((full.mean() - ssm.mean()) / full.mean())
     m = row["ssm_cut"]["mcnemar"]
     assert m["b"] == int((full & ~ssm).sum()) and m["c"] == 0 and m["p_value"] < 1e-30
+    items = row["ssm_cut"]["mcnemar_items"]
+    assert items == mcnemar_items(full, ssm) and items["items"] == 128 and (items["b"], items["c"]) == (m["b"], 0)
+    # all one way: p = 2^(1 - discordant items) over items, 2^(1 - b) over answers
+    assert items["p_value"] == pytest.approx(2.0 ** (1 - items["discordant_items"]), rel=1e-12)
+    assert m["p_value"] == pytest.approx(2.0 ** (1 - m["b"]), rel=1e-12) and m["p_value"] < items["p_value"] < 1e-30
     assert row["attention_cut"].startswith("not applicable")
-    acc = recall_suites.cell_accuracy(4, 64, full, 1.0)
+    # the outcomes are kept per item, exactly, for a later paired comparison; a cut that does not apply has none
+    assert row["items_fingerprint"] == "f00d" and set(row["outcomes"]) == {"full", "ssm_cut"}
+    assert (unpack_outcomes(row["outcomes"]["ssm_cut"], 4) == ssm).all()
+    acc = recall_suites.cell_accuracy(4, 64, full, 1.0, "f00d")
     assert acc["accuracy"] == pytest.approx(full.mean()) and acc["items_all_right"] == pytest.approx(full.all(1).mean())
+    assert (unpack_outcomes(acc["outcomes"], 4) == full).all() and acc["items_fingerprint"] == "f00d"
+
+
+def test_the_fingerprint_names_the_items():
+    a = recall.mqar_cell(BASE, 4, 40, 12, seed=9)
+    assert a.fingerprint == recall.mqar_cell(BASE, 4, 40, 12, seed=9).fingerprint  # the same items again
+    others = [recall.mqar_cell(BASE, 4, 40, 12, seed=10), recall.mqar_cell(BASE, 2, 40, 12, seed=9),
+              recall.mqar_cell(BASE, 4, 40, 11, seed=9),
+              recall.mqar_cell(MqarOptions(num_kv_pairs=(2, 4), seq_len=40, vocab=96, docs=1, seed=0), 4, 40, 12, 9)]
+    assert len({a.fingerprint, *(c.fingerprint for c in others)}) == 5
 
 
 def test_the_report_shows_mqar_and_state(tmp_path):
@@ -97,10 +117,10 @@ def test_the_report_shows_mqar_and_state(tmp_path):
     results = {"checkpoint": "/x/step-000100", "step": 100, "pattern": "M-*-", "params": 5_000_000,
                "layout": {"tp": 1, "pp": 1, "dp": 1}, "suites": {
                    "mqar": {"seed": 7, "items_per_cell": 64, "cells": [
-                       recall_suites.cell_accuracy(p, 64, rng.random((64, p)) < 1 / p, 1.0) for p in (2, 4, 8)]},
+                       recall_suites.cell_accuracy(p, 64, rng.random((64, p)) < 1 / p, 1.0, "f00d") for p in (2, 4, 8)]},
                    "state": {"seed": 7, "items_per_cell": 64, "attention_window": 0, "cells": [recall_suites.state_cell(
                        4, 64, {"full": full, "ssm_cut": full & (rng.random((64, 4)) < 0.5),
-                               "attention_cut": full & (rng.random((64, 4)) < 0.1)})]}}}
+                               "attention_cut": full & (rng.random((64, 4)) < 0.1)}, "f00d")]}}}
     report.write(results, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## Multi-query associative recall (`mqar`)" in md and "## Memory reliance (`state`)" in md
@@ -108,3 +128,9 @@ def test_the_report_shows_mqar_and_state(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     head = report.headline(results)
     assert "mqar/64/8/accuracy" in head and "state/64/4/ssm_cut/reliance" in head
+    # the p-value shown is the test over items; results from before it show the one over answers, marked
+    cut = results["suites"]["state"]["cells"][0]["ssm_cut"]
+    assert report.cut_p_value(cut) == f"{cut['mcnemar_items']['p_value']:.2g}" and f" {report.cut_p_value(cut)} |" in md
+    older = {k: v for k, v in cut.items() if k != "mcnemar_items"}
+    assert report.cut_p_value(older) == f"{cut['mcnemar']['p_value']:.2g}*"
+    assert report.cut_p_value({"mcnemar_items": {"p_value": 0.0}}) == "< 1e-300"

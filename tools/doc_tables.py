@@ -133,11 +133,12 @@ def eval_size_sweep() -> str:
 
 
 def _cut(cell: dict, name: str) -> str:
+    from hybrid_megatron.eval.report import cut_p_value
+
     cut = cell[name]
     if isinstance(cut, str):
         return "-"
-    p = cut["mcnemar"]["p_value"]
-    return f"{cell['accuracy'][name]:.3f} ({cut['reliance']:.2f}, p {f'{p:.0e}' if p > 0 else '< 1e-300'})"
+    return f"{cell['accuracy'][name]:.3f} ({cut['reliance']:.2f}, p {cut_p_value(cut)})"
 
 
 def eval_mqar_sweep() -> str:
@@ -153,7 +154,7 @@ def eval_mqar_sweep() -> str:
         loss = r["validation_loss_by_step"][str(r["evaluated_step"])]
         rows.append(f"| {name} ({r['params'] / 1e6:.2f}M) | {r['evaluated_step']} | {loss:.3f} | "
                     + " | ".join(f"{r['mqar_accuracy_by_pairs'][str(p)]:.3f}" for p in pairs) + " |")
-    rows += ["", "| model, pairs | full | SSM cut (reliance, McNemar p) | attention cut (reliance, McNemar p) | answers |",
+    rows += ["", "| model, pairs | full | SSM cut (reliance, p) | attention cut (reliance, p) | answers |",
              "| --- | --- | --- | --- | --- |"]
     for name, r in m["runs"].items():
         for cell in r["state"]:

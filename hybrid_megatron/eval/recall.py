@@ -29,6 +29,16 @@ class Cell:
     masks: np.ndarray  # [items, seq_len] uint8, 1 on answers
     query_start: int  # position of the first query (the same in every item of a cell)
 
+    @property
+    def fingerprint(self) -> str:
+        """Which items these are (their tokens and answer masks): two runs' outcomes pair item by item only
+        where it is the same (``compare``)."""
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.tokens, dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(self.masks, dtype=np.uint8).tobytes())
+        return digest.hexdigest()[:16]
+
 
 def mqar_cell(base: MqarOptions, pairs: int, seq_len: int, items: int, seed: int) -> Cell:
     opts = MqarOptions(num_kv_pairs=(pairs,), seq_len=seq_len, vocab=base.vocab, docs=items, seed=seed)

@@ -4,8 +4,12 @@
 ``state``: the same items under three conditions: the full model; the SSM state cut before the queries (the
 Mamba and Gated DeltaNet layers start a new document at the first query, attention still sees the
 bindings); attention cut to a window of ``attention_window`` tokens before the first query (the SSM intact). Per cut: accuracy, the
-memory-reliance score (acc_full - acc_cut) / acc_full and McNemar's exact test on the paired answers. A cut
-of a layer type the model does not have is reported as not applicable.
+memory-reliance score (acc_full - acc_cut) / acc_full and McNemar's test on the paired answers, over items
+(``mcnemar_items``: an item's answers share its sequence, so they are not independent) and, for reference, over
+answers (``mcnemar``). A cut of a layer type the model does not have is reported as not applicable.
+
+Every cell keeps its outcomes per item (``paired.pack_outcomes``) and the fingerprint of its items, so ``compare``
+can test two runs on the same items against each other.
 """
 
 from __future__ import annotations
@@ -78,14 +82,17 @@ def run_mqar(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar) ->
         right = answers_right(chunks, cfg, cell, vocab_size, base.pad_id, base.eos_id, cfg.data.longest_seq_len)
         bar.update(cell.tokens.size)
         outcomes[pairs, seq_len] = right
-        out["cells"].append(cell_accuracy(pairs, seq_len, right, time.perf_counter() - start))
+        out["cells"].append(cell_accuracy(pairs, seq_len, right, time.perf_counter() - start, cell.fingerprint))
         log.info("mqar %d pairs, length %d: accuracy %.4f", pairs, seq_len, out["cells"][-1]["accuracy"])
     return out, outcomes
 
 
-def cell_accuracy(pairs: int, seq_len: int, right: np.ndarray, seconds: float) -> dict:
+def cell_accuracy(pairs: int, seq_len: int, right: np.ndarray, seconds: float, fingerprint: str) -> dict:
+    """right: [items, pairs]; fingerprint: the cell's ``Cell.fingerprint``."""
     return {"pairs": pairs, "seq_len": seq_len, "accuracy": float(right.mean()), "answers": int(right.size),
-            "items_all_right": float(right.all(axis=1).mean()), "seconds": round(seconds, 2)}
+            "items_all_right": float(right.all(axis=1).mean()), "seconds": round(seconds, 2),
+            "items_fingerprint": fingerprint,
+            "outcomes": paired.pack_outcomes(right)}
 
 
 def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar, full: dict | None = None) -> dict:
@@ -111,15 +118,18 @@ def run_state(chunks, cfg: RunConfig, opts: EvalOptions, vocab_size: int, bar, f
             run[name] = answers_right(chunks, cfg, cell, vocab_size, base.pad_id, base.eos_id, cfg.data.longest_seq_len,
                                       cut=cut)
             bar.update(cell.tokens.size)
-        out["cells"].append(state_cell(pairs, seq_len, run))
+        out["cells"].append(state_cell(pairs, seq_len, run, cell.fingerprint))
     return out
 
 
-def state_cell(pairs: int, seq_len: int, run: dict[str, np.ndarray | None]) -> dict:
-    """Accuracy per condition, and per cut the reliance score and McNemar's test against the full model."""
+def state_cell(pairs: int, seq_len: int, run: dict[str, np.ndarray | None], fingerprint: str) -> dict:
+    """Accuracy per condition, and per cut the reliance score and McNemar's test against the full model (over
+    items, and over answers); run: [items, pairs] outcomes per condition, None where not applicable."""
     full = run["full"]
     acc_full = float(full.mean())
-    row = {"pairs": pairs, "seq_len": seq_len, "answers": int(full.size), "accuracy": {"full": acc_full}}
+    row = {"pairs": pairs, "seq_len": seq_len, "answers": int(full.size), "items_fingerprint": fingerprint,
+           "accuracy": {"full": acc_full},
+           "outcomes": {name: paired.pack_outcomes(right) for name, right in run.items() if right is not None}}
     for name in ("ssm_cut", "attention_cut"):
         cut = run.get(name)
         if cut is None:
@@ -127,6 +137,6 @@ def state_cell(pairs: int, seq_len: int, run: dict[str, np.ndarray | None]) -> d
             continue
         acc = float(cut.mean())
         row["accuracy"][name] = acc
-        row[name] = {"reliance": paired.reliance(acc_full, acc),
+        row[name] = {"reliance": paired.reliance(acc_full, acc), "mcnemar_items": paired.mcnemar_items(full, cut),
                      "mcnemar": paired.mcnemar_exact(full.ravel().tolist(), cut.ravel().tolist())}
     return row

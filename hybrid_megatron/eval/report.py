@@ -156,7 +156,9 @@ def _state_markdown(s: dict) -> list[str]:
              f"{s['items_per_cell']} unseen MQAR items per cell. SSM cut: the Mamba layers restart at the first query "
              "(attention still sees the bindings). Attention cut: attention sees "
              f"{s['attention_window']} tokens before the first query (the SSM intact). Reliance = (full - cut) / full; "
-             "p: McNemar's exact test on the paired answers.", "",
+             "p: McNemar's test on the paired answers with the item as the unit (an item's answers share its "
+             "sequence); `results.json` also holds the test over answers (`mcnemar`), which takes them as "
+             "independent. A p marked * is that one: results written before the test over items.", "",
              "| pairs | length | answers | full | SSM cut | reliance | p | attention cut | reliance | p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in s["cells"]:
@@ -164,12 +166,23 @@ def _state_markdown(s: dict) -> list[str]:
         for cut in ("ssm_cut", "attention_cut"):
             if isinstance(c[cut], dict):
                 rel = c[cut]["reliance"]
-                cells += [f"{c['accuracy'][cut]:.4f}", "-" if rel is None else f"{rel:.3f}",
-                          f"{c[cut]['mcnemar']['p_value']:.2g}"]
+                cells += [f"{c['accuracy'][cut]:.4f}", "-" if rel is None else f"{rel:.3f}", cut_p_value(c[cut])]
             else:
                 cells += ["n/a", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "![state](state.png)", ""]
+
+
+def cut_p_value(cut: dict) -> str:
+    """A cut's p-value as the reports print it: the test over items, else (older results) the one over answers,
+    marked *."""
+    if "mcnemar_items" in cut:
+        return _p_text(cut["mcnemar_items"]["p_value"])
+    return _p_text(cut["mcnemar"]["p_value"]) + "*"
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.2g}" if p > 0 else "< 1e-300"
 
 
 def _plot_ppl(s: dict, out: Path) -> str:

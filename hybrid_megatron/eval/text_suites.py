@@ -15,7 +15,6 @@ import time
 import numpy as np
 
 from hybrid_megatron.config import RunConfig
-from hybrid_megatron.eval import paired
 from hybrid_megatron.eval.megatron_suites import announce
 from hybrid_megatron.eval.sharding import dp_share, gather_over_dp
 from hybrid_megatron.eval.suites import EvalOptions
@@ -55,11 +54,25 @@ def run_niah(chunks, cfg: RunConfig, opts: EvalOptions, tokenizer, indexes: dict
     return out
 
 
+def distinct_n(sequences: list[list[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of all sequences (distinct-1, distinct-2 of Li et al., 2016)."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(sequence: list[int], n: int = 4, first: int = 200) -> float:
+    """Share of the n-grams within the first ``first`` tokens that repeat an earlier one (rep-n of Welleck et
+    al., 2020: 1 - distinct / total)."""
+    head = list(sequence[:first])
+    grams = [tuple(head[i:i + n]) for i in range(len(head) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def generation_metrics(continuations: list[list[int]], eos_id: int, max_new: int) -> dict:
     """Metrics of one temperature's continuations (EOS and what follows it excluded)."""
     cut = [c[:c.index(eos_id)] if eos_id in c else c for c in continuations]
-    return {"distinct_1": paired.distinct_n(cut, 1), "distinct_2": paired.distinct_n(cut, 2),
-            "repetition_rate_4": float(np.mean([paired.repetition_rate(c, 4, 200) for c in cut])),
+    return {"distinct_1": distinct_n(cut, 1), "distinct_2": distinct_n(cut, 2),
+            "repetition_rate_4": float(np.mean([repetition_rate(c, 4, 200) for c in cut])),
             "mean_length": float(np.mean([len(c) for c in cut])),
             "reached_eos": float(np.mean([eos_id in c for c in continuations])), "max_new_tokens": max_new}
 
