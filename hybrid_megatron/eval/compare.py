@@ -8,7 +8,8 @@ shown side by side). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.p
 train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. With three or more
 runs of different sizes it fits L(N) = E + A N^-alpha to their last validation losses (``scaling.py``),
 with a bootstrap interval for alpha, and lists the red flags; with five or more runs that also differ in
-tokens, L(N, D) = E + A/N^alpha + B/D^beta as well.
+tokens, L(N, D) = E + A/N^alpha + B/D^beta as well. Runs evaluated with ``--suite mqar`` on the same items are
+tested against the first of them, item by item (``paired_runs.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import yaml
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import plots, report, scaling
+from hybrid_megatron.eval import paired_runs, plots, report, scaling
 
 log = logging.getLogger(__name__)
 MIN_SIZE_SPREAD = 1.5  # largest / smallest model before a size law is fitted
@@ -39,6 +40,7 @@ class Run:
     val: list[tuple[int, float, float]] = field(default_factory=list)
     eval_step: int | None = None
     eval: dict[str, float] = field(default_factory=dict)  # headline numbers of the latest eval results
+    mqar: dict | None = None  # the latest eval's mqar suite (its outcomes per item), for the paired comparison
 
     @property
     def final_train(self) -> float | None:
@@ -113,6 +115,7 @@ def load_run(run_dir: str | Path) -> Run:
     latest = _latest_eval(run_dir)
     if latest is not None:
         run.eval_step, run.eval = latest["step"], report.headline(latest)
+        run.mqar = latest["suites"].get("mqar")
     return run
 
 
@@ -126,7 +129,7 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        runs = [Run(f"{r.path.parent.name}/{r.name}", r.path, r.params, r.train, r.val, r.eval_step, r.eval)
+        runs = [Run(f"{r.path.parent.name}/{r.name}", r.path, r.params, r.train, r.val, r.eval_step, r.eval, r.mqar)
                 for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +166,7 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
                                       [r.final_val for r in with_val])
         summary["scaling_fit_nd"] = {"E": law2.E, "A": law2.A, "alpha": law2.alpha, "B": law2.B, "beta": law2.beta,
                                      "runs": len(with_val), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
+    summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.mqar) for r in runs])
     _plot(runs, out)
     if summary["scaling_fit"]:
         _plot_fit(with_val, summary["scaling_fit"], out)
@@ -211,6 +215,8 @@ def _report(summary: dict) -> str:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         lines.append(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} | {val} |")
     lines += _eval_table(summary["runs"])
+    if summary.get("mqar_paired"):
+        lines += paired_runs.markdown(summary["mqar_paired"])
     fit = summary["scaling_fit"]
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
     if fit:

@@ -177,11 +177,12 @@ def cut_p_value(cut: dict) -> str:
     """A cut's p-value as the reports print it: the test over items, else (older results) the one over answers,
     marked *."""
     if "mcnemar_items" in cut:
-        return _p_text(cut["mcnemar_items"]["p_value"])
-    return _p_text(cut["mcnemar"]["p_value"]) + "*"
+        return p_text(cut["mcnemar_items"]["p_value"])
+    return p_text(cut["mcnemar"]["p_value"]) + "*"
 
 
-def _p_text(p: float) -> str:
+def p_text(p: float) -> str:
+    """A p-value as the reports print it (a float64 tail can underflow to 0)."""
     return f"{p:.2g}" if p > 0 else "< 1e-300"
 
 
