@@ -58,6 +58,20 @@ def test_cells_of_other_items_and_results_without_outcomes_are_named_not_compare
     assert only_old["rows"] == [] and only_old["reference"] == "a" and len(only_old["not_compared"]) == 1
 
 
+def test_outcomes_that_do_not_pair_are_one_line():
+    from data_pipeline.errors import DataError
+
+    rng = np.random.default_rng(3)
+    ref = _mqar({4: rng.random((40, 4)) < 0.3})
+    for damage, message in ((lambda o: o[:-1], "paired outcomes must be"), (lambda o: ["xyz"] + o[1:], "not a hex"),
+                            (lambda o: ["ff"] + o[1:], "past the item's 4")):
+        bad = _mqar({4: rng.random((40, 4)) < 0.3})
+        bad["cells"][0]["outcomes"] = damage(bad["cells"][0]["outcomes"])
+        with pytest.raises(DataError, match=f"b, 4 pairs at length 48 against a: per-item outcomes that do not "
+                                            f"pair .*{message}"):
+            paired_runs.compare_runs([("a", ref), ("b", bad)])
+
+
 def test_compare_reports_the_paired_mqar_table(tmp_path):
     rng = np.random.default_rng(2)
     ref = rng.random((40, 4)) < 0.3

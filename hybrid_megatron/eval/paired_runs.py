@@ -10,6 +10,7 @@ the per-item outcomes is listed as not compared, with the reason.
 
 from __future__ import annotations
 
+from data_pipeline.errors import DataError
 from hybrid_megatron.eval import paired
 from hybrid_megatron.eval.report import p_text
 
@@ -44,12 +45,15 @@ def compare_runs(runs: list[tuple[str, dict | None]]) -> dict | None:
             elif cell.get("items_fingerprint") != ref.get("items_fingerprint"):
                 not_compared.append(f"{where}: other items than {ref_name}'s (another item seed or vocabulary)")
             else:
-                mine = paired.unpack_outcomes(cell["outcomes"], key[0])
-                theirs = paired.unpack_outcomes(ref["outcomes"], key[0])
+                try:
+                    mine = paired.unpack_outcomes(cell["outcomes"], key[0])
+                    theirs = paired.unpack_outcomes(ref["outcomes"], key[0])
+                    test = paired.mcnemar_items(mine, theirs)
+                except ValueError as exc:  # a results.json edited or damaged since eval wrote it
+                    raise DataError(f"{where} against {ref_name}: per-item outcomes that do not pair ({exc})") from None
                 rows.append({"run": name, "pairs": key[0], "seq_len": key[1], "items": int(mine.shape[0]),
                              "accuracy": float(mine.mean()), "reference_accuracy": float(theirs.mean()),
-                             "difference": float(mine.mean() - theirs.mean()),
-                             "mcnemar_items": paired.mcnemar_items(mine, theirs)})
+                             "difference": float(mine.mean() - theirs.mean()), "mcnemar_items": test})
     return {"reference": ref_name, "rows": rows, "not_compared": not_compared}
 
 
