@@ -88,8 +88,8 @@ def whole(be: Backend, xbc, dt_raw, seq_idx, p) -> torch.Tensor:
     """The whole sequence on one rank: what every CP rank's share must equal."""
     conv, scan = _kernels(be, p)
     x, B, C = be.dims.split(conv(xbc, seq_idx))
-    y, _ = scan(x, process_dt(dt_raw, p["dt_bias"]), -torch.exp(p["A_log"]), B, C, seq_idx)
-    return y + x * p["D"][:, None]
+    y, _ = scan(x, process_dt(dt_raw, p["dt_bias"]), -torch.exp(p["A_log"]), B, C, p["D"], seq_idx)
+    return y
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

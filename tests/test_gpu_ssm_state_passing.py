@@ -29,7 +29,7 @@ def test_the_kernel_callables_compute_the_reference_recurrence():
     u_ref = causal_conv(data["xbc"], data["conv_w"], data["conv_b"], seq_idx)
     assert float((u - u_ref).abs().max()) < 1e-5 * float(u_ref.abs().max())
     x, B, C = (t.contiguous() for t in KERNELS.dims.split(u_ref))
-    args = (x, process_dt(data["dt"], data["dt_bias"]), -torch.exp(data["A_log"]), B, C, seq_idx)
+    args = (x, process_dt(data["dt"], data["dt_bias"]), -torch.exp(data["A_log"]), B, C, data["D"], seq_idx)
     (y, final), (y_ref, final_ref) = kernel_scan(KERNELS.scan_chunk)(*args), ssd_scan(*args)
     for got, want in ((y, y_ref), (final, final_ref)):  # the final state is the last document's, from zero
         assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())

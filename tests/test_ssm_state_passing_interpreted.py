@@ -1,7 +1,7 @@
 """State passing with mamba-ssm's real SSD kernel, without a GPU: the kernel runs in Triton's interpreter on the CPU
 (``tests/triton_interpreter.py``), the conv is the reference (causal-conv1d is CUDA only). What the state passing
 relies on in the kernel (a document's state stops at ``seq_idx`` boundaries, the final state is the last
-document's from zero, the gradient flows back through that final state) is checked against the token-by-token
+document's from zero, the gradient flows back through that final state, the D skip) is checked against the token-by-token
 reference, then two CP ranks against the whole sequence through the same kernel, forward and backward.
 
 Opt-in: ``TRITON_INTERPRET=1 PYTHONPATH=<mamba-ssm source> pytest tests/test_ssm_state_passing_interpreted.py``
@@ -34,7 +34,8 @@ def test_the_scan_kernel_computes_the_reference_recurrence_and_its_gradients():
     data = inputs(be, 2, packed=True)  # 48 tokens a row: a start on a kernel chunk's edge, one inside, 1-token docs
     x, B, C = (t.contiguous() for t in be.dims.split(causal_conv(data["xbc"], data["conv_w"], data["conv_b"],
                                                                  data["seq_idx"])))
-    args = {"x": x, "dt": process_dt(data["dt"], data["dt_bias"]), "A": -torch.exp(data["A_log"]), "B": B, "C": C}
+    args = {"x": x, "dt": process_dt(data["dt"], data["dt_bias"]), "A": -torch.exp(data["A_log"]), "B": B, "C": C,
+            "D": data["D"]}
     g = torch.Generator().manual_seed(3)
     w_final = torch.randn(x.shape[0], be.dims.heads, be.dims.head_dim, be.dims.state, generator=g)
     results = {}

@@ -28,8 +28,9 @@ on a GPU, ``model/mamba_cp_mixer.py`` passes causal-conv1d's ``causal_conv1d_fn`
 
 - ``conv(x, seq_idx) -> x``: causal depthwise conv + activation over [batch, length, channels], not crossing
   documents;
-- ``scan(x, dt, A, B, C, seq_idx) -> (y, final_state)``: the SSD scan from a zero state with dt already
-  processed (bias, softplus), no D skip; the final state is the last document's.
+- ``scan(x, dt, A, B, C, D, seq_idx) -> (y, final_state)``: the SSD scan from a zero state with dt already
+  processed (bias, softplus) and the D skip (in the kernel's fp32, as megatron's fused path has it, so D's
+  gradient is fp32 too); the final state is the last document's.
 """
 
 from __future__ import annotations
@@ -170,23 +171,20 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
             carried = idx == t_idx[:, -1:]  # [b, l]: tokens in the entering state's document (a prefix)
         x_h, idx_h = with_halo(x, idx, tail, t_idx)
         xi, B, C = dims.split(conv(x_h, idx_h)[:, k_1:])
-        y, final = scan(xi, d, A, B, C, idx)
+        y, final = scan(xi, d, A, B, C, D, idx)
         acc = torch.promote_types(d.dtype, torch.float32)  # decays in fp32 at least
         decay = torch.exp(A.to(acc) * torch.cumsum(d.to(acc), dim=1))  # [b, l, h]
         passes.append(torch.where(carried.all(dim=1)[:, None], decay[:, -1], torch.zeros_like(decay[:, -1])))
         finals.append(final)
-        local.append((y, xi, C, decay * carried[..., None]))
+        local.append((y, C, decay * carried[..., None]))
     # 2. state passing over every chunk of the sequence
     summary = torch.cat([torch.stack(finals).flatten(2), torch.stack(passes).to(finals[0].dtype)], dim=2)
     gathered = gather_chunks(summary, layout, group)  # one collective: its backward's order is the same everywhere
     size = finals[0][0].numel()
     states = entering_states({k: v[:, :size].view_as(finals[0]) for k, v in gathered.items()},
                              {k: v[:, size:] for k, v in gathered.items()})
-    # 3. the entering state's share of each token's output, and the D skip
-    ys = []
-    for k, (y, xi, C, reach) in zip(ids, local):
-        entering = EnteringShare.apply(C, states[k], reach)
-        ys.append(y + entering.to(y.dtype) + xi * D[:, None].to(xi.dtype))
+    # 3. the entering state's share of each token's output
+    ys = [y + EnteringShare.apply(C, states[k], reach).to(y.dtype) for k, (y, C, reach) in zip(ids, local)]
     return torch.cat(ys, dim=1)
 
 
@@ -247,11 +245,13 @@ def kernel_conv(weight: torch.Tensor, bias: torch.Tensor | None, activation: str
 
 
 def kernel_scan(chunk_size: int) -> Callable:
-    """The ``scan`` callable on a GPU: mamba-ssm's chunked SSD kernel from a zero state, dt already processed."""
+    """The ``scan`` callable on a GPU: mamba-ssm's chunked SSD kernel from a zero state, dt already processed, with
+    the D skip."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    def scan(x, dt, A, B, C, seq_idx):
-        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, seq_idx=seq_idx.to(torch.int32).contiguous(),
-                                         dt_softplus=False, return_final_states=True)
+    def scan(x, dt, A, B, C, D, seq_idx):
+        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D,
+                                         seq_idx=seq_idx.to(torch.int32).contiguous(), dt_softplus=False,
+                                         return_final_states=True)
 
     return scan
