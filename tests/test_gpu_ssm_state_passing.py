@@ -190,7 +190,7 @@ def _memory_body(rank: int, out) -> None:
     measured = {"fused": _saved_bytes(lambda: stock(hidden), [*stock.parameters(), hidden]),
                 "state_passing": _saved_bytes(lambda: ours(share), [*ours.parameters(), share])}
     model = {"fused": mamba_mixer_stored(cfg.model, b * length, 1),
-             "state_passing": mamba_mixer_stored(cfg.model, b * length // 2, 1, state_passing=True)}
+             "state_passing": mamba_mixer_stored(cfg.model, b * length // 2, 1, 2 * 2, b)}
     out[rank] = {k: (measured[k], model[k]) for k in measured}
 
 

@@ -2,7 +2,9 @@
 (``tests/triton_interpreter.py``), the conv is the reference (causal-conv1d is CUDA only). What the state passing
 relies on in the kernel (a document's state stops at ``seq_idx`` boundaries, the final state is the last
 document's from zero, the gradient flows back through that final state, the D skip) is checked against the token-by-token
-reference, then two CP ranks against the whole sequence through the same kernel, forward and backward.
+reference, then two CP ranks against the whole sequence through the same kernel, forward and backward, then what
+the state-passing mixer's core keeps for its backward (with megatron's gated RMSNorm, mamba-ssm's Triton kernel
+too) against the dry run's memory model.
 
 Opt-in: ``TRITON_INTERPRET=1 PYTHONPATH=<mamba-ssm source> pytest tests/test_ssm_state_passing_interpreted.py``
 (about a minute); skipped otherwise, as in CI. On a GPU, ``tests/test_gpu_ssm_state_passing.py`` runs the same
@@ -65,3 +67,88 @@ def test_two_cp_ranks_through_the_interpreted_kernel_compute_the_whole_sequence(
         print(rank, {k: f"{v:.1e}" for k, v in rel.items()})
         bad = {k: v for k, v in rel.items() if v > 1e-5}
         assert not bad, f"CP rank {rank} differs from the whole sequence (relative to its largest value): {bad}"
+
+
+class _ConvKeepingWhatCausalConv1dKeeps(torch.autograd.Function):
+    """causal-conv1d's kernel is CUDA only. This depthwise conv keeps for its backward what causal-conv1d's autograd
+    function keeps (``CausalConv1dFn``: its input, weight, bias and seq_idx), so that the count below covers our code,
+    the scan kernel and the gated norm exactly; tests/test_gpu_ssm_state_passing.py counts the real conv."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx):  # x: [b, channels, length], channel-last in memory
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        return torch.nn.functional.silu(
+            torch.nn.functional.conv1d(torch.nn.functional.pad(x, (weight.shape[1] - 1, 0)), weight[:, None], bias,
+                                       groups=x.shape[1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("counts only")
+
+
+def _memory_body(rank: int, out) -> None:
+    """What ssm_core (the state-passing mixer's core: conv, scan, state passing, gated RMSNorm) and the out_proj
+    keep for the backward on this CP rank, in bf16 as training runs, against model/memory.py."""
+    from megatron.core import parallel_state as ps
+
+    from gpu_helpers import tiny_config
+    from hybrid_megatron.model import geometry as geo
+    from hybrid_megatron.model.mamba_cp_mixer import ssm_core
+    from hybrid_megatron.model.memory import mamba_mixer_stored
+    from hybrid_megatron.model.ssm_state_passing import Dims, Layout, kernel_scan
+    from triton_interpreter import load
+
+    m = tiny_config("model.hidden_size=64", "model.mamba_head_dim=16", "model.mamba_num_groups=2",
+                    "model.mamba_state_dim=16", "model.mamba_chunk_size=32", "model.num_attention_heads=4",
+                    "model.num_query_groups=2").model
+    dims = Dims(heads=m.num_mamba_heads, head_dim=m.mamba_head_dim, groups=m.mamba_num_groups,
+                state=m.mamba_state_dim, conv_kernel=4)
+    rows, local, bf16 = 2, 96, torch.bfloat16  # two zigzag chunks of 48 tokens on each of 2 CP ranks
+    g = torch.Generator().manual_seed(0)
+    with interpreted():
+        norm = load("layernorm_gated").RMSNorm(m.mamba_d_inner, eps=1e-5, group_size=m.mamba_d_inner // dims.groups,
+                                               norm_before_gate=False, dtype=bf16)
+        zxBCdt = (torch.randn(local, rows, geo.mamba_widths(m).in_proj, generator=g) * 0.5).to(bf16).requires_grad_()
+        conv_w = (torch.randn(dims.channels, dims.conv_kernel, generator=g) * 0.3).to(bf16).requires_grad_()
+        params = [conv_w, *(torch.zeros(dims.heads, requires_grad=True) for _ in range(3)),
+                  (torch.randn(m.hidden_size, m.mamba_d_inner, generator=g) * 0.05).to(bf16).requires_grad_(),
+                  norm.weight]
+        conv_b, dt_bias, A_log, D, out_w = (torch.zeros(dims.channels, dtype=bf16, requires_grad=True), *params[1:5])
+        params.append(conv_b)
+        skip = {p.untyped_storage().data_ptr() for p in params}
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in skip:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        def conv(x, seq_idx):
+            return _ConvKeepingWhatCausalConv1dKeeps.apply(x.transpose(1, 2), conv_w, conv_b,
+                                                           seq_idx.to(torch.int32)).transpose(1, 2)
+
+        def core(gated_norm):
+            return ssm_core(zxBCdt, dims, dt_bias, A_log, D, Layout.rows(2, True, local),
+                            torch.zeros(rows, local, dtype=torch.int32), ps.get_context_parallel_group(),
+                            conv=conv, scan=kernel_scan(m.mamba_chunk_size), norm=gated_norm)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = core(norm)
+            torch.nn.functional.linear(y, out_w)
+        # the gate inside the norm's kernel (fp32) is the norm of the gated output, up to bf16 rounding
+        with torch.no_grad():
+            unfused = norm(core(None))
+        gate_diff = float((y.float() - unfused.float()).abs().max() / unfused.float().abs().max())
+    halo = 2 * rows * (dims.conv_kernel - 1) * (2 * 2 * dims.channels + 4)  # conv input and output, int32 ids
+    out[rank] = {"measured": sum(kept.values()), "halo": halo, "gate_diff": gate_diff, "one_state": 4 * rows * m.mamba_d_inner * dims.state,
+                 "model": mamba_mixer_stored(m, rows * local, 1, 2 * 2, rows)}
+
+
+def test_the_memory_model_counts_what_state_passing_keeps_for_its_backward():
+    for rank, r in run_ranks(_memory_body, world=2, cp=2).items():
+        print(rank, r)
+        # the model is the worst rank's (rank 0 also keeps the last chunk's entering state), and the scan kernel
+        # pads its fp32 dt and dA cumsum to whole kernel chunks (here 48-token CP chunks in 32-token ones)
+        assert r["model"] - r["one_state"] <= r["measured"] - r["halo"] <= r["model"] * 1.01, (rank, r)
+        assert r["gate_diff"] < 2e-2, r

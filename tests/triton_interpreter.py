@@ -5,7 +5,7 @@ Three things in the kernels' host code assume a CUDA device, and ``interpreted()
 ``torch.cuda.device(index)`` around the launches (a no-op for CPU tensors), ``get_device_properties(...)
 .multi_processor_count`` (it only sizes a grid split, summed afterwards), and the autotuner, which times its
 configurations with CUDA events (the first configuration is taken instead). ``mamba_ssm/__init__.py`` loads the
-CUDA selective-scan extension, so ``load_ssd`` imports the Triton submodules without running it. Where CUDA is
+CUDA selective-scan extension, so ``load`` imports the Triton submodules without running it. Where CUDA is
 present nothing is patched.
 
 The Python sources are enough: a mamba-ssm source checkout on ``PYTHONPATH``, or its wheel installed without
@@ -36,14 +36,15 @@ def skip_reason() -> str | None:
     return None
 
 
-def load_ssd():
-    """``mamba_ssm.ops.triton.ssd_combined`` without ``mamba_ssm/__init__.py`` (which loads a CUDA extension)."""
+def load(module: str = "ssd_combined"):
+    """``mamba_ssm.ops.triton.<module>`` (the chunked scan, or ``layernorm_gated``: megatron's gated RMSNorm)
+    without ``mamba_ssm/__init__.py`` (which loads a CUDA extension)."""
     if "mamba_ssm" not in sys.modules:
         spec = importlib.util.find_spec("mamba_ssm")
         package = types.ModuleType("mamba_ssm")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = package
-    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    return importlib.import_module(f"mamba_ssm.ops.triton.{module}")
 
 
 @contextlib.contextmanager
@@ -63,5 +64,5 @@ def interpreted():
                                               lambda *_: types.SimpleNamespace(multi_processor_count=SM_COUNT)))
         stack.enter_context(mock.patch.object(Autotuner, "prune_configs",
                                               lambda self, *args: prune(self, *args)[:1]))
-        load_ssd()
+        load()
         yield

@@ -26,12 +26,16 @@ models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep
              output before gating, both saved by mamba_split_conv1d_scan_combined; gated-norm input;
              out_proj input; fp32 group-norm rstd). The memory-efficient kernel recomputes the conv
              output and the chunk states in the backward, so those are working set, below.
-  mamba, CP by state passing (model/ssm_state_passing.py: conv, scan and gate unfused) instead
-             + [2T W + 4T c + 8T di + 4TG + 24T nh] / t + 9T   (c = di + 2GN conv channels: in_proj output,
-             kept by the gate's z; conv input with its halo and conv output, which the scan and the D skip
-             keep; scan output, gated sum, silu(z), gated-norm input, out_proj input; fp32 dt before and
-             after softplus, the scan's dA cumsum, the decay's cumsum, exp and reach; int32 document ids of
-             the conv and the scan, 4T each, and the bool carried mask, T)
+  mamba, CP by state passing (model/mamba_cp_mixer.py: conv and scan unfused) instead
+             + [2T W + 4T c + 6T di + 4TG + 24T nh] / t + 9T   (c = di + 2GN conv channels: in_proj output,
+             kept by the gate's z; conv input with its halo and conv output, which the scan keeps; scan
+             output, gated-norm input, out_proj input; fp32 dt before and after softplus, the scan's dA
+             cumsum, the decay's cumsum, exp and reach; int32 document ids of the conv and the scan, 4T
+             each, and the bool carried mask, T)
+             + 4 b n (2 di N + nh) / t   (b sequences of the micro-batch, n = 2 CP chunks of each: every
+             chunk's fp32 final state and decay, all-gathered, and the entering states the scan over them
+             keeps; packed documents are split one at a time, so there n is 2 CP per document, which the
+             estimate counts as one per sequence: short documents keep more)
   gdn        + [2T W + 2T c + 4T hv dk + 8T hv + 4T hv C + 4T VD] / t   (W in_proj width, c conv channels,
              C = 64 the delta rule's chunk: in_proj output, conv output, L2-normed q and k at the value
              heads, fp32 decay and norm rstd, the fp32 intra-chunk matrix flash-linear-attention saves,
@@ -91,19 +95,21 @@ def _norm(m: ModelConfig) -> int:
     return sum(p.numel for p in geo.final_norm(m))
 
 
-def mamba_mixer_stored(m: ModelConfig, T: int, tp: int, state_passing: bool = False) -> float:
+def mamba_mixer_stored(m: ModelConfig, T: int, tp: int, state_passing_chunks: int = 0, rows: int = 1) -> float:
     """Bytes a Mamba mixer keeps for its backward per micro-batch of T tokens on this rank, its input excluded
-    (the pre-norm's output, counted with the pre-norm): megatron's fused path or state passing's (legend above)."""
+    (the pre-norm's output, counted with the pre-norm): megatron's fused path, or state passing's when
+    ``state_passing_chunks`` (the CP chunks of each of the ``rows`` sequences) is set (legend above)."""
     di, G, N, nh = m.mamba_d_inner, m.mamba_num_groups, m.mamba_state_dim, m.num_mamba_heads
     W = geo.mamba_widths(m).in_proj
-    if state_passing:
+    if state_passing_chunks:
         c = di + 2 * G * N
-        return (2 * T * W + 4 * T * c + 8 * T * di + 4 * T * G + 24 * T * nh) / tp + 9 * T
+        states = 4 * rows * state_passing_chunks * (2 * di * N + nh)
+        return (2 * T * W + 4 * T * c + 6 * T * di + 4 * T * G + 24 * T * nh + states) / tp + 9 * T
     return (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
 
 
 def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str, cp: int = 1,
-                       state_passing: bool = False) -> tuple[float, float]:
+                       state_passing_rows: int = 0) -> tuple[float, float]:
     """(bytes kept until the backward per micro-batch, bytes of the layer's backward working set)."""
     H = m.hidden_size
     stats = 4 * T * (2 if m.normalization == "LayerNorm" else 1)
@@ -112,7 +118,7 @@ def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, rec
         di, G, N, nh, Q = (m.mamba_d_inner, m.mamba_num_groups, m.mamba_state_dim, m.num_mamba_heads,
                            m.mamba_chunk_size)
         W = geo.mamba_widths(m).in_proj
-        stored += mamba_mixer_stored(m, T, tp, state_passing)
+        stored += mamba_mixer_stored(m, T, tp, 2 * cp if state_passing_rows else 0, state_passing_rows)
         work = (2 * T * W + 2 * T * (di + 2 * G * N) + 4 * T * di * N / Q + 4 * T * G * Q + 12 * T * nh) / tp
     elif symbol == pat.GDN:
         w, C = geo.gdn_widths(m), GDN_CHUNK
@@ -221,7 +227,8 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 sharded += geo.output_layer(m, V).numel
         chunk_bytes, work = [], 0.0
         for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
-            acts = [_layer_activations(m, sym, T, tp, s, train.recompute, cp, passing) for sym in chunk]
+            acts = [_layer_activations(m, sym, T, tp, s, train.recompute, cp, train.micro_batch_size if passing else 0)
+                    for sym in chunk]
             for i, sym in enumerate(chunk):
                 p = geo.layer(m, sym)
                 expert += p.expert  # routed experts: split over TP (expert TP = TP) and EP
@@ -276,7 +283,7 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
     optimizer = f"distributed optimizer (sharded over DP {dp}{cp})" if par.use_distributed_optimizer else (
         "optimizer state replicated on every DP rank (use_distributed_optimizer=false)"
     )
-    passing = ("; Mamba CP by state passing (unfused conv, scan and gate: more activations per Mamba layer)"
+    passing = ("; Mamba CP by state passing (unfused conv and scan: more activations per Mamba layer)"
                if cp and par.mamba_context_parallel == "state_passing" else "")
     ep = f" (experts over EP {par.expert_model_parallel_size} of them)" if par.expert_model_parallel_size > 1 else ""
     lines = [
