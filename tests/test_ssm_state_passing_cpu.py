@@ -75,11 +75,37 @@ def test_zigzag_chunks_balance_the_causal_work():
 
 
 def test_entering_states_chain_decays_and_final_states():
-    finals = {k: torch.full((1, 1, 1, 1), float(k + 1)) for k in range(3)}
-    passes = {0: torch.tensor([[0.5]]), 1: torch.tensor([[0.0]]), 2: torch.tensor([[0.25]])}
+    finals = torch.arange(1.0, 4.0).reshape(3, 1, 1, 1)
+    passes = torch.tensor([0.5, 0.0, 0.25]).reshape(3, 1, 1)
     states = entering_states(finals, passes)
     # H_0 = 0; H_1 = 0.5 * 0 + 1 = 1; H_2 = 0 * 1 + 2 = 2 (a document started inside chunk 1)
-    assert [float(states[k]) for k in range(3)] == [0.0, 1.0, 2.0]
+    assert states.flatten().tolist() == [0.0, 1.0, 2.0]
+
+
+def test_this_ranks_entering_states_keep_only_the_gathered_summaries_and_match_autograd():
+    """EnteringStates (the recursion's backward run in reverse over recomputed states) against plain autograd
+    through entering_states, float64, for the chunks of one rank in a zigzag of 4 ranks; its forward keeps the
+    gathered buffer alone, where autograd through the recursion keeps every chunk's state."""
+    from hybrid_megatron.model.ssm_state_passing import EnteringStates, Layout
+
+    torch.manual_seed(0)
+    layout, b, h, s = Layout.rows(4, True, 6), 2, 3, 5
+    gathered = torch.randn(4, 2, b, h * s + h, dtype=torch.float64)
+    gathered[..., h * s:] = torch.rand(4, 2, b, h, dtype=torch.float64)  # decays in [0, 1)
+    gathered[0, 1, 0, h * s:] = 0.0  # a document starts inside chunk 7's first row
+    where = tuple(w for _, w in sorted((k, (r, i)) for r, ids in enumerate(layout.ids) for i, k in enumerate(ids)))
+    for rank in range(4):
+        wanted = layout.ids[rank]
+        mine = gathered.clone().requires_grad_()
+        torch.autograd.gradcheck(lambda g: EnteringStates.apply(g, where, wanted, h), (mine,))
+        ordered = mine[[r for r, _ in where], [i for _, i in where]]
+        reference = entering_states(ordered[..., :h * s].reshape(8, b, h, s), ordered[..., h * s:])[list(wanted)]
+        assert torch.equal(EnteringStates.apply(mine, where, wanted, h), reference)
+    saved = []
+    leaf = gathered.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        EnteringStates.apply(leaf, where, layout.ids[0], h)
+    assert len(saved) == 1 and saved[0].untyped_storage().data_ptr() == leaf.untyped_storage().data_ptr()
 
 
 def test_the_entering_share_matches_the_expanded_product_and_saves_only_its_inputs():

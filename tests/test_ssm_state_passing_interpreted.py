@@ -148,7 +148,7 @@ def _memory_body(rank: int, out) -> None:
 def test_the_memory_model_counts_what_state_passing_keeps_for_its_backward():
     for rank, r in run_ranks(_memory_body, world=2, cp=2).items():
         print(rank, r)
-        # the model is the worst rank's (rank 0 also keeps the last chunk's entering state), and the scan kernel
-        # pads its fp32 dt and dA cumsum to whole kernel chunks (here 48-token CP chunks in 32-token ones)
-        assert r["model"] - r["one_state"] <= r["measured"] - r["halo"] <= r["model"] * 1.01, (rank, r)
+        # the scan kernel pads its fp32 dt and dA cumsum to whole kernel chunks (here 48-token CP chunks in
+        # 32-token ones: 2 KiB), which the model leaves out; one chunk's state more would be 16 KiB
+        assert r["model"] <= r["measured"] - r["halo"] <= r["model"] + r["one_state"] / 4, (rank, r)
         assert r["gate_diff"] < 2e-2, r

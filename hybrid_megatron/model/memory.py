@@ -32,10 +32,10 @@ models, so no masks; every tensor bf16 unless marked, FP8 layers assumed to keep
              output, gated-norm input, out_proj input; fp32 dt before and after softplus, the scan's dA
              cumsum, the decay's cumsum, exp and reach; int32 document ids of the conv and the scan, 4T
              each, and the bool carried mask, T)
-             + 4 b n (2 di N + nh) / t   (b sequences of the micro-batch, n = 2 CP chunks of each: every
-             chunk's fp32 final state and decay, all-gathered, and the entering states the scan over them
-             keeps; packed documents are split one at a time, so there n is 2 CP per document, which the
-             estimate counts as one per sequence: short documents keep more)
+             + 4 b [n (di N + nh) + 2 di N] / t   (b sequences of the micro-batch, n = 2 CP chunks of each:
+             every chunk's fp32 final state and decay, all-gathered, and the entering states of this rank's
+             two chunks; packed documents are split one at a time, so there n and the 2 are per document,
+             which the estimate counts as one per sequence: short documents keep more)
   gdn        + [2T W + 2T c + 4T hv dk + 8T hv + 4T hv C + 4T VD] / t   (W in_proj width, c conv channels,
              C = 64 the delta rule's chunk: in_proj output, conv output, L2-normed q and k at the value
              heads, fp32 decay and norm rstd, the fp32 intra-chunk matrix flash-linear-attention saves,
@@ -103,7 +103,7 @@ def mamba_mixer_stored(m: ModelConfig, T: int, tp: int, state_passing_chunks: in
     W = geo.mamba_widths(m).in_proj
     if state_passing_chunks:
         c = di + 2 * G * N
-        states = 4 * rows * state_passing_chunks * (2 * di * N + nh)
+        states = 4 * rows * (state_passing_chunks * (di * N + nh) + 2 * di * N)
         return (2 * T * W + 4 * T * c + 6 * T * di + 4 * T * G + 24 * T * nh + states) / tp + 9 * T
     return (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
 

@@ -130,14 +130,59 @@ def with_halo(x: torch.Tensor, seq_idx: torch.Tensor, tail: torch.Tensor, tail_i
     return torch.cat([tail, x], dim=1), torch.cat([tail_idx, seq_idx], dim=1)
 
 
-def entering_states(finals: dict[int, torch.Tensor], passes: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """H_k = P_{k-1} H_{k-1} + S_{k-1} over every chunk in order; H_0 = 0. finals: [b, h, p, n], passes: [b, h].
-    H_0 is 0 * S_0 rather than a new zero tensor: every H then hangs off the gather, whose backward every rank runs."""
-    first = min(finals)
-    states = {first: finals[first] * 0}
-    for k in range(first + 1, first + len(finals)):
-        states[k] = passes[k - 1][..., None, None] * states[k - 1] + finals[k - 1]
-    return states
+def entering_states(finals: torch.Tensor, passes: torch.Tensor) -> torch.Tensor:
+    """H_k = P_{k-1} H_{k-1} + S_{k-1} over every chunk in order, H_0 = 0. finals S: [chunks, b, h, s] (s = head_dim x
+    state, flattened), passes P: [chunks, b, h] -> H: [chunks, b, h, s]."""
+    states = [torch.zeros_like(finals[0])]
+    for k in range(1, finals.shape[0]):
+        states.append(passes[k - 1][..., None] * states[k - 1] + finals[k - 1])
+    return torch.stack(states)
+
+
+class EnteringStates(torch.autograd.Function):
+    """This rank's chunks' entering states from every chunk's gathered final state and decay (``entering_states``).
+    Autograd through the recursion would keep every chunk's state of the sequence, [b, h, head_dim, state] fp32
+    each, on every rank; this keeps only its input (the gathered summaries, alive anyway) and recomputes the
+    states in the backward, which runs the recursion in reverse: dS_{k-1} = G_k, dP_{k-1} = <G_k, H_{k-1}>,
+    G_{k-1} = dH_{k-1} + P_{k-1} G_k."""
+
+    @staticmethod
+    def forward(ctx, gathered: torch.Tensor, where: tuple, wanted: tuple, heads: int) -> torch.Tensor:
+        """gathered: [ranks, chunks per rank, b, h s + h] (each chunk's S flattened, then P); where[k]: the (rank,
+        slot) of chunk k; wanted: this rank's chunk ids -> their H, [len(wanted), b, h, s]."""
+        ctx.save_for_backward(gathered)
+        ctx.where, ctx.wanted, ctx.heads = where, wanted, heads
+        return EnteringStates._states(gathered, where, heads)[list(wanted)]
+
+    @staticmethod
+    def _summaries(gathered: torch.Tensor, where: tuple, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ordered = gathered[[r for r, _ in where], [i for _, i in where]]  # [chunks, b, h s + h], in chunk order
+        b, width = ordered.shape[1], ordered.shape[2] - heads
+        return ordered[..., :width].reshape(len(where), b, heads, -1), ordered[..., width:]
+
+    @staticmethod
+    def _states(gathered: torch.Tensor, where: tuple, heads: int) -> torch.Tensor:
+        return entering_states(*EnteringStates._summaries(gathered, where, heads))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gathered,) = ctx.saved_tensors
+        finals, passes = EnteringStates._summaries(gathered, ctx.where, ctx.heads)
+        states = entering_states(finals, passes)
+        d_finals, d_passes = torch.zeros_like(finals), torch.zeros_like(passes)
+        incoming = torch.zeros_like(states)
+        incoming[list(ctx.wanted)] = grad.to(states.dtype)
+        g = incoming[-1]
+        for k in range(finals.shape[0] - 1, 0, -1):  # g: the gradient of H_k
+            d_finals[k - 1] = g
+            d_passes[k - 1] = (g * states[k - 1]).sum(-1)
+            g = incoming[k - 1] + passes[k - 1][..., None] * g
+        d = torch.zeros_like(gathered)
+        width = d.shape[-1] - ctx.heads
+        for k, (r, i) in enumerate(ctx.where):
+            d[r, i, :, :width] = d_finals[k].flatten(1)
+            d[r, i, :, width:] = d_passes[k]
+        return d, None, None, None
 
 
 def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tensor, A: torch.Tensor,
@@ -177,14 +222,18 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
         passes.append(torch.where(carried.all(dim=1)[:, None], decay[:, -1], torch.zeros_like(decay[:, -1])))
         finals.append(final)
         local.append((y, C, decay * carried[..., None]))
-    # 2. state passing over every chunk of the sequence
+    # 2. state passing over every chunk of the sequence: one collective (its backward's order is the same on every
+    # rank), then this rank's chunks' entering states
     summary = torch.cat([torch.stack(finals).flatten(2), torch.stack(passes).to(finals[0].dtype)], dim=2)
-    gathered = gather_chunks(summary, layout, group)  # one collective: its backward's order is the same everywhere
-    size = finals[0][0].numel()
-    states = entering_states({k: v[:, :size].view_as(finals[0]) for k, v in gathered.items()},
-                             {k: v[:, size:] for k, v in gathered.items()})
+    gathered = _GatherBySum.apply(summary, group)  # [ranks, chunks per rank, b, h p n + h]
+    where = tuple(sorted(((k, (r, i)) for r, chunks in enumerate(layout.ids) for i, k in enumerate(chunks))))
+    if [k for k, _ in where] != list(range(len(where))):
+        raise ValueError(f"the layout's chunk ids are not 0..{len(where) - 1}: {[k for k, _ in where]}")
+    states = EnteringStates.apply(gathered, tuple(w for _, w in where), tuple(ids), dims.heads)
+    b = finals[0].shape[0]
     # 3. the entering state's share of each token's output
-    ys = [y + EnteringShare.apply(C, states[k], reach).to(y.dtype) for k, (y, C, reach) in zip(ids, local)]
+    ys = [y + EnteringShare.apply(C, H.view(b, dims.heads, dims.head_dim, dims.state), reach).to(y.dtype)
+          for (y, C, reach), H in zip(local, states)]
     return torch.cat(ys, dim=1)
 
 
