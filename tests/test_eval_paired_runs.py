@@ -70,6 +70,9 @@ def test_outcomes_that_do_not_pair_are_one_line():
         with pytest.raises(DataError, match=f"b, 4 pairs at length 48 against a: per-item outcomes that do not "
                                             f"pair .*{message}"):
             paired_runs.compare_runs([("a", ref), ("b", bad)])
+    for cells in ("x", ["x"], [{"pairs": "4", "seq_len": 48}], [{"seq_len": 48}]):
+        with pytest.raises(DataError, match="b: its mqar results are not cells of pairs and seq_len"):
+            paired_runs.compare_runs([("a", ref), ("b", {"cells": cells})])
 
 
 def test_compare_reports_the_paired_mqar_table(tmp_path):

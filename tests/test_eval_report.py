@@ -77,3 +77,8 @@ def test_damaged_results_are_one_line(tmp_path):
     (bad / "results.json").write_text("{not json")
     with pytest.raises(DataError, match="unreadable eval results"):
         compare([str(tmp_path / "h256")], tmp_path / "out")
+    results = _results(10, 1.0)
+    del results["suites"]["ppl"]["by_source"]
+    (bad / "results.json").write_text(json.dumps(results))
+    with pytest.raises(DataError, match=r"h256/eval: the latest results.json is not what eval writes \(KeyError"):
+        compare([str(tmp_path / "h256")], tmp_path / "out")

@@ -114,7 +114,11 @@ def load_run(run_dir: str | Path) -> Run:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
     latest = _latest_eval(run_dir)
     if latest is not None:
-        run.eval_step, run.eval = latest["step"], report.headline(latest)
+        try:
+            run.eval_step, run.eval = latest["step"], report.headline(latest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{run_dir}/eval: the latest results.json is not what eval writes ({type(exc).__name__}: "
+                            f"{exc}); edited or damaged") from None
         run.mqar = latest["suites"].get("mqar")
     return run
 

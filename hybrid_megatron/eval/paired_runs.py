@@ -15,27 +15,30 @@ from hybrid_megatron.eval import paired
 from hybrid_megatron.eval.report import p_text
 
 
-def _cells(mqar: dict) -> dict[tuple[int, int], dict]:
-    return {(c["pairs"], c["seq_len"]): c for c in mqar.get("cells", [])}
+def _cells(name: str, mqar: dict) -> dict[tuple[int, int], dict]:
+    cells = mqar.get("cells", []) if isinstance(mqar, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("pairs"), int)
+                                              and isinstance(c.get("seq_len"), int) for c in cells):
+        raise DataError(f"{name}: its mqar results are not cells of pairs and seq_len (edited or damaged)")
+    return {(c["pairs"], c["seq_len"]): c for c in cells}
 
 
 def compare_runs(runs: list[tuple[str, dict | None]]) -> dict | None:
     """runs: (name, the ``mqar`` suite of its latest eval results, or None) in the order given. None when fewer
     than two runs have MQAR results; else {"reference", "rows", "not_compared"}."""
-    with_mqar = [(name, mqar) for name, mqar in runs if mqar]
+    with_mqar = [(name, _cells(name, mqar)) for name, mqar in runs if mqar]
     if len(with_mqar) < 2:
         return None
     not_compared = [f"{name}: its eval results keep no per-item outcomes (evaluated before they were recorded; "
-                    "run eval again)" for name, mqar in with_mqar
-                    if not any("outcomes" in c for c in mqar.get("cells", []))]
-    recorded = [(name, mqar) for name, mqar in with_mqar if any("outcomes" in c for c in mqar.get("cells", []))]
+                    "run eval again)" for name, cells in with_mqar
+                    if not any("outcomes" in c for c in cells.values())]
+    recorded = [(name, cells) for name, cells in with_mqar if any("outcomes" in c for c in cells.values())]
     if len(recorded) < 2:
         return {"reference": recorded[0][0] if recorded else None, "rows": [], "not_compared": not_compared}
-    (ref_name, ref_mqar), others = recorded[0], recorded[1:]
-    reference = _cells(ref_mqar)
+    (ref_name, reference), others = recorded[0], recorded[1:]
     rows = []
-    for name, mqar in others:
-        for key, cell in _cells(mqar).items():
+    for name, cells in others:
+        for key, cell in cells.items():
             ref = reference.get(key)
             where = f"{name}, {key[0]} pairs at length {key[1]}"
             if ref is None or "outcomes" not in ref:
