@@ -108,7 +108,7 @@ def mamba_mixer_stored(m: ModelConfig, T: int, tp: int, state_passing_chunks: in
     return (2 * T * W + 3 * 2 * T * di + 4 * T * G) / tp
 
 
-def _layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str, cp: int = 1,
+def layer_activations(m: ModelConfig, symbol: str, T: int, tp: int, s: int, recompute: str, cp: int = 1,
                        state_passing_rows: int = 0) -> tuple[float, float]:
     """(bytes kept until the backward per micro-batch, bytes of the layer's backward working set)."""
     H = m.hidden_size
@@ -227,7 +227,7 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 sharded += geo.output_layer(m, V).numel
         chunk_bytes, work = [], 0.0
         for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
-            acts = [_layer_activations(m, sym, T, tp, s, train.recompute, cp, train.micro_batch_size if passing else 0)
+            acts = [layer_activations(m, sym, T, tp, s, train.recompute, cp, train.micro_batch_size if passing else 0)
                     for sym in chunk]
             for i, sym in enumerate(chunk):
                 p = geo.layer(m, sym)
