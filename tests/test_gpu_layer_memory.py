@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gpu_helpers import init_single_process, tiny_config
+from saved_storages import SavedStorages
 
 pytestmark = pytest.mark.gpu
 
@@ -36,31 +37,21 @@ def world():
 
 def _layer_saved_bytes(model, forward) -> int:
     """Bytes of the storages saved for the backward while the model's one decoder layer runs its forward."""
-    import torch
     from megatron.core.ssm.mamba_layer import MambaLayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     layers = [m for chunk in model for m in chunk.modules() if isinstance(m, (MambaLayer, TransformerLayer))]
     assert len(layers) == 1, [type(m).__name__ for m in layers]
-    skip = {p.untyped_storage().data_ptr() for chunk in model for p in chunk.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    saved = SavedStorages([p for chunk in model for p in chunk.parameters()])
     inside = contextlib.ExitStack()
-    handles = [layers[0].register_forward_pre_hook(
-                   lambda *_: inside.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))),
+    handles = [layers[0].register_forward_pre_hook(lambda *_: inside.enter_context(saved.hooks())),
                layers[0].register_forward_hook(lambda *_: inside.close())]
     try:
         forward()
     finally:
         for h in handles:
             h.remove()
-    return sum(kept.values())
+    return saved.bytes
 
 
 @pytest.mark.parametrize("symbol", list(FAMILIES), ids=["mamba", "attention", "mlp", "gdn", "moe"])

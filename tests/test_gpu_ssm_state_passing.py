@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 
 from gloo_world import run_ranks
+from saved_storages import SavedStorages
 from state_passing_harness import KERNELS, body, inputs
 
 pytestmark = pytest.mark.gpu
@@ -154,24 +155,6 @@ def test_the_state_passing_mixer_on_two_cp_ranks_matches_megatrons_mixer_on_the_
         assert not bad, f"CP rank {rank}: relative differences from megatron's mixer (bf16): {bad}"
 
 
-def _saved_bytes(forward, exclude) -> int:
-    """Bytes of the storages autograd keeps for the backward of ``forward()``, each storage once (a saved view keeps
-    its whole storage), those of ``exclude`` (parameters, the caller's input) left out."""
-    import torch
-
-    kept, skip = {}, {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(kept.values())
-
-
 def _memory_body(rank: int, out) -> None:
     """What each mixer keeps for its backward against the dry run's memory model (model/memory.py)."""
     import torch
@@ -187,8 +170,12 @@ def _memory_body(rank: int, out) -> None:
     share = get_batch_on_this_cp_rank({"h": hidden.detach().transpose(0, 1), "cu_seqlens": None}, is_hybrid_cp=False,
                                       cp_group=ps.get_context_parallel_group())["h"].transpose(0, 1).contiguous()
     share.requires_grad_()
-    measured = {"fused": _saved_bytes(lambda: stock(hidden), [*stock.parameters(), hidden]),
-                "state_passing": _saved_bytes(lambda: ours(share), [*ours.parameters(), share])}
+    measured = {}
+    for name, mixer, x in (("fused", stock, hidden), ("state_passing", ours, share)):
+        saved = SavedStorages([*mixer.parameters(), x])
+        with saved.hooks():
+            mixer(x)
+        measured[name] = saved.bytes
     model = {"fused": mamba_mixer_stored(cfg.model, b * length, 1),
              "state_passing": mamba_mixer_stored(cfg.model, b * length // 2, 1, 2 * 2, b)}
     out[rank] = {k: (measured[k], model[k]) for k in measured}

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gloo_world import run_ranks
+from saved_storages import SavedStorages
 from state_passing_harness import INTERPRETED, body, inputs
 from triton_interpreter import interpreted, skip_reason
 
@@ -114,15 +115,7 @@ def _memory_body(rank: int, out) -> None:
                   (torch.randn(m.hidden_size, m.mamba_d_inner, generator=g) * 0.05).to(bf16).requires_grad_(),
                   norm.weight]
         conv_b, dt_bias, A_log, D, out_w = (torch.zeros(dims.channels, dtype=bf16, requires_grad=True), *params[1:5])
-        params.append(conv_b)
-        skip = {p.untyped_storage().data_ptr() for p in params}
-        kept: dict[int, int] = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in skip:
-                kept[storage.data_ptr()] = storage.nbytes()
-            return t
+        saved = SavedStorages([*params, conv_b])
 
         def conv(x, seq_idx):
             return _ConvKeepingWhatCausalConv1dKeeps.apply(x.transpose(1, 2), conv_w, conv_b,
@@ -133,7 +126,7 @@ def _memory_body(rank: int, out) -> None:
                             torch.zeros(rows, local, dtype=torch.int32), ps.get_context_parallel_group(),
                             conv=conv, scan=kernel_scan(m.mamba_chunk_size), norm=gated_norm)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved.hooks():
             y = core(norm)
             torch.nn.functional.linear(y, out_w)
         # the gate inside the norm's kernel (fp32) is the norm of the gated output, up to bf16 rounding
@@ -141,7 +134,7 @@ def _memory_body(rank: int, out) -> None:
             unfused = norm(core(None))
         gate_diff = float((y.float() - unfused.float()).abs().max() / unfused.float().abs().max())
     halo = 2 * rows * (dims.conv_kernel - 1) * (2 * 2 * dims.channels + 4)  # conv input and output, int32 ids
-    out[rank] = {"measured": sum(kept.values()), "halo": halo, "gate_diff": gate_diff, "one_state": 4 * rows * m.mamba_d_inner * dims.state,
+    out[rank] = {"measured": saved.bytes, "halo": halo, "gate_diff": gate_diff, "one_state": 4 * rows * m.mamba_d_inner * dims.state,
                  "model": mamba_mixer_stored(m, rows * local, 1, 2 * 2, rows)}
 
 
