@@ -14,6 +14,7 @@ tested against the first of them, item by item (``paired_runs.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -133,8 +134,7 @@ def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        runs = [Run(f"{r.path.parent.name}/{r.name}", r.path, r.params, r.train, r.val, r.eval_step, r.eval, r.mqar)
-                for r in runs]
+        runs = [dataclasses.replace(r, name=f"{r.path.parent.name}/{r.name}") for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "params": r.params, "tokens": r.train[-1][0],

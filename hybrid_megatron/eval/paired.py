@@ -46,7 +46,8 @@ def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> dict:
 
 def mcnemar_items(first: np.ndarray, second: np.ndarray) -> dict:
     """McNemar's test with the item as the unit: first, second [items, answers] bool, the same answers under two
-    conditions. {"items", "answers", "b", "c", "discordant_items", "p_value", "method": "exact" | "normal"}."""
+    conditions. {"items", "answers", "b", "c", "discordant_items" (items whose b_k - c_k is not 0), "p_value",
+    "method": "exact" | "normal"}."""
     first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
     if first.shape != second.shape or first.ndim != 2:
         raise ValueError(f"paired outcomes must be [items, answers] of one shape: {first.shape} and {second.shape}")

@@ -227,8 +227,8 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
                 sharded += geo.output_layer(m, V).numel
         chunk_bytes, work = [], 0.0
         for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
-            acts = [layer_activations(m, sym, T, tp, s, train.recompute, cp, train.micro_batch_size if passing else 0)
-                    for sym in chunk]
+            rows = train.micro_batch_size if passing else 0  # the sequences whose chunk states state passing keeps
+            acts = [layer_activations(m, sym, T, tp, s, train.recompute, cp, rows) for sym in chunk]
             for i, sym in enumerate(chunk):
                 p = geo.layer(m, sym)
                 expert += p.expert  # routed experts: split over TP (expert TP = TP) and EP

@@ -226,9 +226,8 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     # rank), then this rank's chunks' entering states
     summary = torch.cat([torch.stack(finals).flatten(2), torch.stack(passes).to(finals[0].dtype)], dim=2)
     gathered = _GatherBySum.apply(summary, group)  # [ranks, chunks per rank, b, h p n + h]
-    where = tuple(sorted(((k, (r, i)) for r, chunks in enumerate(layout.ids) for i, k in enumerate(chunks))))
-    if [k for k, _ in where] != list(range(len(where))):
-        raise ValueError(f"the layout's chunk ids are not 0..{len(where) - 1}: {[k for k, _ in where]}")
+    where = sorted((k, (r, i)) for r, chunks in enumerate(layout.ids) for i, k in enumerate(chunks))
+    assert [k for k, _ in where] == list(range(len(where))), "a Layout numbers its chunks 0, 1, ... in sequence order"
     states = EnteringStates.apply(gathered, tuple(w for _, w in where), tuple(ids), dims.heads)
     b = finals[0].shape[0]
     # 3. the entering state's share of each token's output
