@@ -6,8 +6,9 @@ reference, then two CP ranks against the whole sequence through the same kernel,
 the state-passing mixer's core keeps for its backward (with megatron's gated RMSNorm, mamba-ssm's Triton kernel
 too) against the dry run's memory model.
 
-Opt-in: ``TRITON_INTERPRET=1 PYTHONPATH=<mamba-ssm source> pytest tests/test_ssm_state_passing_interpreted.py``
-(about a minute); skipped otherwise, as in CI. On a GPU, ``tests/test_gpu_ssm_state_passing.py`` runs the same
+``python tools/mamba_sources.py DIR``, then ``TRITON_INTERPRET=1 PYTHONPATH=DIR pytest
+tests/test_ssm_state_passing_interpreted.py`` (under two minutes on two cores): CI runs it so, after the main
+``pytest``, where it is skipped. On a GPU, ``tests/test_gpu_ssm_state_passing.py`` runs the same
 checks with both kernels compiled."""
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ def test_the_scan_kernel_computes_the_reference_recurrence_and_its_gradients():
     g = torch.Generator().manual_seed(3)
     w_final = torch.randn(x.shape[0], be.dims.heads, be.dims.head_dim, be.dims.state, generator=g)
     results = {}
-    for name, scan in (("kernel", kernel_scan(be.scan_chunk)), ("reference", ssd_scan)):
-        leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
-        with interpreted():
+    with interpreted():  # before mamba-ssm is imported: it is imported without its package __init__
+        for name, scan in (("kernel", kernel_scan(be.scan_chunk)), ("reference", ssd_scan)):
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
             y, final = scan(*leaves.values(), data["seq_idx"])
             ((y * data["weights"]).sum() + (final * w_final).sum()).backward()
-        results[name] = {"y": y.detach(), "final": final.detach(), **{f"grad_{k}": v.grad for k, v in leaves.items()}}
+            results[name] = {"y": y.detach(), "final": final.detach(),
+                             **{f"grad_{k}": v.grad for k, v in leaves.items()}}
     rel = {k: _relative(results["kernel"][k], v) for k, v in results["reference"].items()}
     print({k: f"{v:.1e}" for k, v in rel.items()})
     assert max(rel.values()) < 1e-5, rel

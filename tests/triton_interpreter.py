@@ -8,8 +8,8 @@ configurations with CUDA events (the first configuration is taken instead). ``ma
 CUDA selective-scan extension, so ``load`` imports the Triton submodules without running it. Where CUDA is
 present nothing is patched.
 
-The Python sources are enough: a mamba-ssm source checkout on ``PYTHONPATH``, or its wheel installed without
-dependencies (the CUDA extension in it is never loaded here). causal-conv1d's kernel is CUDA only, so the
+The Python sources are enough: ``python tools/mamba_sources.py DIR`` writes the pinned release's into DIR (CI does
+this), or a mamba-ssm source checkout; put DIR on ``PYTHONPATH``. causal-conv1d's kernel is CUDA only, so the
 interpreted checks take the reference convolution."""
 
 from __future__ import annotations
