@@ -109,4 +109,23 @@ def test_lines_name_every_term_and_a_verdict():
     assert lines[0].startswith("8 GPUs = TP 1 x PP 1 x DP 8;")
     for term in ("weights", "grads", "optimizer", "(recompute=none, mbs 8, seq 1024", "total"):
         assert term in lines[1]
-    assert lines[-1].startswith("worst: pp stage 0, total") and "fits an 80 GB H100" in lines[-1]
+    assert lines[-2].startswith("worst: pp stage 0, total") and "fits an 80 GB H100" in lines[-2]
+    assert lines[-1].startswith("activations by layer on pp stage 0, per micro-batch: mamba 4 x ")
+
+
+def test_the_breakdown_by_layer_is_what_each_layer_of_the_stage_keeps():
+    """Pipeline stage 1 of the tiny pattern (M-M*- | M-M*-) holds 2 Mamba, 2 MLP and 1 attention layer; each entry
+    is memory.layer_activations' bytes for one micro-batch of that stage's layers."""
+    cfg = _tiny("parallel.pipeline_model_parallel_size=2")
+    stages = memory.estimate(cfg, TINY_VOCAB, 1024, world_size=2)
+    T = cfg.train.micro_batch_size * 1024
+    for st in stages:
+        assert {sym: n for sym, n, _ in st.kept_by_layer} == {"M": 2, "-": 2, "*": 1}
+        for sym, _, kept in st.kept_by_layer:
+            assert kept == memory.layer_activations(cfg.model, sym, T, 1, 1, cfg.train.recompute)[0]
+    lines = memory.estimate_lines(cfg, TINY_VOCAB, 1024, world_size=2)
+    worst = max(stages, key=lambda st: st.total)
+    assert lines[-1].startswith(f"activations by layer on pp stage {worst.pp_rank}, per micro-batch: mamba 2 x ")
+    full = memory.estimate_lines(_tiny("train.recompute=full"), TINY_VOCAB, 1024, world_size=1)
+    assert full[-1].endswith("(what each layer would keep without recompute; recompute=full keeps only the "
+                             "layers' inputs)")

@@ -50,7 +50,8 @@ def cluster_7b_dry_run() -> str:
     lines = _dry_run([], 8)
     keep = [ln for ln in lines if ln.startswith(("parameters:", "FLOPs per token", "run:"))]
     memory = lines[lines.index("# memory per GPU (estimate)"):]
-    memory = [ln for ln in memory if ln and not ln.startswith("# notes")][:4]
+    memory = [ln for ln in memory if ln and not ln.startswith("# notes")]
+    memory = memory[:next(i for i, ln in enumerate(memory) if ln.startswith("activations by layer")) + 1]
     return "```\n$ hybrid-megatron pretrain configs/pretrain_7b.yaml --dry-run\n" + "\n".join(keep + memory) + "\n```"
 
 

@@ -158,6 +158,8 @@ class StageMemory:
     optimizer: float
     activations: float
     in_flight: int  # micro-batches (chunk forwards with interleaving) whose activations are held
+    # (layer symbol, layers of it on this stage, bytes one of them keeps per micro-batch without recompute)
+    kept_by_layer: tuple[tuple[str, int, float], ...] = ()
 
     @property
     def allocated(self) -> float:
@@ -225,11 +227,12 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
             replicated += _norm(m)
             if not m.tie_embeddings or pp > 1:
                 sharded += geo.output_layer(m, V).numel
-        chunk_bytes, work = [], 0.0
+        chunk_bytes, work, kept = [], 0.0, {}
         for c, (chunk, first) in enumerate(zip(stage.chunks, stage.first_layer)):
             rows = train.micro_batch_size if passing else 0  # the sequences whose chunk states state passing keeps
             acts = [layer_activations(m, sym, T, tp, s, train.recompute, cp, rows) for sym in chunk]
             for i, sym in enumerate(chunk):
+                kept[sym] = (kept.get(sym, (0, 0.0))[0] + 1, acts[i][0])
                 p = geo.layer(m, sym)
                 expert += p.expert  # routed experts: split over TP (expert TP = TP) and EP
                 sharded += p.total - p.replicated - p.expert
@@ -265,6 +268,7 @@ def estimate(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_size: int
             optimizer=dense / shards + experts / (shards // ep) if par.use_distributed_optimizer else dense + experts,
             activations=activations,
             in_flight=held,
+            kept_by_layer=tuple((sym, n, b) for sym, (n, b) in kept.items()),
         ))
     return out
 
@@ -309,4 +313,8 @@ def estimate_lines(cfg: RunConfig, padded_vocab: int, seq_len: int, *, world_siz
         remedies += ["more GPUs"] if par.use_distributed_optimizer else []
         verdict = f"does NOT fit an 80 GB H100 ({_gb(-margin)} over): {', '.join(remedies)}"
     lines.append(f"worst: pp stage {worst.pp_rank}, total {_gb(worst.total)}: {verdict}")
+    by_layer = ", ".join(f"{pat.LAYER_SYMBOLS[sym]} {n} x {_gb(b)}" for sym, n, b in worst.kept_by_layer)
+    how = ("what each layer would keep without recompute; recompute=full keeps only the layers' inputs"
+           if train.recompute == "full" else f"recompute={train.recompute}")
+    lines.append(f"activations by layer on pp stage {worst.pp_rank}, per micro-batch: {by_layer} ({how})")
     return lines
