@@ -124,6 +124,23 @@ def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert err == [f"error: {tmp_path}: no config.yaml (not a run directory written by pretrain)"]
 
 
+def test_a_damaged_run_directory_is_one_line(tmp_path, capsys):
+    """A config.yaml that is not valid YAML or not a resolved config, and log records pretrain would not write."""
+    cases = [("config.yaml", "model: [\n", 2, "config.yaml: not valid YAML"),
+             ("config.yaml", "data: configs/data/sample.yaml\n", 2,
+              "config.yaml: missing required key model (not the resolved config pretrain writes)"),
+             ("losses.jsonl", '{"step": 1, "loss": "x", "seq_len": 1024}\n', 3,
+              "losses.jsonl:1: not a record pretrain writes (ValueError"),
+             ("val.jsonl", '{"loss": 2.0}\n', 3, "val.jsonl:1: not a record pretrain writes (KeyError")]
+    for k, (name, text, code, message) in enumerate(cases):
+        _run_dir(tmp_path / str(k), "h256", 256)
+        run = tmp_path / str(k) / "h256"
+        (run / name).write_text(text)
+        assert main(["compare", str(run), "--out", str(tmp_path / "o")]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run}/{message}"), err
+
+
 def test_three_sizes_fit_exactly_and_get_no_interval(tmp_path, capsys):
     n = [2e6, 5e6, 1.3e7]
     assert scaling.bootstrap_alpha(n, _law(n)) is None

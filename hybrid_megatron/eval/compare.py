@@ -14,14 +14,14 @@ tested against the first of them, item by item (``paired_runs.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from data_pipeline.config import load_yaml_mapping
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
@@ -67,6 +67,15 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _record(path: Path, line: int):
+    """A record of the run's logs that is not what pretrain writes: one line naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}:{line}: not a record pretrain writes ({type(exc).__name__}: {exc})") from None
+
+
 def _vocab(cfg: RunConfig, run_dir: Path) -> int:
     """The run's vocabulary: the config's, the tokenizer its checkpoints record, or its data's."""
     if cfg.model.vocab_size:
@@ -96,21 +105,27 @@ def load_run(run_dir: str | Path) -> Run:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml (not a run directory written by pretrain)")
-    cfg = build(RunConfig, yaml.safe_load(config_path.read_text()))
+    try:
+        cfg = build(RunConfig, load_yaml_mapping(config_path))
+    except ConfigError as exc:
+        message = str(exc) if str(exc).startswith(str(config_path)) else f"{config_path}: {exc}"
+        raise ConfigError(f"{message} (not the resolved config pretrain writes)") from None
     padded = padded_vocab_size(_vocab(cfg, run_dir), cfg.model, cfg.parallel.tensor_model_parallel_size)
     run = Run(name=run_dir.name, path=run_dir, params=num_parameters(cfg.model, padded))
     tokens = flops = 0.0
     at_step = {}
-    for r in _jsonl(run_dir / "losses.jsonl"):
-        step_tokens = step_input_tokens(cfg.data, r["seq_len"])  # losses.jsonl's "tokens" are loss tokens
-        tokens += step_tokens
-        flops += step_tokens * training_flops_per_token(cfg.model, padded, r["seq_len"])
-        at_step[r["step"]] = (tokens, flops)
-        if not r.get("skipped"):
-            run.train.append((int(tokens), flops, float(r["loss"])))
-    for r in _jsonl(run_dir / "val.jsonl"):
-        if r["step"] in at_step:
-            run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
+    for n, r in enumerate(_jsonl(run_dir / "losses.jsonl"), 1):
+        with _record(run_dir / "losses.jsonl", n):
+            step_tokens = step_input_tokens(cfg.data, int(r["seq_len"]))  # losses.jsonl's "tokens" are loss tokens
+            tokens += step_tokens
+            flops += step_tokens * training_flops_per_token(cfg.model, padded, int(r["seq_len"]))
+            at_step[r["step"]] = (tokens, flops)
+            if not r.get("skipped"):
+                run.train.append((int(tokens), flops, float(r["loss"])))
+    for n, r in enumerate(_jsonl(run_dir / "val.jsonl"), 1):
+        with _record(run_dir / "val.jsonl", n):
+            if r["step"] in at_step:
+                run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
     if not run.train:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
     latest = _latest_eval(run_dir)
