@@ -7,7 +7,7 @@ backward, then what the state-passing mixer's core keeps for its backward (with 
 mamba-ssm's Triton kernel too) against the dry run's memory model, on rows and on packed documents.
 
 ``python tools/mamba_sources.py DIR``, then ``TRITON_INTERPRET=1 PYTHONPATH=DIR pytest
-tests/test_ssm_state_passing_interpreted.py`` (under two minutes on two cores): CI runs it so, after the main
+tests/test_ssm_state_passing_interpreted.py`` (about two minutes on two cores): CI runs it so, after the main
 ``pytest``, where it is skipped. On a GPU, ``tests/test_gpu_ssm_state_passing.py`` runs the same
 checks with both kernels compiled."""
 
