@@ -126,11 +126,10 @@ def _memory_body(rank: int, out, documents: list[int] | None) -> None:
                                                norm_before_gate=False, dtype=bf16)
         zxBCdt = (torch.randn(local, rows, geo.mamba_widths(m).in_proj, generator=g) * 0.5).to(bf16).requires_grad_()
         conv_w = (torch.randn(dims.channels, dims.conv_kernel, generator=g) * 0.3).to(bf16).requires_grad_()
-        params = [conv_w, *(torch.zeros(dims.heads, requires_grad=True) for _ in range(3)),
-                  (torch.randn(m.hidden_size, m.mamba_d_inner, generator=g) * 0.05).to(bf16).requires_grad_(),
-                  norm.weight]
-        conv_b, dt_bias, A_log, D, out_w = (torch.zeros(dims.channels, dtype=bf16, requires_grad=True), *params[1:5])
-        saved = SavedStorages([*params, conv_b])
+        conv_b = torch.zeros(dims.channels, dtype=bf16, requires_grad=True)
+        dt_bias, A_log, D = (torch.zeros(dims.heads, requires_grad=True) for _ in range(3))  # fp32, as trained
+        out_w = (torch.randn(m.hidden_size, m.mamba_d_inner, generator=g) * 0.05).to(bf16).requires_grad_()
+        saved = SavedStorages([conv_w, conv_b, dt_bias, A_log, D, out_w, norm.weight])  # the parameters
 
         def conv(x, seq_idx):
             return _ConvKeepingWhatCausalConv1dKeeps.apply(x.transpose(1, 2), conv_w, conv_b,
