@@ -93,7 +93,7 @@ def test_this_ranks_entering_states_keep_only_the_gathered_summaries_and_match_a
     gathered = torch.randn(4, 2, b, h * s + h, dtype=torch.float64)
     gathered[..., h * s:] = torch.rand(4, 2, b, h, dtype=torch.float64)  # decays in [0, 1)
     gathered[0, 1, 0, h * s:] = 0.0  # a document starts inside chunk 7's first row
-    where = tuple(w for _, w in sorted((k, (r, i)) for r, ids in enumerate(layout.ids) for i, k in enumerate(ids)))
+    where = layout.slots
     for rank in range(4):
         wanted = layout.ids[rank]
         mine = gathered.clone().requires_grad_()

@@ -32,7 +32,7 @@ def skip_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "needs triton (Triton's interpreter runs the kernels on the CPU)"
     if importlib.util.find_spec("mamba_ssm") is None:
-        return "needs mamba-ssm's Python sources (a source checkout on PYTHONPATH, or its wheel with --no-deps)"
+        return "needs mamba-ssm's Python sources on PYTHONPATH (python tools/mamba_sources.py DIR writes them)"
     return None
 
 

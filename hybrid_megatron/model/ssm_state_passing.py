@@ -97,12 +97,20 @@ class Layout:
                     for r in range(cp))
         return cls(ids, tuple(n // (2 * cp) for n in doc_lengths for _ in range(2 * cp)))
 
+    @property
+    def slots(self) -> tuple[tuple[int, int], ...]:
+        """Where chunk k lies in a gather of every rank's chunks: (rank, position among that rank's), in chunk
+        order."""
+        where = sorted((k, (r, i)) for r, ids in enumerate(self.ids) for i, k in enumerate(ids))
+        assert [k for k, _ in where] == list(range(len(where))), "chunks are numbered 0, 1, ... in sequence order"
+        return tuple(w for _, w in where)
+
 
 def gather_chunks(local: torch.Tensor, layout: Layout, group) -> dict[int, torch.Tensor]:
     """``local`` stacks one tensor per chunk this rank holds (``layout.ids`` order): -> every chunk's, by chunk id.
     When ``local`` requires grad, every rank must use the result in its output (each backward is a collective)."""
     gathered = _GatherBySum.apply(local, group)
-    return {k: gathered[r, i] for r, ids in enumerate(layout.ids) for i, k in enumerate(ids)}
+    return {k: gathered[r, i] for k, (r, i) in enumerate(layout.slots)}
 
 
 @dataclass(frozen=True)
@@ -152,17 +160,13 @@ class EnteringStates(torch.autograd.Function):
         slot) of chunk k; wanted: this rank's chunk ids -> their H, [len(wanted), b, h, s]."""
         ctx.save_for_backward(gathered)
         ctx.where, ctx.wanted, ctx.heads = where, wanted, heads
-        return EnteringStates._states(gathered, where, heads)[list(wanted)]
+        return entering_states(*EnteringStates._summaries(gathered, where, heads))[list(wanted)]
 
     @staticmethod
     def _summaries(gathered: torch.Tensor, where: tuple, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         ordered = gathered[[r for r, _ in where], [i for _, i in where]]  # [chunks, b, h s + h], in chunk order
         b, width = ordered.shape[1], ordered.shape[2] - heads
         return ordered[..., :width].reshape(len(where), b, heads, -1), ordered[..., width:]
-
-    @staticmethod
-    def _states(gathered: torch.Tensor, where: tuple, heads: int) -> torch.Tensor:
-        return entering_states(*EnteringStates._summaries(gathered, where, heads))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -226,9 +230,7 @@ def mamba_state_passing(xbc: torch.Tensor, dt: torch.Tensor, seq_idx: torch.Tens
     # rank), then this rank's chunks' entering states
     summary = torch.cat([torch.stack(finals).flatten(2), torch.stack(passes).to(finals[0].dtype)], dim=2)
     gathered = _GatherBySum.apply(summary, group)  # [ranks, chunks per rank, b, h p n + h]
-    where = sorted((k, (r, i)) for r, chunks in enumerate(layout.ids) for i, k in enumerate(chunks))
-    assert [k for k, _ in where] == list(range(len(where))), "a Layout numbers its chunks 0, 1, ... in sequence order"
-    states = EnteringStates.apply(gathered, tuple(w for _, w in where), tuple(ids), dims.heads)
+    states = EnteringStates.apply(gathered, layout.slots, tuple(ids), dims.heads)
     b = finals[0].shape[0]
     # 3. the entering state's share of each token's output
     ys = [y + EnteringShare.apply(C, H.view(b, dims.heads, dims.head_dim, dims.state), reach).to(y.dtype)
