@@ -114,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{head.get('ppl/loss', float('nan')):>10.4f}{head.get('length/8x/loss', float('nan')):>9.4f}"
               f"{head.get('lm-eval/python_next_line/acc', float('nan')):>15.3f}"
               f"{head.get('lm-eval/python_bpb/bits_per_byte', float('nan')):>8.3f}")
-    fit = (summary or {}).get("scaling_fit")
-    if fit:
-        print(f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} N^-{fit['alpha']:.4f}, alpha 95% interval {fit['alpha_ci']}")
-    for flag in (summary or {}).get("red_flags", []):
-        print(f"red flag: {flag}")
+    for fam in (summary or {}).get("families", []):  # one family: the sweep changes the width only
+        fit = fam["scaling_fit"]
+        if fit:
+            print(f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} N^-{fit['alpha']:.4f}, alpha 95% interval {fit['alpha_ci']}")
+        for flag in fam["red_flags"]:
+            print(f"red flag: {flag}")
     return 0 if len(done) == len(runs) and all(r.get("eval_exit") == 0 for r in done) and code == 0 else 1
 
 

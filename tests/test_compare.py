@@ -6,15 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
-from hybrid_megatron.config_io import to_dict
-from hybrid_megatron.devtools import REPO_ROOT
 from hybrid_megatron.eval import scaling
-from hybrid_megatron.model.build import padded_vocab_size
-from hybrid_megatron.model.flops import num_parameters
+from tests.run_dirs import write_run
 
 TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34}  # Chinchilla's N term
 
@@ -50,21 +46,9 @@ def test_a_fit_needs_three_sizes():
 
 
 def _run_dir(root, name, hidden, steps=50, flip=False, extra=()):
-    """A run directory as pretrain writes it, its losses following the known law at its parameter count."""
-    cfg = load_run_config(REPO_ROOT / "configs" / "tiny.yaml",
-                          [f"model.hidden_size={hidden}", "model.vocab_size=257", f"logging.run_dir={root / name}",
-                           *extra])
-    n = num_parameters(cfg.model, padded_vocab_size(257, cfg.model, 1))
-    run = root / name
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    final = float(_law(n)) + (0.5 if flip else 0.0)
-    with open(run / "losses.jsonl", "w") as f:
-        for s in range(1, steps + 1):
-            f.write(json.dumps({"step": s, "loss": final + 2.0 / s + 0.01, "tokens": 32768, "seq_len": 1024,
-                                "skipped": False}) + "\n")
-    (run / "val.jsonl").write_text(json.dumps({"step": steps, "loss": final, "tokens": 262144}) + "\n")
-    return n
+    """A run directory following the known law at its parameter count (0.5 above it with ``flip``)."""
+    return write_run(root, name, [f"model.hidden_size={hidden}", *extra], lambda n: _law(n) + (0.5 if flip else 0.0),
+                     steps)
 
 
 def test_compare_writes_plots_and_report_and_fits_the_sizes(tmp_path, capsys):
@@ -73,14 +57,16 @@ def test_compare_writes_plots_and_report_and_fits_the_sizes(tmp_path, capsys):
     assert main(["compare", *(str(tmp_path / n) for n in sizes), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["params"] for r in summary["runs"]] == list(sizes.values())
-    fit = summary["scaling_fit"]
+    [family] = summary["families"]  # a width sweep: one family
+    assert family["runs"] == list(sizes) and {r["family"] for r in summary["runs"]} == {family["label"]} == {"M-M*-"}
+    fit = family["scaling_fit"]
     assert fit["alpha"] == pytest.approx(TRUE["alpha"], rel=0.05) and fit["E"] == pytest.approx(TRUE["E"], rel=0.05)
-    assert summary["red_flags"] == []
+    assert family["red_flags"] == [] and summary["comparison_flags"] == [] and summary["prediction"] is None
     for png in ("loss_vs_tokens.png", "loss_vs_flops.png", "scaling_fit.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "| h256 |" in report and "## Scaling fit" in report
-    assert "scaling fit: alpha" in capsys.readouterr().out
+    assert "| h256 | `M-M*-` |" in report and "### `M-M*-`" in report and "L(N) = 1.69" in report
+    assert "scaling fit [M-M*-]: alpha" in capsys.readouterr().out
 
 
 def test_runs_that_vary_size_and_tokens_get_the_two_variable_fit(tmp_path):
@@ -92,7 +78,8 @@ def test_runs_that_vary_size_and_tokens_get_the_two_variable_fit(tmp_path):
             _run_dir(tmp_path, f"h{h}-s{steps}", h, steps=steps)
             dirs.append(str(tmp_path / f"h{h}-s{steps}"))
     summary = compare(dirs, tmp_path / "out")
-    assert summary["scaling_fit_nd"]["runs"] == 6 and "## Size and tokens" in (tmp_path / "out" / "report.md").read_text()
+    assert summary["families"][0]["scaling_fit_nd"]["runs"] == 6
+    assert "L(N, D) = " in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_token_axis_counts_input_tokens_not_loss_tokens(tmp_path):
@@ -115,7 +102,7 @@ def test_a_larger_model_with_a_higher_loss_is_a_red_flag(tmp_path):
     for h, flip in ((256, False), (384, False), (512, True)):
         _run_dir(tmp_path, f"h{h}", h, flip=flip)
     summary = compare([str(tmp_path / f"h{h}") for h in (256, 384, 512)], tmp_path / "out")
-    assert any("does not decrease monotonically" in f for f in summary["red_flags"])
+    assert any("does not decrease monotonically" in f for f in summary["families"][0]["red_flags"])
 
 
 def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
@@ -148,19 +135,23 @@ def test_three_sizes_fit_exactly_and_get_no_interval(tmp_path, capsys):
         _run_dir(tmp_path, f"h{h}", h)
     out = tmp_path / "out"
     assert main(["compare", *(str(tmp_path / f"h{h}") for h in (256, 384, 512)), "--out", str(out)]) == 0
-    fit = json.loads((out / "summary.json").read_text())["scaling_fit"]
+    fit = json.loads((out / "summary.json").read_text())["families"][0]["scaling_fit"]
     assert fit["alpha_ci"] is None and "no degrees of freedom" in fit["note"]
     assert "a fourth size gives one" in capsys.readouterr().out
     assert "Three sizes: the three parameters" in (out / "report.md").read_text()
 
 
 def test_runs_of_about_one_size_are_compared_without_a_size_fit(tmp_path):
-    """Three architectures matched in size (the MQAR sweep's) differ by well under 1.5x in parameters: a
-    power law through them would be fitted to noise."""
+    """Runs of one family within 1.5x of each other in parameters (recipes compared at about one size): a power
+    law through them would be fitted to noise."""
     from hybrid_megatron.eval.compare import compare
 
     for name, hidden in (("a", 256), ("b", 288), ("c", 320)):
         _run_dir(tmp_path, name, hidden, extra=("model.mamba_num_groups=1",))
-    summary = compare([str(tmp_path / n) for n in "abc"], tmp_path / "out")
-    assert summary["scaling_fit"] is None and summary["red_flags"] == []
-    assert "under 1.5x" in summary["note"] and not (tmp_path / "out" / "scaling_fit.png").exists()
+    summary = compare([str(tmp_path / n) for n in "abc"], tmp_path / "out", predict=7e9)
+    assert summary["prediction"]["by_family"] == [] and "no family has a size law" in summary["prediction"]["note"]
+    assert "At 7B parameters: no family has a size law" in (tmp_path / "out" / "report.md").read_text()
+    [family] = summary["families"]
+    assert family["scaling_fit"] is None and family["red_flags"] == []
+    assert "under 1.5x" in family["note"] and not (tmp_path / "out" / "scaling_fit.png").exists()
+    assert "None fitted: `M-M*-`, no fit: the sizes span" in (tmp_path / "out" / "report.md").read_text()

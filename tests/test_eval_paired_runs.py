@@ -9,7 +9,7 @@ import pytest
 from data_pipeline.synthetic import MqarOptions
 from hybrid_megatron.eval import paired, paired_runs, recall, recall_suites, report
 from hybrid_megatron.eval.compare import compare
-from tests.test_compare import _run_dir
+from tests.run_dirs import write_run
 
 BASE = MqarOptions(num_kv_pairs=(4, 8), seq_len=48, vocab=64, docs=1, seed=0)
 
@@ -79,7 +79,7 @@ def test_compare_reports_the_paired_mqar_table(tmp_path):
     rng = np.random.default_rng(2)
     ref = rng.random((40, 4)) < 0.3
     for name, right in (("h256", ref), ("h384", ref | (rng.random((40, 4)) < 0.5))):
-        _run_dir(tmp_path, name, int(name[1:]))
+        write_run(tmp_path, name, [f"model.hidden_size={name[1:]}"])
         results = {"checkpoint": f"/runs/{name}/checkpoints/step-000100", "step": 100, "pattern": "M-*-",
                    "params": 1000, "layout": {"tp": 1, "pp": 1, "dp": 1}, "suites": {"mqar": _mqar({4: right})}}
         report.write(results, tmp_path / name / "eval" / "step-000100")

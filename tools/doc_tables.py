@@ -126,7 +126,8 @@ def eval_size_sweep() -> str:
               else "not run (see below) | -")
         rows.append(f"| {run['hidden']} | {summary['params'] / 1e6:.1f}M | {suites['ppl']['loss']:.4f} | "
                     f"{past['loss']:.4f} | {lm} |")
-    fit = m["compare"]["scaling_fit"]
+    # the recorded sweep predates compare's families (one top-level fit); a new sweep records one family
+    fit = m["compare"]["families"][0]["scaling_fit"] if "families" in m["compare"] else m["compare"]["scaling_fit"]
     low, high = fit["alpha_ci"]
     rows += ["", f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} N^-{fit['alpha']:.2f}, alpha's 95% bootstrap interval "
              f"{low:.2f}-{high:.2f} ({fit['runs']} runs, {m['compare']['runs'][0]['tokens'] / 1e6:.1f}M tokens each)."]

@@ -7,30 +7,49 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from hybrid_megatron.eval.size_fits import SIZE_MEASURES
+
     _register_eval(sub)
-    p = sub.add_parser("compare", help="runs side by side: loss against tokens and FLOPs, scaling fit (CPU)",
+    p = sub.add_parser("compare", help="runs side by side: loss against tokens and FLOPs, size laws per "
+                                       "architecture family (CPU)",
                        description="Train and validation loss of several run directories on one plot, their "
-                                   "final losses side by side, and with three or more sizes a fit of "
-                                   "L(N) = E + A N^-alpha to the final validation losses.")
+                                   "final losses side by side; runs grouped into architecture families (the same "
+                                   "layer-pattern unit and non-size fields), and for each family with three or more "
+                                   "sizes a fit of L(N) = E + A N^-alpha to the final validation losses.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by pretrain")
     p.add_argument("--out", required=True, metavar="DIR", help="writes summary.json, report.md and PNG plots here")
+    p.add_argument("--params", default="total", choices=SIZE_MEASURES, dest="size_measure",
+                   help="the parameter count the size laws use (default total; non-embedding is Kaplan's N; "
+                        "active counts an MoE's routed experts at top-k)")
+    p.add_argument("--predict", metavar="N", help="read every family's law at N parameters (7e9, 7B, 350M), with "
+                                                  "a bootstrap interval, and set the families against the first")
+    p.add_argument("--family", action="append", metavar="LABEL=RUN_DIR,...",
+                   help="put these runs in one family called LABEL (repeatable), where the pattern rule does not fit")
     p.set_defaults(func=_compare)
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from hybrid_megatron.eval import families, size_fits
     from hybrid_megatron.eval.compare import compare
 
-    summary = compare(args.runs, args.out)
-    fit = summary["scaling_fit"]
+    predict = size_fits.parse_size(args.predict) if args.predict else None
+    summary = compare(args.runs, args.out, args.size_measure, predict, families.parse_assignments(args.family))
     for r in summary["runs"]:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
-        print(f"{r['name']}: {r['params']:,} params, {r['tokens']:,} tokens, train {r['final_train_loss']:.4f}, "
-              f"validation {val}")
-    if fit:
-        ci = fit["alpha_ci"]
-        ci_text = f"alpha 95% interval {ci[0]:.4f}-{ci[1]:.4f}" if ci else fit["note"]
-        print(f"scaling fit: alpha {fit['alpha']:.4f}, E {fit['E']:.4f}, A {fit['A']:.4g}; {ci_text}")
-    for flag in summary["red_flags"]:
+        print(f"{r['name']} [{r['family']}]: {r['params']:,} params, {r['tokens']:,} tokens, "
+              f"train {r['final_train_loss']:.4f}, validation {val}")
+    for fam in summary["families"]:
+        fit = fam["scaling_fit"]
+        if fit:
+            ci = fit["alpha_ci"]
+            ci_text = f"alpha 95% interval {ci[0]:.4f}-{ci[1]:.4f}" if ci else fit["note"]
+            print(f"scaling fit [{fam['label']}]: alpha {fit['alpha']:.4f}, E {fit['E']:.4f}, A {fit['A']:.4g}; "
+                  f"{ci_text}")
+        for flag in fam["red_flags"]:
+            print(f"red flag [{fam['label']}]: {flag}")
+    if summary["prediction"]:
+        print("\n".join(size_fits.prediction_lines(summary["prediction"])))
+    for flag in summary["comparison_flags"]:
         print(f"red flag: {flag}")
     print(f"report: {args.out}/report.md")
     return 0

@@ -5,11 +5,11 @@ project's own counter, FLOPs per token; the input tokens of each step, loss-mask
 data schedule), ``losses.jsonl`` (train loss per step), ``val.jsonl``
 (validation loss) and ``eval/<step dir>/results.json`` (``hybrid-megatron eval``; the latest step's are
 shown side by side). Writes ``DIR/loss_vs_tokens.png`` and ``DIR/loss_vs_flops.png`` (every run on one plot,
-train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. With three or more
-runs of different sizes it fits L(N) = E + A N^-alpha to their last validation losses (``scaling.py``),
-with a bootstrap interval for alpha, and lists the red flags; with five or more runs that also differ in
-tokens, L(N, D) = E + A/N^alpha + B/D^beta as well. Runs evaluated with ``--suite mqar`` on the same items are
-tested against the first of them, item by item (``paired_runs.py``).
+train as lines, validation as markers), ``DIR/summary.json`` and ``DIR/report.md``. Runs are grouped into
+architecture families (``families.py``: one layer-pattern unit and the same non-size fields), and each family
+with three or more sizes gets its own size law, intervals, red flags and, with ``--predict``, its loss at a
+larger size set against the other families' (``size_fits.py``; ``DIR/scaling_fit.png``). Runs evaluated with
+``--suite mqar`` on the same items are tested against the first of them, item by item (``paired_runs.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from data_pipeline.config import load_yaml_mapping
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import paired_runs, plots, report, scaling
+from hybrid_megatron.eval import families, paired_runs, plots, report, size_fits
+from hybrid_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
-MIN_SIZE_SPREAD = 1.5  # largest / smallest model before a size law is fitted
 TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (one step is noisy)
 
 
@@ -37,6 +37,8 @@ class Run:
     name: str
     path: Path
     params: int
+    model: ModelConfig
+    sizes: dict[str, int] = field(default_factory=dict)  # parameters by size_fits.SIZE_MEASURES
     train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
     val: list[tuple[int, float, float]] = field(default_factory=list)
     eval_step: int | None = None
@@ -99,7 +101,8 @@ def _vocab(cfg: RunConfig, run_dir: Path) -> int:
 def load_run(run_dir: str | Path) -> Run:
     from data_pipeline.schedule import step_input_tokens
     from hybrid_megatron.model.build import padded_vocab_size
-    from hybrid_megatron.model.flops import num_parameters, training_flops_per_token
+    from hybrid_megatron.model.flops import (active_parameters, embedding_params, num_parameters,
+                                             training_flops_per_token)
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
@@ -111,7 +114,10 @@ def load_run(run_dir: str | Path) -> Run:
         message = str(exc) if str(exc).startswith(str(config_path)) else f"{config_path}: {exc}"
         raise ConfigError(f"{message} (not the resolved config pretrain writes)") from None
     padded = padded_vocab_size(_vocab(cfg, run_dir), cfg.model, cfg.parallel.tensor_model_parallel_size)
-    run = Run(name=run_dir.name, path=run_dir, params=num_parameters(cfg.model, padded))
+    total = num_parameters(cfg.model, padded)
+    run = Run(name=run_dir.name, path=run_dir, params=total, model=cfg.model,
+              sizes={"total": total, "non-embedding": total - embedding_params(cfg.model, padded),
+                     "active": active_parameters(cfg.model, padded)})
     tokens = flops = 0.0
     at_step = {}
     for n, r in enumerate(_jsonl(run_dir / "losses.jsonl"), 1):
@@ -145,50 +151,42 @@ def _latest_eval(run_dir: Path) -> dict | None:
     return report.read(found[-1]) if found else None
 
 
-def compare(run_dirs: list[str], out_dir: str | Path) -> dict:
+def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total", predict: float | None = None,
+            family_of: dict[str, str] | None = None) -> dict:
+    """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``)."""
+    if size_measure not in size_fits.SIZE_MEASURES:
+        raise ConfigError(f"--params {size_measure!r}: one of {', '.join(size_fits.SIZE_MEASURES)}")
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         runs = [dataclasses.replace(r, name=f"{r.path.parent.name}/{r.name}") for r in runs]
+    given = {Path(d).resolve(): r.name for d, r in zip(run_dirs, runs)}
+    unknown = [d for d in (family_of or {}) if Path(d).resolve() not in given]
+    if unknown:
+        raise ConfigError(f"--family names {unknown[0]}, which is not among the runs compared")
+    grouped = families.group({r.name: r.model for r in runs},
+                             {given[Path(d).resolve()]: label for d, label in (family_of or {}).items()})
+    family_of_run = {name: label for label, members in grouped.items() for name in members}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "params": r.params, "tokens": r.train[-1][0],
-                               "flops": r.train[-1][1], "final_train_loss": r.final_train,
-                               "final_val_loss": r.final_val, "eval_step": r.eval_step, "eval": r.eval}
-                              for r in runs]}
-    with_val = [r for r in runs if r.final_val is not None]
-    sizes = sorted({r.params for r in with_val})
-    spread = len(sizes) >= 3 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
-    if spread:
-        params = [r.params for r in with_val]
-        losses = [r.final_val for r in with_val]
-        law = scaling.fit_power_law(params, losses)
-        interval = scaling.bootstrap_alpha(params, losses)
-        summary["scaling_fit"] = {"alpha": law.alpha, "alpha_ci": interval, "E": law.E, "A": law.A,
-                                  "runs": len(with_val), "law": "L(N) = E + A * N^-alpha (N: parameters)"}
-        if interval is None:
-            summary["scaling_fit"]["note"] = ("three sizes: the three parameters pass through every point (no "
-                                              "degrees of freedom left), so there is no interval; a fourth size gives one")
-        summary["red_flags"] = scaling.red_flags(params, losses, [r.final_train for r in with_val], law.alpha)
-    else:
-        summary["scaling_fit"] = None
-        summary["red_flags"] = []
-        if len(sizes) >= 3:
-            summary["note"] = (f"no fit: the sizes span {sizes[-1] / sizes[0]:.2f}x, under {MIN_SIZE_SPREAD}x (runs of "
-                               "about one size: a comparison of architectures or recipes, not a size sweep)")
-        elif len(runs) >= 3:
-            summary["note"] = "no fit: fewer than three runs of different sizes have a validation loss"
-    summary["scaling_fit_nd"] = None
-    token_counts = {r.val[-1][0] for r in with_val}
-    if len(with_val) >= 5 and len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0] and len(token_counts) >= 2:  # runs that vary tokens too
-        law2 = scaling.fit_chinchilla([r.params for r in with_val], [r.val[-1][0] for r in with_val],
-                                      [r.final_val for r in with_val])
-        summary["scaling_fit_nd"] = {"E": law2.E, "A": law2.A, "alpha": law2.alpha, "B": law2.B, "beta": law2.beta,
-                                     "runs": len(with_val), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
+    summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "family": family_of_run[r.name], "params": r.params,
+                               "params_by_measure": r.sizes, "tokens": r.train[-1][0], "flops": r.train[-1][1],
+                               "final_train_loss": r.final_train, "final_val_loss": r.final_val,
+                               "eval_step": r.eval_step, "eval": r.eval} for r in runs],
+                     "size_measure": size_measure}
+    by_name = {r.name: r for r in runs}
+    points = {label: [size_fits.Point(n, by_name[n].sizes[size_measure], by_name[n].final_val, by_name[n].final_train,
+                                      by_name[n].val[-1][0], by_name[n].model.hidden_size)
+                      for n in members if by_name[n].final_val is not None]
+              for label, members in grouped.items()}
+    fits = size_fits.fit_families({label: p for label, p in points.items() if p})
+    summary["families"] = [f.summary() for f in fits]
+    summary["comparison_flags"] = size_fits.comparison_flags(fits)
+    summary["prediction"] = size_fits.predict(fits, predict) if predict else None
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.mqar) for r in runs])
     _plot(runs, out)
-    if summary["scaling_fit"]:
-        _plot_fit(with_val, summary["scaling_fit"], out)
+    if any(f.law is not None for f in fits):
+        size_fits.plot(fits, summary["prediction"], out / "scaling_fit.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "report.md").write_text(_report(summary))
     return summary
@@ -210,46 +208,18 @@ def _plot(runs: list[Run], out: Path) -> None:
         plots.save(fig, ax, out / f"loss_vs_{axis}.png", legend_size=7)
 
 
-def _plot_fit(runs: list[Run], fit: dict, out: Path) -> None:
-    """Final validation loss against parameters, with the fitted law."""
-    import numpy as np
-
-    law = scaling.PowerLaw(fit["E"], fit["A"], fit["alpha"], 0.0)
-    n = np.array([r.params for r in runs], dtype=np.float64)
-    grid = np.exp(np.linspace(np.log(n.min() / 1.5), np.log(n.max() * 3), 100))
-    fig, ax = plots.pyplot().subplots(figsize=(6, 4.5))
-    ax.plot(grid, law(grid), "k--", lw=1, label=f"E + A N^-alpha, alpha {fit['alpha']:.3f}, E {fit['E']:.3f}")
-    for k, r in enumerate(runs):
-        ax.plot([r.params], [r.final_val], "o", color=f"C{k % 10}", label=r.name)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("final validation loss")
-    plots.save(fig, ax, out / "scaling_fit.png", legend_size=7)
-
-
 def _report(summary: dict) -> str:
-    lines = ["# Runs compared", "", "| run | parameters | tokens | final train loss | final validation loss |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["# Runs compared", "", "| run | family | parameters | tokens | final train loss | final validation loss |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in summary["runs"]:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} | {val} |")
+        lines.append(f"| {r['name']} | `{r['family']}` | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} "
+                     f"| {val} |")
     lines += _eval_table(summary["runs"])
     if summary.get("mqar_paired"):
         lines += paired_runs.markdown(summary["mqar_paired"])
-    fit = summary["scaling_fit"]
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
-    if fit:
-        ci = fit["alpha_ci"]
-        ci_text = f" (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
-        lines += ["## Scaling fit", "", f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} * N^-{fit['alpha']:.4f}{ci_text}, "
-                  f"over {fit['runs']} runs." + (f" {fit['note'][0].upper()}{fit['note'][1:]}." if "note" in fit else ""),
-                  "", "![scaling fit](scaling_fit.png)", ""]
-    nd = summary.get("scaling_fit_nd")
-    if nd:
-        lines += ["## Size and tokens", "", f"L(N, D) = {nd['E']:.4f} + {nd['A']:.4g}/N^{nd['alpha']:.4f} + "
-                  f"{nd['B']:.4g}/D^{nd['beta']:.4f}, over {nd['runs']} runs.", ""]
-    if summary["red_flags"]:
-        lines += ["## Red flags", ""] + [f"- {flag}" for flag in summary["red_flags"]] + [""]
+    lines += _fit_sections(summary)
     return "\n".join(lines)
 
 
@@ -265,4 +235,38 @@ def _eval_table(runs: list[dict]) -> list[str]:
     for m in metrics:
         cells = [f"{r['eval'][m]:.4f}" if m in r["eval"] else "-" for r in runs]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fit_sections(summary: dict) -> list[str]:
+    """A section per family: its runs, its size law or why there is none, its red flags; then the prediction."""
+    if not any(fam["scaling_fit"] or fam["scaling_fit_nd"] for fam in summary["families"]):
+        prediction = size_fits.prediction_lines(summary["prediction"]) if summary["prediction"] else []
+        return ["## Size laws", "", "None fitted: " + "; ".join(f"`{fam['label']}`, {fam['note']}"
+                                                                for fam in summary["families"]) + ".", "",
+                *prediction, *([""] if prediction else [])]
+    lines = ["## Size laws by architecture family", "",
+             f"Parameters: {summary['size_measure']}. A family is one layer-pattern unit with the same non-size model "
+             "fields (or a `--family` label).", ""]
+    for fam in summary["families"]:
+        lines += [f"### `{fam['label']}`", "", f"Runs: {', '.join(fam['runs'])}.", ""]
+        fit, nd = fam["scaling_fit"], fam["scaling_fit_nd"]
+        if fit:
+            ci = fit["alpha_ci"]
+            ci_text = f" (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+            note = f" {fit['note'][0].upper()}{fit['note'][1:]}." if "note" in fit else ""
+            lines += [f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} * N^-{fit['alpha']:.4f}{ci_text}, over {fit['runs']} "
+                      f"runs.{note}", ""]
+        else:
+            lines += [f"{fam['note'][0].upper()}{fam['note'][1:]}.", ""]
+        if nd:
+            lines += [f"L(N, D) = {nd['E']:.4f} + {nd['A']:.4g}/N^{nd['alpha']:.4f} + {nd['B']:.4g}/D^{nd['beta']:.4f}, "
+                      f"over {nd['runs']} runs.", ""]
+        lines += [f"- red flag: {flag}" for flag in fam["red_flags"]] + ([""] if fam["red_flags"] else [])
+    if any(fam["scaling_fit"] for fam in summary["families"]):
+        lines += ["![scaling fit](scaling_fit.png)", ""]
+    if summary["prediction"]:
+        lines += ["## Prediction", ""] + size_fits.prediction_lines(summary["prediction"]) + [""]
+    if summary["comparison_flags"]:
+        lines += ["## Red flags of the comparison", ""] + [f"- {flag}" for flag in summary["comparison_flags"]] + [""]
     return lines

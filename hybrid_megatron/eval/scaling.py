@@ -1,8 +1,8 @@
 """Power-law fits of loss against model size, L(N) = E + A * N^-alpha, with a bootstrap interval.
 
 For a fixed ``alpha`` the law is linear in (E, A), so the fit is an exact least-squares solve inside a
-one-dimensional search over ``alpha`` (a grid, then golden-section refinement): no starting guess, no
-local minimum in (E, A). The bootstrap resamples the runs with replacement and refits; resamples with
+one-dimensional search over ``alpha`` (a log grid, then finer grids around its best point): no starting guess,
+no local minimum in (E, A). The bootstrap resamples the runs with replacement and refits; resamples with
 fewer than three distinct sizes are skipped. Red flags follow the go/no-go practice our users cite:
 loss not decreasing with size, a train/validation gap of about zero, and alpha below 0.1.
 """
@@ -27,13 +27,19 @@ class PowerLaw:
         return self.E + self.A * np.asarray(n, dtype=np.float64) ** -self.alpha
 
 
-def _solve(n: np.ndarray, loss: np.ndarray, alpha: float) -> tuple[float, float, float]:
-    """(E, A, SSE) of the least-squares fit at this alpha."""
-    x = n ** -alpha
-    design = np.stack([np.ones_like(x), x], axis=1)
-    (e, a), *_ = np.linalg.lstsq(design, loss, rcond=None)
-    resid = loss - (e + a * x)
-    return float(e), float(a), float(resid @ resid)
+def _solve(n: np.ndarray, loss: np.ndarray, alpha) -> tuple:
+    """(E, A, SSE) of the least-squares fit at this alpha, in closed form (simple linear regression of the
+    loss on N^-alpha); ``alpha`` may be an array of exponents, giving arrays."""
+    x = n[None, :] ** -np.atleast_1d(np.asarray(alpha, dtype=np.float64))[:, None]
+    xc = x - x.mean(axis=1, keepdims=True)
+    lc = loss - loss.mean()
+    a = (xc @ lc) / np.einsum("ij,ij->i", xc, xc)
+    e = loss.mean() - a * x.mean(axis=1)
+    resid = loss[None, :] - (e[:, None] + a[:, None] * x)
+    sse = np.einsum("ij,ij->i", resid, resid)
+    if np.ndim(alpha) == 0:
+        return float(e[0]), float(a[0]), float(sse[0])
+    return e, a, sse
 
 
 def fit_power_law(params, losses) -> PowerLaw:
@@ -44,21 +50,15 @@ def fit_power_law(params, losses) -> PowerLaw:
         raise ValueError("a power-law fit needs losses at three or more distinct model sizes")
     # scale N so the search is well conditioned whatever the units
     n = n / np.exp(np.mean(np.log(n)))
-    grid = np.exp(np.linspace(np.log(ALPHA_RANGE[0]), np.log(ALPHA_RANGE[1]), 400))
-    sse = [_solve(n, loss, a)[2] for a in grid]
-    i = int(np.argmin(sse))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
-    golden = (np.sqrt(5) - 1) / 2
-    for _ in range(80):  # golden-section refinement of alpha between the grid neighbours
-        c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        if _solve(n, loss, c)[2] < _solve(n, loss, d)[2]:
-            hi = d
-        else:
-            lo = c
+    lo, hi = ALPHA_RANGE
+    for _ in range(6):  # a log grid, then finer grids between the best point's neighbours (to ~1e-13 of alpha)
+        grid = np.exp(np.linspace(np.log(lo), np.log(hi), 400))
+        i = int(np.argmin(_solve(n, loss, grid)[2]))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
     alpha = (lo + hi) / 2
     e, a, s = _solve(n, loss, alpha)
     scale = np.exp(np.mean(np.log(np.asarray(params, dtype=np.float64))))
-    return PowerLaw(E=e, A=a * scale**alpha, alpha=float(alpha), sse=s)  # A in the caller's units of N
+    return PowerLaw(E=e, A=float(a * scale**alpha), alpha=float(alpha), sse=s)  # A in the caller's units of N
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,25 +113,52 @@ def fit_chinchilla(params, tokens, losses) -> ChinchillaLaw:
                          beta=float(beta), sse=sse)
 
 
-def bootstrap_alpha(params, losses, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
-    """95% interval of alpha over resampled runs. None with fewer than four distinct sizes: three parameters
-    fitted to three sizes pass through every point, and every resample that can be fitted is the same
-    three sizes again, so an "interval" would only repeat the estimate."""
+def bootstrap_laws(params, losses, samples: int = 1000, seed: int = 0) -> list[PowerLaw]:
+    """The law refitted to ``samples`` resamples of the runs (with replacement; resamples of fewer than three
+    distinct sizes are skipped). Empty with fewer than four distinct sizes: three parameters fitted to three
+    sizes pass through every point, and every resample that can be fitted is the same three sizes again, so
+    the spread would only repeat the estimate."""
     n = np.asarray(params, dtype=np.float64)
     loss = np.asarray(losses, dtype=np.float64)
     if len(np.unique(n)) < 4:
-        return None
+        return []
     rng = np.random.default_rng(seed)
-    alphas = []
+    laws = []
     for _ in range(samples):
         pick = rng.integers(0, n.size, n.size)
-        if len(np.unique(n[pick])) < 3:
-            continue
-        alphas.append(fit_power_law(n[pick], loss[pick]).alpha)
-    if not alphas:
+        if len(np.unique(n[pick])) >= 3:
+            laws.append(fit_power_law(n[pick], loss[pick]))
+    return laws
+
+
+def interval(values) -> tuple[float, float] | None:
+    """The central 95% of bootstrap values (None for none)."""
+    if len(values) == 0:
         return None
-    low, high = np.percentile(alphas, [2.5, 97.5])
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [2.5, 97.5])
     return float(low), float(high)
+
+
+def bootstrap_alpha(params, losses, samples: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of alpha over resampled runs; None with fewer than four distinct sizes."""
+    return interval([law.alpha for law in bootstrap_laws(params, losses, samples, seed)])
+
+
+def crossings(first: PowerLaw, second: PowerLaw, low: float, high: float) -> list[float]:
+    """The sizes in [low, high] where the two laws predict the same loss (a log-spaced scan, then bisection)."""
+    grid = np.exp(np.linspace(np.log(low), np.log(high), 400))
+    gap = first(grid) - second(grid)
+    found = []
+    for i in np.nonzero(np.sign(gap[:-1]) * np.sign(gap[1:]) < 0)[0]:
+        a, b = np.log(grid[i]), np.log(grid[i + 1])
+        for _ in range(60):
+            mid = (a + b) / 2
+            if np.sign(first(np.exp(mid)) - second(np.exp(mid))) == np.sign(gap[i]):
+                a = mid
+            else:
+                b = mid
+        found.append(float(np.exp((a + b) / 2)))
+    return found
 
 
 def red_flags(params, val_losses, train_losses, alpha: float | None) -> list[str]:

@@ -1,0 +1,38 @@
+"""Run directories as ``pretrain`` writes them (config.yaml, losses.jsonl, val.jsonl), for ``compare`` on a CPU."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import yaml
+
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.config_io import to_dict
+from hybrid_megatron.devtools import REPO_ROOT
+from hybrid_megatron.model.build import padded_vocab_size
+from hybrid_megatron.model.flops import embedding_params, num_parameters
+
+VOCAB = 257
+
+
+def write_run(root, name, overrides=(), final_loss: Callable[[float], float] = lambda n: 3.0, steps=50,
+              size_measure="total"):
+    """``configs/tiny.yaml`` with ``overrides``; its last validation loss is ``final_loss(N)`` of its parameter
+    count N (total or non-embedding), the train losses fall to just above it. Returns N."""
+    cfg = load_run_config(REPO_ROOT / "configs" / "tiny.yaml",
+                          ["model.vocab_size=257", f"logging.run_dir={root / name}", *overrides])
+    padded = padded_vocab_size(VOCAB, cfg.model, 1)
+    n = num_parameters(cfg.model, padded)
+    if size_measure == "non-embedding":
+        n -= embedding_params(cfg.model, padded)
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    final = float(final_loss(n))
+    with open(run / "losses.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            f.write(json.dumps({"step": s, "loss": final + 2.0 / s + 0.01, "tokens": 32768, "seq_len": 1024,
+                                "skipped": False}) + "\n")
+    (run / "val.jsonl").write_text(json.dumps({"step": steps, "loss": final, "tokens": 262144}) + "\n")
+    return n

@@ -1,0 +1,176 @@
+"""`compare` groups runs into architecture families and fits a size law per family, then reads the laws at a
+larger size: known laws are recovered per family, their crossing and difference at the target come out as
+computed by hand, and bad --family / --predict input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.cli import main
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.devtools import REPO_ROOT
+from hybrid_megatron.eval import families, scaling, size_fits
+from hybrid_megatron.eval.compare import compare
+from tests.run_dirs import write_run
+
+# two families with one exponent, so that their crossing is known in closed form:
+# E1 + A1 N^-a = E2 + A2 N^-a  <=>  N = ((A2 - A1) / (E1 - E2))^(1/a)
+MAMBA = {"E": 1.69, "A": 406.4, "alpha": 0.34}
+ATTENTION = {"E": 1.60, "A": 600.0, "alpha": 0.34}
+CROSSING = ((ATTENTION["A"] - MAMBA["A"]) / (MAMBA["E"] - ATTENTION["E"])) ** (1 / 0.34)
+WIDTHS = (256, 384, 512, 768)
+
+
+def _law(p):
+    return lambda n: p["E"] + p["A"] * float(n) ** -p["alpha"]
+
+
+def _model(*overrides):
+    return load_run_config(REPO_ROOT / "configs" / "tiny.yaml", ["model.vocab_size=257", *overrides]).model
+
+
+@pytest.mark.parametrize("pattern, unit", [("M-M*-|M-M*-", "M-M*-"), ("M*-M*-M*-", "M*-"), ("M-M-*", "M-M-*"),
+                                           ("MMMM", "M"), ("G-G*-|G-G*-|G-G*-", "G-G*-")])
+def test_the_pattern_unit_is_the_shortest_repeated_block(pattern, unit):
+    assert families.repeating_unit(pattern) == unit
+
+
+def test_a_family_is_one_pattern_unit_and_the_same_non_size_fields():
+    models = {"h256": _model("model.hidden_size=256"),
+              "h512": _model("model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_attention_heads=8"),
+              "deep": _model("model.hybrid_layer_pattern=M-M*-|M-M*-|M-M*-|M-M*-"),  # depth by repeating the unit
+              "local": _model("model.layer_spec=local"),  # another implementation of the same function
+              "swiglu": _model("model.activation=swiglu"),
+              "attn": _model("model.hybrid_layer_pattern=*-*-|*-*-")}
+    grouped = families.group(models)
+    assert grouped == {"M-M*- (activation=squared_relu)": ["h256", "h512", "deep", "local"],
+                       "M-M*- (activation=swiglu)": ["swiglu"], "*-": ["attn"]}
+    shared = _model("model.hybrid_layer_pattern=MEM*E|MEM*E", "model.moe_num_experts=4", "model.moe_shared_expert_size=256")
+    wider = _model("model.hybrid_layer_pattern=MEM*E|MEM*E", "model.moe_num_experts=4", "model.moe_shared_expert_size=512")
+    plain = _model("model.hybrid_layer_pattern=MEM*E|MEM*E", "model.moe_num_experts=4")
+    assert list(families.group({"a": shared, "b": wider, "c": plain})) == [
+        "MEM*E (moe_shared_expert_size=True)", "MEM*E (moe_shared_expert_size=False)"]
+
+
+def test_families_by_hand_override_the_rule_and_bad_ones_are_one_line():
+    assert families.parse_assignments(["hybrid=a,b", "hybrid=c", "attn=d"]) == {
+        "a": "hybrid", "b": "hybrid", "c": "hybrid", "d": "attn"}
+    for bad, message in ((["hybrid"], "expected LABEL=RUN_DIR"), (["=a"], "expected LABEL"),
+                         (["x=a,,b"], "an empty run directory"), (["x=a", "y=a"], "a is in two families")):
+        with pytest.raises(ConfigError, match=message):
+            families.parse_assignments(bad)
+    models = {"a": _model(), "b": _model("model.hybrid_layer_pattern=*-*-|*-*-")}
+    assert families.group(models, {"a": "mine", "b": "mine"}) == {"mine": ["a", "b"]}
+    with pytest.raises(ConfigError, match="not among the runs compared"):
+        families.group(models, {"z": "mine"})
+    with pytest.raises(ConfigError, match="also the label of runs grouped by their pattern"):
+        families.group(models, {"b": "M-M*-"})
+
+
+def _two_families(root, steps_attention=50):
+    dirs = []
+    for h in WIDTHS:
+        write_run(root, f"m{h}", [f"model.hidden_size={h}"], _law(MAMBA))
+        write_run(root, f"a{h}", [f"model.hidden_size={h}", "model.hybrid_layer_pattern=*-*-|*-*-"], _law(ATTENTION),
+                  steps=steps_attention)
+        dirs += [str(root / f"m{h}"), str(root / f"a{h}")]
+    return dirs
+
+
+def test_each_family_gets_its_own_law_and_the_prediction_reads_them_at_the_target(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *_two_families(tmp_path), "--out", str(out), "--predict", "30B"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    by_label = {f["label"]: f for f in summary["families"]}
+    assert list(by_label) == ["M-M*-", "*-"] and by_label["*-"]["runs"] == [f"a{h}" for h in WIDTHS]
+    for label, true in (("M-M*-", MAMBA), ("*-", ATTENTION)):
+        fit = by_label[label]["scaling_fit"]
+        for key in ("E", "A", "alpha"):
+            assert fit[key] == pytest.approx(true[key], rel=1e-3), (label, key, fit)
+    # one law through both families would fit neither: its residual is far above each family's own
+    pooled = scaling.fit_power_law([r["params"] for r in summary["runs"]], [r["final_val_loss"] for r in summary["runs"]])
+    assert pooled.sse > 1e-3
+    pred = summary["prediction"]
+    assert pred["at"] == 3e10 and pred["reference"] == "M-M*-"
+    rows = {r["family"]: r for r in pred["by_family"]}
+    for label, true in (("M-M*-", MAMBA), ("*-", ATTENTION)):
+        assert rows[label]["loss"] == pytest.approx(_law(true)(3e10), abs=1e-3)
+        low, high = rows[label]["interval"]
+        assert low <= rows[label]["loss"] + 1e-9 and rows[label]["loss"] - 1e-9 <= high
+    [diff] = pred["differences"]
+    assert diff["difference"] == pytest.approx(_law(ATTENTION)(3e10) - _law(MAMBA)(3e10), abs=1e-3) and diff["difference"] < 0
+    assert diff["share_lower"] == 1.0  # noise-free runs: every resample puts attention lower at 30B
+    [crossing] = diff["crossings"]
+    assert crossing == pytest.approx(CROSSING, rel=0.02)
+    text = capsys.readouterr().out
+    assert "At 30B parameters:" in text and "- `*-` minus `M-M*-`: -0.0" in text and "the curves cross at 6.3" in text
+    report = (out / "report.md").read_text()
+    assert "## Prediction" in report and "### `*-`" in report and "| a256 | `*-` |" in report
+    assert (out / "scaling_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_noisy_runs_give_an_interval_that_holds_the_true_value(tmp_path):
+    """Five sizes with 0.01 nats of noise: the 95% interval at 7B covers the law the runs were drawn from."""
+    rng = np.random.default_rng(3)
+    dirs = []
+    for h in (256, 384, 512, 768, 1024):
+        write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], lambda n: _law(MAMBA)(n) + rng.normal(0, 0.01))
+        dirs.append(str(tmp_path / f"m{h}"))
+    summary = compare(dirs, tmp_path / "out", predict=7e9)
+    [row] = summary["prediction"]["by_family"]
+    low, high = row["interval"]
+    assert low < _law(MAMBA)(7e9) < high and high - low > 0.01
+    assert row["extrapolation"] == pytest.approx(7e9 / max(r["params"] for r in summary["runs"]))
+
+
+def test_the_size_measure_chooses_the_parameters_the_law_is_fitted_to(tmp_path):
+    """Runs whose loss follows the law in non-embedding parameters (Kaplan's N) recover it with --params
+    non-embedding, and not with the total count."""
+    dirs = []
+    for h in WIDTHS:
+        write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], _law(MAMBA), size_measure="non-embedding")
+        dirs.append(str(tmp_path / f"m{h}"))
+    fit = compare(dirs, tmp_path / "ne", size_measure="non-embedding")["families"][0]["scaling_fit"]
+    assert fit["alpha"] == pytest.approx(MAMBA["alpha"], rel=1e-3)
+    total = compare(dirs, tmp_path / "t")["families"][0]["scaling_fit"]
+    assert total["A"] != pytest.approx(MAMBA["A"], rel=0.05), total  # the same losses over larger counts
+    runs = compare(dirs, tmp_path / "a", size_measure="active")["runs"]
+    assert all(r["params_by_measure"]["active"] == r["params"] > r["params_by_measure"]["non-embedding"] for r in runs)
+
+
+def test_a_comparison_below_hidden_512_or_on_other_token_counts_is_flagged(tmp_path):
+    narrow = []
+    for h in (128, 192, 256, 384):
+        for name, pattern, law in (("m", "M-M*-|M-M*-", MAMBA), ("a", "*-*-|*-*-", ATTENTION)):
+            write_run(tmp_path / "narrow", f"{name}{h}", [f"model.hidden_size={h}", "model.num_attention_heads=4",
+                                                          f"model.hybrid_layer_pattern={pattern}"], _law(law))
+            narrow.append(str(tmp_path / "narrow" / f"{name}{h}"))
+    [flag] = compare(narrow, tmp_path / "o1")["comparison_flags"]
+    assert "narrower than hidden 512" in flag and "M-M*-, *-" in flag
+    flags = compare(_two_families(tmp_path / "tokens", steps_attention=100), tmp_path / "o2")["comparison_flags"]
+    assert flags == ["the families were trained on different numbers of tokens (M-M*-: 1.6M-1.6M; *-: 3.3M-3.3M): "
+                     "their laws differ in data as well as architecture"]
+
+
+def test_bad_compare_arguments_are_one_line(tmp_path, capsys):
+    dirs = _two_families(tmp_path)
+    for args, message in ((["--predict", "seven"], "--predict 'seven': expected a parameter count"),
+                          (["--predict", "0.5"], "--predict '0.5': expected a parameter count"),
+                          (["--family", "x"], "--family 'x': expected LABEL=RUN_DIR"),
+                          (["--family", f"x={tmp_path}/nowhere"], f"--family names {tmp_path}/nowhere, which is not")):
+        assert main(["compare", *dirs, "--out", str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert size_fits.parse_size("1.3B") == 1.3e9 and size_fits.parse_size("350M") == 3.5e8
+    assert size_fits.parse_size("7e9") == 7e9 and size_fits.count_text(6.34e9) == "6.34B"
+
+
+def test_families_by_hand_pool_what_the_rule_keeps_apart(tmp_path):
+    dirs = _two_families(tmp_path)
+    summary = compare(dirs, tmp_path / "o", family_of={d: "everything" for d in dirs})
+    [family] = summary["families"]
+    assert family["label"] == "everything" and len(family["runs"]) == 8
