@@ -174,3 +174,13 @@ def test_families_by_hand_pool_what_the_rule_keeps_apart(tmp_path):
     summary = compare(dirs, tmp_path / "o", family_of={d: "everything" for d in dirs})
     [family] = summary["families"]
     assert family["label"] == "everything" and len(family["runs"]) == 8
+
+
+def test_runs_without_validation_losses_are_compared_without_a_law(tmp_path):
+    for h in WIDTHS:
+        write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], _law(MAMBA))
+        (tmp_path / f"m{h}" / "val.jsonl").unlink()
+    summary = compare([str(tmp_path / f"m{h}") for h in WIDTHS], tmp_path / "o", predict=7e9)
+    assert summary["families"] == [] and summary["prediction"]["by_family"] == []
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "None fitted: no run has a validation loss (val.jsonl)." in report

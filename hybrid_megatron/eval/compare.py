@@ -242,9 +242,9 @@ def _fit_sections(summary: dict) -> list[str]:
     """A section per family: its runs, its size law or why there is none, its red flags; then the prediction."""
     if not any(fam["scaling_fit"] or fam["scaling_fit_nd"] for fam in summary["families"]):
         prediction = size_fits.prediction_lines(summary["prediction"]) if summary["prediction"] else []
-        return ["## Size laws", "", "None fitted: " + "; ".join(f"`{fam['label']}`, {fam['note']}"
-                                                                for fam in summary["families"]) + ".", "",
-                *prediction, *([""] if prediction else [])]
+        why = ("; ".join(f"`{fam['label']}`, {fam['note']}" for fam in summary["families"])
+               or "no run has a validation loss (val.jsonl)")
+        return ["## Size laws", "", f"None fitted: {why}.", "", *prediction, *([""] if prediction else [])]
     lines = ["## Size laws by architecture family", "",
              f"Parameters: {summary['size_measure']}. A family is one layer-pattern unit with the same non-size model "
              "fields (or a `--family` label).", ""]
