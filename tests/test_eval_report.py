@@ -8,7 +8,7 @@ import pytest
 
 from hybrid_megatron.eval import report
 from hybrid_megatron.eval.compare import compare
-from tests.test_compare import _run_dir
+from tests.run_dirs import write_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +57,7 @@ def test_headline_numbers():
 
 def test_compare_shows_each_runs_latest_eval_side_by_side(tmp_path):
     for h in (256, 384):
-        _run_dir(tmp_path, f"h{h}", h)
+        write_run(tmp_path, f"h{h}", [f"model.hidden_size={h}"])
     report.write(_results(100, 2.0), tmp_path / "h256" / "eval" / "step-000100")
     report.write(_results(50, 1.5), tmp_path / "h256" / "eval" / "step-000050")
     summary = compare([str(tmp_path / "h256"), str(tmp_path / "h384")], tmp_path / "out")
@@ -71,7 +71,7 @@ def test_compare_shows_each_runs_latest_eval_side_by_side(tmp_path):
 def test_damaged_results_are_one_line(tmp_path):
     from data_pipeline.errors import DataError
 
-    _run_dir(tmp_path, "h256", 256)
+    write_run(tmp_path, "h256", ["model.hidden_size=256"])
     bad = tmp_path / "h256" / "eval" / "step-000010"
     bad.mkdir(parents=True)
     (bad / "results.json").write_text("{not json")
@@ -80,5 +80,41 @@ def test_damaged_results_are_one_line(tmp_path):
     results = _results(10, 1.0)
     del results["suites"]["ppl"]["by_source"]
     (bad / "results.json").write_text(json.dumps(results))
-    with pytest.raises(DataError, match=r"h256/eval: the latest results.json is not what eval writes \(KeyError"):
+    with pytest.raises(DataError, match=r"h256/eval/step-000010/results.json: not what eval writes \(KeyError"):
         compare([str(tmp_path / "h256")], tmp_path / "out")
+
+
+def test_compare_draws_every_evaluated_checkpoint_against_tokens(tmp_path):
+    """Three evaluated checkpoints of one run and two of another: each metric a panel, a line per run, x the
+    input tokens at the evaluated step; a run evaluated once is in the table, not on a curve."""
+    for name in ("a", "b", "c"):
+        write_run(tmp_path, name, ["model.hidden_size=256"], steps=100)
+    for step, loss in ((25, 3.0), (50, 2.5), (100, 2.0)):
+        report.write(_results(step, loss), tmp_path / "a" / "eval" / f"step-{step:06d}")
+    for step in (50, 100):
+        report.write(_results(step, 2.2), tmp_path / "b" / "eval" / f"step-{step:06d}")
+    report.write(_results(100, 1.9), tmp_path / "c" / "eval" / "step-000100")
+    summary = compare([str(tmp_path / n) for n in "abc"], tmp_path / "out")
+    a, b, c = summary["runs"]
+    per_step = a["tokens"] // 100
+    assert [(e["step"], e["tokens"], e["metrics"]["ppl/loss"]) for e in a["evals"]] == [
+        (25, 25 * per_step, 3.0), (50, 50 * per_step, 2.5), (100, 100 * per_step, 2.0)]
+    assert a["eval_step"] == 100 and a["eval"]["ppl/loss"] == 2.0 and len(b["evals"]) == 2 and len(c["evals"]) == 1
+    curves = summary["eval_curves"]
+    assert curves["plotted"][:3] == ["ppl/loss", "ppl/loss/code_val", "ppl/loss/tests_val"]  # ppl first
+    assert "lm-eval/python_next_line/acc" in curves["plotted"] and curves["left_out"] == []
+    assert (tmp_path / "out" / "evals_vs_tokens.png").read_bytes()[:8] == PNG
+    assert "## Evaluations over training" in (tmp_path / "out" / "report.md").read_text()
+    # one evaluation per run is no curve
+    assert compare([str(tmp_path / "c")], tmp_path / "one")["eval_curves"] is None
+    assert not (tmp_path / "one" / "evals_vs_tokens.png").exists()
+
+
+def test_a_step_evaluated_into_two_directories_is_one_line(tmp_path):
+    from data_pipeline.errors import DataError
+
+    write_run(tmp_path, "a", ["model.hidden_size=256"])
+    report.write(_results(50, 2.0), tmp_path / "a" / "eval" / "step-000050")
+    report.write(_results(50, 2.1), tmp_path / "a" / "eval" / "step-50")
+    with pytest.raises(DataError, match=r"a/eval: step 50 evaluated in two directories; keep one"):
+        compare([str(tmp_path / "a")], tmp_path / "out")

@@ -25,7 +25,7 @@ from data_pipeline.config import load_yaml_mapping
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import families, paired_runs, plots, report, size_fits
+from hybrid_megatron.eval import eval_curves, families, paired_runs, plots, size_fits
 from hybrid_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,11 @@ class Run:
     sizes: dict[str, int] = field(default_factory=dict)  # parameters by size_fits.SIZE_MEASURES
     train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
     val: list[tuple[int, float, float]] = field(default_factory=list)
-    eval_step: int | None = None
-    eval: dict[str, float] = field(default_factory=dict)  # headline numbers of the latest eval results
-    mqar: dict | None = None  # the latest eval's mqar suite (its outcomes per item), for the paired comparison
+    evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
+
+    @property
+    def latest(self) -> eval_curves.Evaluated | None:
+        return self.evals[-1] if self.evals else None
 
     @property
     def final_train(self) -> float | None:
@@ -134,21 +136,8 @@ def load_run(run_dir: str | Path) -> Run:
                 run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
     if not run.train:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
-    latest = _latest_eval(run_dir)
-    if latest is not None:
-        try:
-            run.eval_step, run.eval = latest["step"], report.headline(latest)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(f"{run_dir}/eval: the latest results.json is not what eval writes ({type(exc).__name__}: "
-                            f"{exc}); edited or damaged") from None
-        run.mqar = latest["suites"].get("mqar")
+    run.evals = eval_curves.read(run_dir, {step: int(t) for step, (t, _) in at_step.items()})
     return run
-
-
-def _latest_eval(run_dir: Path) -> dict | None:
-    """The eval results of the run's latest evaluated checkpoint (``eval/step-N/results.json``)."""
-    found = sorted(run_dir.glob(f"eval/step-*/{report.RESULTS}"), key=lambda p: p.parent.name)
-    return report.read(found[-1]) if found else None
 
 
 def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total", predict: float | None = None,
@@ -172,7 +161,10 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total
     summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "family": family_of_run[r.name], "params": r.params,
                                "params_by_measure": r.sizes, "tokens": r.train[-1][0], "flops": r.train[-1][1],
                                "final_train_loss": r.final_train, "final_val_loss": r.final_val,
-                               "eval_step": r.eval_step, "eval": r.eval} for r in runs],
+                               "eval_step": r.latest.step if r.latest else None,
+                               "eval": r.latest.metrics if r.latest else {},
+                               "evals": [{"step": e.step, "tokens": e.tokens, "metrics": e.metrics} for e in r.evals]}
+                              for r in runs],
                      "size_measure": size_measure}
     by_name = {r.name: r for r in runs}
     points = {label: [size_fits.Point(n, by_name[n].sizes[size_measure], by_name[n].final_val, by_name[n].final_train,
@@ -183,8 +175,9 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total
     summary["families"] = [f.summary() for f in fits]
     summary["comparison_flags"] = size_fits.comparison_flags(fits)
     summary["prediction"] = size_fits.predict(fits, predict) if predict else None
-    summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.mqar) for r in runs])
+    summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])
     _plot(runs, out)
+    summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png")
     if any(f.law is not None for f in fits):
         size_fits.plot(fits, summary["prediction"], out / "scaling_fit.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -216,6 +209,11 @@ def _report(summary: dict) -> str:
         lines.append(f"| {r['name']} | `{r['family']}` | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} "
                      f"| {val} |")
     lines += _eval_table(summary["runs"])
+    curves = summary["eval_curves"]
+    if curves:
+        lines += ["", "## Evaluations over training", "", "![eval results against tokens](evals_vs_tokens.png)", ""]
+        if curves["left_out"]:
+            lines += [f"Not drawn ({eval_curves.MAX_PANELS} panels at most): {', '.join(curves['left_out'])}.", ""]
     if summary.get("mqar_paired"):
         lines += paired_runs.markdown(summary["mqar_paired"])
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
