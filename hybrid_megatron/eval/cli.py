@@ -38,6 +38,12 @@ def _compare(args: argparse.Namespace) -> int:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         print(f"{r['name']} [{r['family']}]: {r['params']:,} params, {r['tokens']:,} tokens, "
               f"train {r['final_train_loss']:.4f}, validation {val}")
+        for series in ("loss", "grad_norm"):
+            found = r["health"][series]
+            if found and found["spikes"]:
+                worst = found["largest"][0]
+                print(f"  {found['spikes']} {series} spike(s) ({found['score']:.2%} of scored steps), the largest at "
+                      f"step {worst['step']} ({worst['z']:.0f} sigma)")
     for fam in summary["families"]:
         fit = fam["scaling_fit"]
         if fit:

@@ -25,7 +25,7 @@ from data_pipeline.config import load_yaml_mapping
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import eval_curves, families, paired_runs, plots, size_fits
+from hybrid_megatron.eval import eval_curves, families, paired_runs, plots, size_fits, training_health
 from hybrid_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Run:
     train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
     val: list[tuple[int, float, float]] = field(default_factory=list)
     evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
+    health: dict = field(default_factory=dict)  # spike scores of losses.jsonl (training_health.py)
 
     @property
     def latest(self) -> eval_curves.Evaluated | None:
@@ -122,12 +123,15 @@ def load_run(run_dir: str | Path) -> Run:
                      "active": active_parameters(cfg.model, padded)})
     tokens = flops = 0.0
     at_step = {}
+    steps = []  # (step, loss, grad norm or None, skipped) for the spike scores
     for n, r in enumerate(_jsonl(run_dir / "losses.jsonl"), 1):
         with _record(run_dir / "losses.jsonl", n):
             step_tokens = step_input_tokens(cfg.data, int(r["seq_len"]))  # losses.jsonl's "tokens" are loss tokens
             tokens += step_tokens
             flops += step_tokens * training_flops_per_token(cfg.model, padded, int(r["seq_len"]))
             at_step[r["step"]] = (tokens, flops)
+            grad_norm = None if r.get("grad_norm") is None else float(r["grad_norm"])
+            steps.append((int(r["step"]), float(r["loss"]), grad_norm, bool(r.get("skipped"))))
             if not r.get("skipped"):
                 run.train.append((int(tokens), flops, float(r["loss"])))
     for n, r in enumerate(_jsonl(run_dir / "val.jsonl"), 1):
@@ -136,6 +140,7 @@ def load_run(run_dir: str | Path) -> Run:
                 run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
     if not run.train:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
+    run.health = training_health.health(steps)
     run.evals = eval_curves.read(run_dir, {step: int(t) for step, (t, _) in at_step.items()})
     return run
 
@@ -163,7 +168,8 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total
                                "final_train_loss": r.final_train, "final_val_loss": r.final_val,
                                "eval_step": r.latest.step if r.latest else None,
                                "eval": r.latest.metrics if r.latest else {},
-                               "evals": [{"step": e.step, "tokens": e.tokens, "metrics": e.metrics} for e in r.evals]}
+                               "evals": [{"step": e.step, "tokens": e.tokens, "metrics": e.metrics} for e in r.evals],
+                               "health": r.health}
                               for r in runs],
                      "size_measure": size_measure}
     by_name = {r.name: r for r in runs}
@@ -208,6 +214,7 @@ def _report(summary: dict) -> str:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         lines.append(f"| {r['name']} | `{r['family']}` | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} "
                      f"| {val} |")
+    lines += ["", *training_health.markdown({r["name"]: r["health"] for r in summary["runs"]})]
     lines += _eval_table(summary["runs"])
     curves = summary["eval_curves"]
     if curves:
