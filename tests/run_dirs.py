@@ -17,9 +17,9 @@ VOCAB = 257
 
 
 def write_run(root, name, overrides=(), final_loss: Callable[[float], float] = lambda n: 3.0, steps=50,
-              size_measure="total"):
+              size_measure="params"):
     """``configs/tiny.yaml`` with ``overrides``; its last validation loss is ``final_loss(N)`` of its parameter
-    count N (total or non-embedding), the train losses fall to just above it. Returns N."""
+    count N (all of them, or the non-embedding ones), the train losses fall to just above it. Returns N."""
     cfg = load_run_config(REPO_ROOT / "configs" / "tiny.yaml",
                           ["model.vocab_size=257", f"logging.run_dir={root / name}", *overrides])
     padded = padded_vocab_size(VOCAB, cfg.model, 1)

@@ -138,7 +138,7 @@ def test_three_sizes_fit_exactly_and_get_no_interval(tmp_path, capsys):
     fit = json.loads((out / "summary.json").read_text())["families"][0]["scaling_fit"]
     assert fit["alpha_ci"] is None and "no degrees of freedom" in fit["note"]
     assert "a fourth size gives one" in capsys.readouterr().out
-    assert "Three sizes: the three parameters" in (out / "report.md").read_text()
+    assert "Three sizes: the law's three constants" in (out / "report.md").read_text()
 
 
 def test_runs_of_about_one_size_are_compared_without_a_size_fit(tmp_path):

@@ -128,7 +128,7 @@ def test_noisy_runs_give_an_interval_that_holds_the_true_value(tmp_path):
 
 
 def test_the_size_measure_chooses_the_parameters_the_law_is_fitted_to(tmp_path):
-    """Runs whose loss follows the law in non-embedding parameters (Kaplan's N) recover it with --params
+    """Runs whose loss follows the law in non-embedding parameters (Kaplan's N) recover it with --size-by
     non-embedding, and not with the total count."""
     dirs = []
     for h in WIDTHS:
@@ -140,6 +140,21 @@ def test_the_size_measure_chooses_the_parameters_the_law_is_fitted_to(tmp_path):
     assert total["A"] != pytest.approx(MAMBA["A"], rel=0.05), total  # the same losses over larger counts
     runs = compare(dirs, tmp_path / "a", size_measure="active")["runs"]
     assert all(r["params_by_measure"]["active"] == r["params"] > r["params_by_measure"]["non-embedding"] for r in runs)
+
+
+def test_families_compared_at_equal_compute(tmp_path, capsys):
+    """--size-by flops fits each family against its training FLOPs to the last validation; no L(N, D) (C is N
+    times D already) and no alpha < 0.1 flag (loss falls far more slowly in compute than in parameters)."""
+    out = tmp_path / "cmp"
+    assert main(["compare", *_two_families(tmp_path), "--out", str(out), "--size-by", "flops", "--predict", "1e21"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    flops = {r["name"]: r["flops"] for r in summary["runs"]}
+    for fam in summary["families"]:
+        assert fam["measure"] == "flops" and fam["sizes"] == [flops[n] for n in fam["runs"]]
+        assert "training FLOPs" in fam["scaling_fit"]["law"] and fam["scaling_fit_nd"] is None
+        assert not any("alpha" in flag for flag in fam["red_flags"])
+    assert summary["prediction"]["measure"] == "flops"
+    assert "At 1e+21 training FLOPs:" in capsys.readouterr().out
 
 
 def test_a_comparison_below_hidden_512_or_on_other_token_counts_is_flagged(tmp_path):

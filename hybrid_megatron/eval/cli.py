@@ -18,11 +18,13 @@ def register(sub) -> None:
                                    "sizes a fit of L(N) = E + A N^-alpha to the final validation losses.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by pretrain")
     p.add_argument("--out", required=True, metavar="DIR", help="writes summary.json, report.md and PNG plots here")
-    p.add_argument("--params", default="total", choices=SIZE_MEASURES, dest="size_measure",
-                   help="the parameter count the size laws use (default total; non-embedding is Kaplan's N; "
-                        "active counts an MoE's routed experts at top-k)")
-    p.add_argument("--predict", metavar="N", help="read every family's law at N parameters (7e9, 7B, 350M), with "
-                                                  "a bootstrap interval, and set the families against the first")
+    p.add_argument("--size-by", default="params", choices=SIZE_MEASURES, dest="size_measure",
+                   help="what the size laws are fitted against: params (total, the default), non-embedding (Kaplan's "
+                        "N), active (an MoE's routed experts counted at top-k) or flops (the training compute up to "
+                        "the last validation: architectures compared at equal compute)")
+    p.add_argument("--predict", metavar="N", help="read every family's law at size N (7e9, 7B, 350M; with --size-by "
+                                                  "flops a budget such as 1e23), with a bootstrap interval, and set "
+                                                  "the families against the first")
     p.add_argument("--family", action="append", metavar="LABEL=RUN_DIR,...",
                    help="put these runs in one family called LABEL (repeatable), where the pattern rule does not fit")
     p.set_defaults(func=_compare)

@@ -119,7 +119,7 @@ def load_run(run_dir: str | Path) -> Run:
     padded = padded_vocab_size(_vocab(cfg, run_dir), cfg.model, cfg.parallel.tensor_model_parallel_size)
     total = num_parameters(cfg.model, padded)
     run = Run(name=run_dir.name, path=run_dir, params=total, model=cfg.model,
-              sizes={"total": total, "non-embedding": total - embedding_params(cfg.model, padded),
+              sizes={"params": total, "non-embedding": total - embedding_params(cfg.model, padded),
                      "active": active_parameters(cfg.model, padded)})
     tokens = flops = 0.0
     at_step = {}
@@ -145,11 +145,11 @@ def load_run(run_dir: str | Path) -> Run:
     return run
 
 
-def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total", predict: float | None = None,
+def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "params", predict: float | None = None,
             family_of: dict[str, str] | None = None) -> dict:
     """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``)."""
     if size_measure not in size_fits.SIZE_MEASURES:
-        raise ConfigError(f"--params {size_measure!r}: one of {', '.join(size_fits.SIZE_MEASURES)}")
+        raise ConfigError(f"--size-by {size_measure!r}: one of {', '.join(size_fits.SIZE_MEASURES)}")
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -173,14 +173,17 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "total
                               for r in runs],
                      "size_measure": size_measure}
     by_name = {r.name: r for r in runs}
-    points = {label: [size_fits.Point(n, by_name[n].sizes[size_measure], by_name[n].final_val, by_name[n].final_train,
+    def size(r: Run) -> float:  # the FLOPs: those of the training up to the last validation, as the loss is
+        return r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
+
+    points = {label: [size_fits.Point(n, size(by_name[n]), by_name[n].final_val, by_name[n].final_train,
                                       by_name[n].val[-1][0], by_name[n].model.hidden_size)
                       for n in members if by_name[n].final_val is not None]
               for label, members in grouped.items()}
-    fits = size_fits.fit_families({label: p for label, p in points.items() if p})
+    fits = size_fits.fit_families({label: p for label, p in points.items() if p}, size_measure)
     summary["families"] = [f.summary() for f in fits]
     summary["comparison_flags"] = size_fits.comparison_flags(fits)
-    summary["prediction"] = size_fits.predict(fits, predict) if predict else None
+    summary["prediction"] = size_fits.predict(fits, predict, size_measure) if predict else None
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])
     _plot(runs, out)
     summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png")
@@ -251,7 +254,7 @@ def _fit_sections(summary: dict) -> list[str]:
                or "no run has a validation loss (val.jsonl)")
         return ["## Size laws", "", f"None fitted: {why}.", "", *prediction, *([""] if prediction else [])]
     lines = ["## Size laws by architecture family", "",
-             f"Parameters: {summary['size_measure']}. A family is one layer-pattern unit with the same non-size model "
+             f"Size: {summary['size_measure']}. A family is one layer-pattern unit with the same non-size model "
              "fields (or a `--family` label).", ""]
     for fam in summary["families"]:
         lines += [f"### `{fam['label']}`", "", f"Runs: {', '.join(fam['runs'])}.", ""]

@@ -21,7 +21,7 @@ from data_pipeline.errors import ConfigError
 from hybrid_megatron.eval import scaling
 
 MIN_SIZE_SPREAD = 1.5  # largest / smallest model before a size law is fitted
-SIZE_MEASURES = ("total", "non-embedding", "active")
+SIZE_MEASURES = ("params", "non-embedding", "active", "flops")  # total, Kaplan's N, MoE's active, training compute
 DEAD_ZONE_HIDDEN = 512  # below this width architectures tend to look alike (REFERENCE: small-scale validation)
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -31,33 +31,41 @@ class Point:
     """One run as a size fit sees it."""
 
     name: str
-    params: int  # in the chosen size measure
+    size: float  # in the chosen measure: a parameter count, or the training FLOPs up to the last validation
     final_val: float
     final_train: float | None
     tokens: int  # input tokens when the last validation ran
     hidden_size: int
 
 
+def unit(measure: str) -> str:
+    return "training FLOPs" if measure == "flops" else "parameters"
+
+
 @dataclass
 class FamilyFit:
     label: str
     points: list[Point]
+    measure: str = "params"
     law: scaling.PowerLaw | None = None
     laws: list[scaling.PowerLaw] | None = None  # bootstrap refits (empty: fewer than four sizes)
 
     def summary(self) -> dict:
-        out: dict = {"label": self.label, "runs": [p.name for p in self.points], "scaling_fit": None,
+        out: dict = {"label": self.label, "runs": [p.name for p in self.points], "measure": self.measure,
+                     "sizes": [p.size for p in self.points], "scaling_fit": None,
                      "scaling_fit_nd": None, "red_flags": []}
-        sizes = sorted({p.params for p in self.points})
+        sizes = sorted({p.size for p in self.points})
         if self.law is not None:
             out["scaling_fit"] = {"alpha": self.law.alpha, "alpha_ci": scaling.interval([x.alpha for x in self.laws]),
                                   "E": self.law.E, "A": self.law.A, "runs": len(self.points),
-                                  "law": "L(N) = E + A * N^-alpha (N: parameters)"}
+                                  "law": f"L(N) = E + A * N^-alpha (N: {unit(self.measure)})"}
             if not self.laws:
-                out["scaling_fit"]["note"] = ("three sizes: the three parameters pass through every point (no degrees "
+                out["scaling_fit"]["note"] = ("three sizes: the law's three constants pass through every point (no degrees "
                                               "of freedom left), so there is no interval; a fourth size gives one")
-            out["red_flags"] = scaling.red_flags([p.params for p in self.points], [p.final_val for p in self.points],
-                                                 [p.final_train for p in self.points], self.law.alpha)
+            # the alpha < 0.1 rule of thumb is for parameters: loss falls far more slowly in compute
+            alpha = None if self.measure == "flops" else self.law.alpha
+            out["red_flags"] = scaling.red_flags([p.size for p in self.points], [p.final_val for p in self.points],
+                                                 [p.final_train for p in self.points], alpha)
         elif len(sizes) >= 3:
             out["note"] = (f"no fit: the sizes span {sizes[-1] / sizes[0]:.2f}x, under {MIN_SIZE_SPREAD}x (runs of "
                            "about one size: a comparison of recipes, not a size sweep)")
@@ -65,8 +73,8 @@ class FamilyFit:
             out["note"] = f"no fit: {len(sizes)} distinct size(s) with a validation loss; a size law needs three"
         tokens = {p.tokens for p in self.points}
         spread = len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
-        if spread and len(self.points) >= 5 and len(tokens) >= 2:  # runs that vary tokens too
-            nd = scaling.fit_chinchilla([p.params for p in self.points], [p.tokens for p in self.points],
+        if spread and len(self.points) >= 5 and len(tokens) >= 2 and self.measure != "flops":  # tokens vary too
+            nd = scaling.fit_chinchilla([p.size for p in self.points], [p.tokens for p in self.points],
                                         [p.final_val for p in self.points])
             out["scaling_fit_nd"] = {"E": nd.E, "A": nd.A, "alpha": nd.alpha, "B": nd.B, "beta": nd.beta,
                                      "runs": len(self.points), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
@@ -74,52 +82,54 @@ class FamilyFit:
 
 
 def parse_size(text: str) -> float:
-    """A parameter count: ``7e9``, ``7B``, ``1.3B``, ``350M``."""
+    """A parameter count or a FLOP budget: ``7e9``, ``7B``, ``1.3B``, ``350M``, ``1e23``."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGTkmbgt]?)\s*", text)
     value = float(match.group(1)) * _SUFFIX[match.group(2).upper()] if match else 0.0
     if not match or value < 1:
-        raise ConfigError(f"--predict {text!r}: expected a parameter count such as 7e9, 7B or 350M")
+        raise ConfigError(f"--predict {text!r}: expected a parameter count such as 7e9, 7B or 350M (with --size-by "
+                          "flops: a FLOP budget such as 1e23)")
     return value
 
 
-def fit_families(families: dict[str, list[Point]], samples: int = 1000) -> list[FamilyFit]:
+def fit_families(families: dict[str, list[Point]], measure: str = "params", samples: int = 1000) -> list[FamilyFit]:
     """A law per family that has three or more sizes spanning ``MIN_SIZE_SPREAD``; resamples seeded by the
     family's place, so that families are resampled independently and every run of compare is the same."""
     fits = []
     for k, (label, points) in enumerate(families.items()):
-        fit = FamilyFit(label, points)
-        sizes = sorted({p.params for p in points})
+        fit = FamilyFit(label, points, measure)
+        sizes = sorted({p.size for p in points})
         if len(sizes) >= 3 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]:
-            n, loss = [p.params for p in points], [p.final_val for p in points]
+            n, loss = [p.size for p in points], [p.final_val for p in points]
             fit.law, fit.laws = scaling.fit_power_law(n, loss), scaling.bootstrap_laws(n, loss, samples, seed=k)
         fits.append(fit)
     return fits
 
 
-def predict(fits: list[FamilyFit], at: float) -> dict:
-    """Each fitted family's loss at ``at`` parameters, and every other family against the first fitted one."""
+def predict(fits: list[FamilyFit], at: float, measure: str = "params") -> dict:
+    """Each fitted family's loss at size ``at`` (in ``measure``), and every other family against the first fitted
+    one."""
     fitted = [f for f in fits if f.law is not None]
     if not fitted:
-        return {"at": at, "reference": None, "by_family": [], "differences": [],
+        return {"at": at, "measure": measure, "reference": None, "by_family": [], "differences": [],
                 "note": "no family has a size law to read there (each needs three or more sizes spanning "
                         f"{MIN_SIZE_SPREAD}x)"}
     by_family = []
     for f in fitted:
         draws = np.array([law(at) for law in f.laws])
-        largest = max(p.params for p in f.points)
+        largest = max(p.size for p in f.points)
         by_family.append({"family": f.label, "loss": float(f.law(at)), "interval": scaling.interval(draws),
                           "extrapolation": at / largest})
     ref, differences = fitted[0], []
     for f in fitted[1:]:
         count = min(len(f.laws), len(ref.laws))
         gap = np.array([f.laws[i](at) - ref.laws[i](at) for i in range(count)])
-        low = min(p.params for p in f.points + ref.points)
-        high = max(at, *(p.params for p in f.points + ref.points))
+        low = min(p.size for p in f.points + ref.points)
+        high = max(at, *(p.size for p in f.points + ref.points))
         differences.append({"family": f.label, "difference": float(f.law(at) - ref.law(at)),
                             "interval": scaling.interval(gap),
                             "share_lower": float(np.mean(gap < 0)) if count else None,
                             "crossings": scaling.crossings(f.law, ref.law, low, high)})
-    return {"at": at, "reference": ref.label, "by_family": by_family, "differences": differences}
+    return {"at": at, "measure": measure, "reference": ref.label, "by_family": by_family, "differences": differences}
 
 
 def comparison_flags(fits: list[FamilyFit]) -> list[str]:
@@ -141,8 +151,10 @@ def comparison_flags(fits: list[FamilyFit]) -> list[str]:
     return flags
 
 
-def count_text(n: float) -> str:
-    """A parameter count as people write it: 7B, 350M, 6.34B."""
+def count_text(n: float, measure: str = "params") -> str:
+    """A size as people write it: 7B, 350M, 6.34B parameters; 1.2e+23 FLOPs."""
+    if measure == "flops":
+        return f"{n:.3g}"
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
             return f"{n / scale:.3g}{suffix}"
@@ -156,9 +168,11 @@ def _ci(interval) -> str:
 def prediction_lines(prediction: dict) -> list[str]:
     """The prediction as sentences, for the report and the console."""
     at = prediction["at"]
+    measure = prediction["measure"]
+    where = f"At {count_text(at, measure)} {unit(measure)}"
     if prediction.get("note"):
-        return [f"At {count_text(at)} parameters: {prediction['note']}."]
-    lines = [f"At {count_text(at)} parameters:"]
+        return [f"{where}: {prediction['note']}."]
+    lines = [f"{where}:"]
     for row in prediction["by_family"]:
         lines.append(f"- `{row['family']}`: loss {row['loss']:.4f}{_ci(row['interval'])}, "
                      f"{row['extrapolation']:.1f}x past its largest run")
@@ -166,25 +180,25 @@ def prediction_lines(prediction: dict) -> list[str]:
     for row in prediction["differences"]:
         share = (f"; lower than `{ref}` in {row['share_lower']:.0%} of resamples" if row["share_lower"] is not None
                  else "")
-        cross = (f"; the curves cross at {', '.join(count_text(n) for n in row['crossings'])} parameters"
+        cross = (f"; the curves cross at {', '.join(count_text(n, measure) for n in row['crossings'])} {unit(measure)}"
                  if row["crossings"] else "")
         lines.append(f"- `{row['family']}` minus `{ref}`: {row['difference']:+.4f}{_ci(row['interval'])}{share}{cross}")
     return lines
 
 
 def plot(fits: list[FamilyFit], prediction: dict | None, path) -> None:
-    """Final validation loss against parameters, a colour per family, each fitted law drawn out to the
+    """Final validation loss against size, a colour per family, each fitted law drawn out to the
     prediction's size with its interval there."""
     from hybrid_megatron.eval import plots
 
     fig, ax = plots.pyplot().subplots(figsize=(7, 4.8))
-    every = [p.params for f in fits for p in f.points]
+    every = [p.size for f in fits for p in f.points]
     right = max(max(every) * 3, prediction["at"] * 1.5 if prediction else 0)
     grid = np.exp(np.linspace(np.log(min(every) / 1.5), np.log(right), 200))
     at = {row["family"]: row for row in (prediction or {}).get("by_family", [])}
     for k, f in enumerate(fits):
         color = f"C{k % 10}"
-        ax.plot([p.params for p in f.points], [p.final_val for p in f.points], "o", color=color, label=f.label)
+        ax.plot([p.size for p in f.points], [p.final_val for p in f.points], "o", color=color, label=f.label)
         if f.law is not None:
             ax.plot(grid, f.law(grid), "--", color=color, lw=1, label=f"alpha {f.law.alpha:.3f}, E {f.law.E:.3f}")
         row = at.get(f.label)
@@ -194,9 +208,9 @@ def plot(fits: list[FamilyFit], prediction: dict | None, path) -> None:
                         fmt="s", color=color, capsize=4)
     if prediction:
         ax.axvline(prediction["at"], color="grey", lw=0.8, alpha=0.6)
-        ax.annotate(count_text(prediction["at"]), (prediction["at"], 1), xycoords=("data", "axes fraction"),
+        ax.annotate(count_text(prediction["at"], fits[0].measure), (prediction["at"], 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
+    ax.set_xlabel(unit(fits[0].measure))
     ax.set_ylabel("final validation loss")
     plots.save(fig, ax, path, legend_size=7)
