@@ -89,3 +89,11 @@ def test_audit_past_the_end_of_the_run_says_so(capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "the run ends after step 621" in captured.err
     assert captured.out.count("\n") == 621
+
+
+def test_building_the_command_line_loads_no_heavy_library():
+    """Every verb registers its parser at start-up: `hybrid-megatron --help` and a typo must answer at once."""
+    code = ("import sys; from hybrid_megatron.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'megatron', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -13,7 +13,7 @@ from data_pipeline.errors import ConfigError
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
 from hybrid_megatron.devtools import REPO_ROOT
-from hybrid_megatron.eval import families, scaling, size_fits
+from hybrid_megatron.eval import families, scaling, size_units
 from hybrid_megatron.eval.compare import compare
 from tests.run_dirs import write_run
 
@@ -180,8 +180,8 @@ def test_bad_compare_arguments_are_one_line(tmp_path, capsys):
         assert main(["compare", *dirs, "--out", str(tmp_path / "o"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
-    assert size_fits.parse_size("1.3B") == 1.3e9 and size_fits.parse_size("350M") == 3.5e8
-    assert size_fits.parse_size("7e9") == 7e9 and size_fits.count_text(6.34e9) == "6.34B"
+    assert size_units.parse_size("1.3B") == 1.3e9 and size_units.parse_size("350M") == 3.5e8
+    assert size_units.parse_size("7e9") == 7e9 and size_units.count_text(6.34e9) == "6.34B"
 
 
 def test_families_by_hand_pool_what_the_rule_keeps_apart(tmp_path):

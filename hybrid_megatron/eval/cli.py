@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from hybrid_megatron.eval.size_fits import SIZE_MEASURES
+    from hybrid_megatron.eval.size_units import SIZE_MEASURES
 
     _register_eval(sub)
     p = sub.add_parser("compare", help="runs side by side: loss against tokens and FLOPs, size laws per "
@@ -31,10 +31,10 @@ def register(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from hybrid_megatron.eval import families, size_fits
+    from hybrid_megatron.eval import families, size_fits, size_units
     from hybrid_megatron.eval.compare import compare
 
-    predict = size_fits.parse_size(args.predict) if args.predict else None
+    predict = size_units.parse_size(args.predict) if args.predict else None
     summary = compare(args.runs, args.out, args.size_measure, predict, families.parse_assignments(args.family))
     for r in summary["runs"]:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"

@@ -25,7 +25,7 @@ from data_pipeline.config import load_yaml_mapping
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.config_io import build
-from hybrid_megatron.eval import eval_curves, families, paired_runs, plots, size_fits, training_health
+from hybrid_megatron.eval import eval_curves, families, paired_runs, plots, size_fits, size_units, training_health
 from hybrid_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Run:
     path: Path
     params: int
     model: ModelConfig
-    sizes: dict[str, int] = field(default_factory=dict)  # parameters by size_fits.SIZE_MEASURES
+    sizes: dict[str, int] = field(default_factory=dict)  # parameters by size_units.SIZE_MEASURES
     train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
     val: list[tuple[int, float, float]] = field(default_factory=list)
     evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
@@ -148,8 +148,8 @@ def load_run(run_dir: str | Path) -> Run:
 def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "params", predict: float | None = None,
             family_of: dict[str, str] | None = None) -> dict:
     """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``)."""
-    if size_measure not in size_fits.SIZE_MEASURES:
-        raise ConfigError(f"--size-by {size_measure!r}: one of {', '.join(size_fits.SIZE_MEASURES)}")
+    if size_measure not in size_units.SIZE_MEASURES:
+        raise ConfigError(f"--size-by {size_measure!r}: one of {', '.join(size_units.SIZE_MEASURES)}")
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):

@@ -12,18 +12,15 @@ run says how far (the extrapolation factor): small-model fits read at 7B carry w
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.errors import ConfigError
 from hybrid_megatron.eval import scaling
+from hybrid_megatron.eval.size_units import count_text, unit
 
 MIN_SIZE_SPREAD = 1.5  # largest / smallest model before a size law is fitted
-SIZE_MEASURES = ("params", "non-embedding", "active", "flops")  # total, Kaplan's N, MoE's active, training compute
-DEAD_ZONE_HIDDEN = 512  # below this width architectures tend to look alike (REFERENCE: small-scale validation)
-_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+DEAD_ZONE_HIDDEN = 512  # below this width architectures tend to look alike (small-scale architecture studies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +33,6 @@ class Point:
     final_train: float | None
     tokens: int  # input tokens when the last validation ran
     hidden_size: int
-
-
-def unit(measure: str) -> str:
-    return "training FLOPs" if measure == "flops" else "parameters"
 
 
 @dataclass
@@ -79,16 +72,6 @@ class FamilyFit:
             out["scaling_fit_nd"] = {"E": nd.E, "A": nd.A, "alpha": nd.alpha, "B": nd.B, "beta": nd.beta,
                                      "runs": len(self.points), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
         return out
-
-
-def parse_size(text: str) -> float:
-    """A parameter count or a FLOP budget: ``7e9``, ``7B``, ``1.3B``, ``350M``, ``1e23``."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGTkmbgt]?)\s*", text)
-    value = float(match.group(1)) * _SUFFIX[match.group(2).upper()] if match else 0.0
-    if not match or value < 1:
-        raise ConfigError(f"--predict {text!r}: expected a parameter count such as 7e9, 7B or 350M (with --size-by "
-                          "flops: a FLOP budget such as 1e23)")
-    return value
 
 
 def fit_families(families: dict[str, list[Point]], measure: str = "params", samples: int = 1000) -> list[FamilyFit]:
@@ -149,16 +132,6 @@ def comparison_flags(fits: list[FamilyFit]) -> list[str]:
         flags.append(f"the families were trained on different numbers of tokens ({text}): their laws differ in data "
                      "as well as architecture")
     return flags
-
-
-def count_text(n: float, measure: str = "params") -> str:
-    """A size as people write it: 7B, 350M, 6.34B parameters; 1.2e+23 FLOPs."""
-    if measure == "flops":
-        return f"{n:.3g}"
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return f"{n:.3g}"
 
 
 def _ci(interval) -> str:
