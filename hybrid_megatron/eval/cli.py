@@ -1,4 +1,5 @@
-"""`hybrid-megatron eval CKPT --suite ...` (GPU) and `hybrid-megatron compare RUN_DIR... --out DIR` (CPU)."""
+"""`hybrid-megatron eval CKPT --suite ...` (GPU), `hybrid-megatron compare RUN_DIR... --out DIR` and
+`hybrid-megatron inspect CKPT` (CPU)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--family", action="append", metavar="LABEL=RUN_DIR,...",
                    help="put these runs in one family called LABEL (repeatable), where the pattern rule does not fit")
     p.set_defaults(func=_compare)
+    _register_inspect(sub)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -131,4 +133,39 @@ def _eval(args: argparse.Namespace) -> int:
         for name, value in headline(results).items():
             print(f"{name}: {value:.4f}")
         print(f"report: {out}/report.md")
+    return 0
+
+
+def _register_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="a checkpoint's weights by layer and its SSM heads' memory timescales (CPU)",
+                       description="Reads a checkpoint on a CPU (no forward): every layer's weight RMS, with --against "
+                                   "how far each layer moved from another checkpoint (the initial weights, an earlier "
+                                   "step), and each Mamba-2 / Gated DeltaNet head's decay horizon "
+                                   "1 / (exp(A_log) softplus(dt_bias)) against the training length. Writes "
+                                   "inspect.json, report.md and PNG plots.")
+    p.add_argument("checkpoint", help="a step dir, or a save dir whose 'latest' is followed")
+    p.add_argument("--against", metavar="CKPT", help="another checkpoint of the same architecture: relative change "
+                                                     "||W - W0|| / ||W0|| per layer and tensor")
+    p.add_argument("--context", type=int, metavar="N", help="the training length heads are counted against (default: "
+                                                            "the one the checkpoint's run config records)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: <run dir>/inspect/<step dir>)")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import ConfigError
+    from hybrid_megatron.eval import run, weights, weights_report
+
+    if args.context is not None and args.context < 1:
+        raise ConfigError(f"--context {args.context}: must be >= 1")
+    result = weights.inspect(args.checkpoint, args.against, args.context)
+    out = Path(args.out) if args.out else run.default_out(Path(result["checkpoint"]), "inspect")
+    weights_report.write(result, out)
+    for layer in result["layers"]:
+        ssm = layer.get("ssm")
+        change = f", moved {layer['relative_change']:.3f}" if layer.get("relative_change") is not None else ""
+        heads = (f"; {ssm['heads']} heads, tau {ssm['min']:.3g}-{ssm['max']:.3g} tokens (median {ssm['median']:.3g})"
+                 if ssm else "")
+        print(f"layer {layer['index']} {layer['type']}: weight RMS {layer['rms']:.4f}{change}{heads}")
+    print(f"report: {out}/report.md")
     return 0

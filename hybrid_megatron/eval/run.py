@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 _SINGLE_PROCESS_LAYOUT = ("parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1")
 
 
-def default_out(step_dir: Path) -> Path:
+def default_out(step_dir: Path, kind: str = "eval") -> Path:
+    """``<run dir>/<kind>/<step dir>``: where ``eval`` (and ``inspect``) write for a checkpoint of a run."""
     run_dir = step_dir.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{step_dir} is not inside a run directory written by pretrain: pass --out DIR")
-    return run_dir / "eval" / step_dir.name
+    return run_dir / kind / step_dir.name
 
 
 def resolve(checkpoint: str, overrides: list[str], opts: EvalOptions, world_size: int,

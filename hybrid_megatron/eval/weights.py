@@ -1,0 +1,143 @@
+"""What a checkpoint's weights say about a hybrid (``hybrid-megatron inspect``), read on a CPU, no forward.
+
+Per layer: the RMS and largest magnitude of every weight tensor, and with ``--against`` (another checkpoint of
+the same architecture: the initial weights, an earlier step) how far each layer moved, ||W - W0|| / ||W0||,
+over all its tensors: which layers learn, which sit where they were initialised.
+
+For the Mamba-2 (``M``) and Gated DeltaNet (``G``) layers, each head's memory timescale. Both decay their state
+by exp(-exp(A_log) * softplus(dt + dt_bias)) per token (Mamba-2's A = -exp(A_log), megatron's GatedDeltaNet
+gate g likewise), where dt is a projection of the input. The weights alone fix the decay at dt = 0:
+tau = 1 / (exp(A_log) * softplus(dt_bias)) tokens until the state falls to 1/e. The input moves each token's
+step around that value (a forward sees it; the weights do not), so tau is the head's typical horizon, not a
+bound. Heads whose tau reaches the training length carry information across the whole context (the "global"
+channels of long-context Mamba studies); heads under ``SHORT_TOKENS`` are local. Mamba's D (the skip that
+bypasses the state) is listed with them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from pathlib import Path
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.checkpoint import layout, offline
+from hybrid_megatron.convert.mapping import is_model_key
+from hybrid_megatron.model import pattern as pat
+
+SHORT_TOKENS = 16  # a head whose state decays to 1/e within this many tokens keeps only local context
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_SSM_PREFIX = {pat.MAMBA: "mixer.", pat.GDN: "self_attention."}
+
+
+def timescales(a_log, dt_bias) -> list[float]:
+    """Each head's 1/e decay horizon in tokens at the bias step: 1 / (exp(A_log) * softplus(dt_bias))."""
+    out = []
+    for a, b in zip(a_log, dt_bias):
+        softplus = math.log1p(math.exp(-abs(b))) + max(b, 0.0)  # overflow-free softplus
+        out.append(1.0 / (math.exp(a) * softplus))
+    return out
+
+
+def _ssm_summary(taus: list[float], context: int | None, d_skip: list[float] | None) -> dict:
+    out = {"timescales": taus, "min": min(taus), "median": statistics.median(taus), "max": max(taus),
+           "short_heads": sum(t < SHORT_TOKENS for t in taus), "heads": len(taus)}
+    if context:
+        out["context_heads"] = sum(t >= context for t in taus)
+    if d_skip is not None:
+        out["D"] = d_skip
+    return out
+
+
+def _stats(tensor, before) -> dict:
+    x = tensor.double()
+    sq = float((x * x).sum())
+    out = {"shape": list(x.shape), "numel": x.numel(), "sum_sq": sq, "rms": math.sqrt(sq / max(x.numel(), 1)),
+           "max_abs": float(x.abs().max()) if x.numel() else 0.0}
+    if before is not None:
+        diff = x - before.double()
+        out["change_sq"], out["before_sq"] = float((diff * diff).sum()), float((before.double() ** 2).sum())
+    return out
+
+
+def _context(step_dir: Path) -> int | None:
+    """The training length the run config records (the curriculum's longest, else data.seq_len)."""
+    import yaml
+
+    raw = yaml.safe_load((step_dir / layout.RUN_CONFIG).read_text()) or {}
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if not isinstance(data, dict):
+        return None
+    curriculum = data.get("curriculum")
+    if isinstance(curriculum, dict) and isinstance(curriculum.get("max_seq_len"), int):
+        return curriculum["max_seq_len"]
+    return data["seq_len"] if isinstance(data.get("seq_len"), int) else None
+
+
+def inspect(checkpoint: str | Path, against: str | Path | None = None, context: int | None = None) -> dict:
+    """Per-layer weight statistics and SSM timescales of a checkpoint (a step dir or a save dir's latest)."""
+    step_dir = layout.resolve_step_dir(checkpoint)
+    cfg = offline.load_model_config(step_dir)
+    reader = offline.CheckpointReader(step_dir)
+    keys = sorted(k for k in reader.tensors if is_model_key(k) and 0 not in reader.tensors[k][0])
+    base = base_dir = None
+    if against is not None:
+        base_dir = layout.resolve_step_dir(against, "--against ")
+        base = offline.CheckpointReader(base_dir)
+        for key in keys:
+            if base.tensors.get(key, (None,))[0] != reader.tensors[key][0]:
+                theirs = base.tensors.get(key, (None,))[0]
+                raise ConfigError(f"--against {base_dir}: another architecture ({key} is "
+                                  f"{list(theirs) if theirs else 'missing'} there, {list(reader.tensors[key][0])} here)")
+    context = context or _context(step_dir)
+    symbols = pat.layers(cfg.hybrid_layer_pattern)
+    layers = [{"index": i, "symbol": s, "type": pat.LAYER_SYMBOLS[s], "tensors": {}} for i, s in enumerate(symbols)]
+    ends: dict[str, dict] = {}
+    for key in keys:
+        (tensor,) = reader.read([key])
+        before = base.read([key])[0] if base is not None else None
+        match = _LAYER_KEY.match(key)
+        if match:
+            layers[int(match.group(1))]["tensors"][match.group(2)] = _stats(tensor, before)
+        else:
+            ends[key] = _stats(tensor, before)
+    for layer in layers:
+        _layer_totals(layer, base is not None)
+        prefix = _SSM_PREFIX.get(layer["symbol"])
+        if prefix:
+            a_log, dt_bias = reader.read([layer_key(layer, prefix + "A_log"), layer_key(layer, prefix + "dt_bias")])
+            d_skip = (reader.read([layer_key(layer, "mixer.D")])[0].tolist() if layer["symbol"] == pat.MAMBA else None)
+            layer["ssm"] = _ssm_summary(timescales(a_log.double().tolist(), dt_bias.double().tolist()), context, d_skip)
+    for stats in ends.values():
+        _finish(stats, base is not None)
+    return {"checkpoint": str(step_dir), "step": int(layout.read_train_state(step_dir).get("step", 0)),
+            "pattern": cfg.hybrid_layer_pattern, "context": context,
+            "against": str(base_dir) if base_dir is not None else None,
+            "layers": layers, "ends": ends}
+
+
+def layer_key(layer: dict, name: str) -> str:
+    return f"decoder.layers.{layer['index']}.{name}"
+
+
+def _finish(stats: dict, compared: bool) -> None:
+    """Per tensor: its relative change, and no running sums left in what is written."""
+    before, change = stats.pop("before_sq", None), stats.pop("change_sq", None)
+    stats.pop("sum_sq")
+    if compared:
+        stats["relative_change"] = math.sqrt(change / before) if before else None
+
+
+def _layer_totals(layer: dict, compared: bool) -> None:
+    """The layer's RMS over its matrices (tensors of two or more dims: norm vectors and SSM scalars left out) and
+    its relative change over every tensor."""
+    tensors = layer["tensors"].values()
+    matrices = [t for t in tensors if len(t["shape"]) >= 2]
+    numel = sum(t["numel"] for t in matrices)
+    layer["rms"] = math.sqrt(sum(t["sum_sq"] for t in matrices) / numel) if numel else None
+    if compared:
+        before = sum(t["before_sq"] for t in tensors)
+        layer["relative_change"] = math.sqrt(sum(t["change_sq"] for t in tensors) / before) if before else None
+    for t in tensors:
+        _finish(t, compared)
