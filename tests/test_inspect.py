@@ -150,3 +150,16 @@ def test_an_moe_hybrid_is_read_layer_by_layer(tmp_path):
     assert "moe" in kinds and all(layer["rms"] > 0 for layer in result["layers"])
     moe = next(layer for layer in result["layers"] if layer["type"] == "moe")
     assert any("router" in name for name in moe["tensors"])
+
+
+def test_sums_over_slices_equal_sums_over_whole_tensors(monkeypatch):
+    """Large tensors are summed a slice at a time (a 7B embedding in float64 whole would not fit beside it)."""
+    whole = weights.inspect(TP1, against=TP1)
+    monkeypatch.setattr(weights, "SLICE_ELEMENTS", 1000)  # the fixture's matrices span several slices
+    sliced = weights.inspect(TP1, against=TP1)
+    for a, b in zip(whole["layers"], sliced["layers"]):
+        assert b["rms"] == pytest.approx(a["rms"], rel=1e-12)
+        for name, stats in a["tensors"].items():
+            assert b["tensors"][name]["max_abs"] == stats["max_abs"]
+            assert b["tensors"][name]["rms"] == pytest.approx(stats["rms"], rel=1e-12)
+    assert whole["ends"]["embedding.word_embeddings.weight"]["numel"] > 10 * 1000

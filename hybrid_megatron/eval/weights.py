@@ -27,6 +27,7 @@ from hybrid_megatron.convert.mapping import is_model_key
 from hybrid_megatron.model import pattern as pat
 
 SHORT_TOKENS = 16  # a head whose state decays to 1/e within this many tokens keeps only local context
+SLICE_ELEMENTS = 1 << 24  # elements summed at a time (128 MB in float64)
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _SSM_PREFIX = {pat.MAMBA: "mixer.", pat.GDN: "self_attention."}
 
@@ -51,13 +52,24 @@ def _ssm_summary(taus: list[float], context: int | None, d_skip: list[float] | N
 
 
 def _stats(tensor, before) -> dict:
-    x = tensor.double()
-    sq = float((x * x).sum())
-    out = {"shape": list(x.shape), "numel": x.numel(), "sum_sq": sq, "rms": math.sqrt(sq / max(x.numel(), 1)),
-           "max_abs": float(x.abs().max()) if x.numel() else 0.0}
-    if before is not None:
-        diff = x - before.double()
-        out["change_sq"], out["before_sq"] = float((diff * diff).sum()), float((before.double() ** 2).sum())
+    """Sums in float64 over slices of at most ``SLICE_ELEMENTS`` elements: a 7B model's embedding in float64 whole would
+    take 8 GB beside the tensor as stored."""
+    flat = tensor.reshape(-1)
+    old = before.reshape(-1) if before is not None else None
+    sq = change = base = 0.0
+    peak = 0.0
+    for start in range(0, flat.numel(), SLICE_ELEMENTS):
+        x = flat[start:start + SLICE_ELEMENTS].double()
+        sq += float((x * x).sum())
+        peak = max(peak, float(x.abs().max()))
+        if old is not None:
+            y = old[start:start + SLICE_ELEMENTS].double()
+            change += float(((x - y) ** 2).sum())
+            base += float((y * y).sum())
+    out = {"shape": list(tensor.shape), "numel": flat.numel(), "sum_sq": sq,
+           "rms": math.sqrt(sq / max(flat.numel(), 1)), "max_abs": peak}
+    if old is not None:
+        out["change_sq"], out["before_sq"] = change, base
     return out
 
 
