@@ -1,5 +1,5 @@
-"""`hybrid-megatron eval CKPT --suite ...` (GPU), `hybrid-megatron compare RUN_DIR... --out DIR` and
-`hybrid-megatron inspect CKPT` (CPU)."""
+"""`hybrid-megatron eval CKPT --suite ...` (GPU); `compare RUN_DIR... --out DIR`, `inspect CKPT` and
+`ladder SPEC --out DIR` (CPU)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def register(sub) -> None:
                    help="put these runs in one family called LABEL (repeatable), where the pattern rule does not fit")
     p.set_defaults(func=_compare)
     _register_inspect(sub)
+    _register_ladder(sub)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -168,4 +169,35 @@ def _inspect(args: argparse.Namespace) -> int:
                  if ssm else "")
         print(f"layer {layer['index']} {layer['type']}: weight RMS {layer['rms']:.4f}{change}{heads}")
     print(f"report: {out}/report.md")
+    return 0
+
+
+def _register_ladder(sub) -> None:
+    p = sub.add_parser("ladder", help="plan a model ladder: every family of a spec at every size, configs written (CPU)",
+                       description="Plans the runs that decide which architecture gets the large run: each family "
+                                   "(a layer-pattern unit) at each rung (a parameter target and a depth), the width "
+                                   "searched for the target, the base's data scaled to tokens_per_param tokens per "
+                                   "parameter. Writes a run config per run, ladder.json and ladder.md (the table and "
+                                   "the commands); `compare` on the runs afterwards fits each family's law.")
+    p.add_argument("spec", help="ladder YAML (configs/ladders/hybrid_families.yaml is an example)")
+    p.add_argument("--out", required=True, metavar="DIR", help="configs/, ladder.json and ladder.md go here; the runs "
+                                                               "train into DIR/runs/<family>-<size>")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan already in DIR")
+    p.set_defaults(func=_ladder)
+
+
+def _ladder(args: argparse.Namespace) -> int:
+    from data_pipeline.errors import ConfigError
+    from hybrid_megatron.eval import ladder
+    from hybrid_megatron.eval.size_units import count_text
+
+    out = Path(args.out)
+    if (out / "ladder.json").exists() and not args.overwrite:
+        raise ConfigError(f"{out} already holds a ladder plan (ladder.json); pass --overwrite to replace it")
+    summary = ladder.write(ladder.plan(ladder.load_spec(args.spec), out), args.spec, out)
+    print(f"{'run':<28}{'layers':>7}{'hidden':>8}{'params':>9}{'tokens':>9}{'FLOPs':>10}")
+    for r in summary["runs"]:
+        print(f"{r['run']:<28}{r['layers']:>7}{r['hidden_size']:>8}{count_text(r['params']):>9}"
+              f"{count_text(r['tokens']):>9}{r['training_flops']:>10.3g}")
+    print(f"configs: {out}/configs; then {summary['compare']}")
     return 0

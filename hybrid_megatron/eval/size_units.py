@@ -17,13 +17,14 @@ def unit(measure: str) -> str:
     return "training FLOPs" if measure == "flops" else "parameters"
 
 
-def parse_size(text: str) -> float:
-    """A parameter count or a FLOP budget: ``7e9``, ``7B``, ``1.3B``, ``350M``, ``1e23``."""
+def parse_size(text: str, what: str = "--predict") -> float:
+    """A parameter count or a FLOP budget: ``7e9``, ``7B``, ``1.3B``, ``350M``, ``1e23``; ``what`` names the
+    setting in the error."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGTkmbgt]?)\s*", text)
     value = float(match.group(1)) * _SUFFIX[match.group(2).upper()] if match else 0.0
     if not match or value < 1:
-        raise ConfigError(f"--predict {text!r}: expected a parameter count such as 7e9, 7B or 350M (with --size-by "
-                          "flops: a FLOP budget such as 1e23)")
+        flops = " (with --size-by flops: a FLOP budget such as 1e23)" if what == "--predict" else ""
+        raise ConfigError(f"{what} {text!r}: expected a parameter count such as 7e9, 7B or 350M{flops}")
     return value
 
 

@@ -1,0 +1,251 @@
+"""A model ladder (``hybrid-megatron ladder SPEC --out DIR``): the runs that decide which architecture gets the
+large run, planned on a CPU.
+
+Every family of the spec (a layer-pattern unit, as ``compare`` groups runs) at every rung (a parameter target and
+a depth): the unit is repeated to about the rung's depth and the width searched in steps of ``width_multiple``
+for the valid config whose parameter count (the project's own counter) is nearest the target (the depth may
+move by up to half where the widths the base's head proportions allow are too coarse), with the widths
+that follow the hidden size (MLP and expert widths, attention heads at the base's head dim, query groups at the
+base's heads per group) scaled with it. Each run trains ``tokens_per_param`` tokens per parameter (Chinchilla's
+20 by default; OLMo's ladders also train 2x-10x of it): the base's data phases (and curriculum) are scaled to
+that total, keeping their proportions. What comes out is one resolved run config per run, each with its own run
+directory, a table (``ladder.json``, ``ladder.md``) and the commands; after training,
+``compare DIR/runs/* --predict N`` fits each family's law and sets them side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.errors import ConfigError, DataError
+from hybrid_megatron.config import RunConfig, load_yaml, run_config_from_dict
+from hybrid_megatron.config_io import build, to_dict
+from hybrid_megatron.eval.size_units import count_text, parse_size
+from hybrid_megatron.model import pattern as pat
+
+MAX_HIDDEN = 32768
+SIZE_TOLERANCE = 0.05  # a run within 5% of its parameter target counts as on target
+_ROUND = 64  # widths that follow the hidden size are rounded to this (GEMM-friendly) multiple
+
+
+@dataclass(kw_only=True, slots=True)
+class Rung:
+    size: str
+    """Target parameters (total, the project's counter): 150M, 1.3B, 7e8."""
+    layers: int
+    """Depth to aim for: the unit is repeated round(layers / len(unit)) times (at least once)."""
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides for this rung's runs (a learning rate, a batch size)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Family:
+    unit: str
+    """The layer-pattern block the family repeats (``M-M-M-*-``; no ``|``)."""
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides for this family's runs (Gated DeltaNet head dims, MoE experts)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LadderSpec:
+    base: str
+    """The run config every run starts from (relative to the working directory, as run configs' paths are)."""
+    rungs: list[Rung]
+    families: dict[str, Family]
+    tokens_per_param: float = 20.0
+    width_multiple: int = 256
+    overrides: list[str] = field(default_factory=list)
+    """``key=value`` overrides for every run."""
+
+    def __post_init__(self) -> None:
+        if not self.rungs or not self.families:
+            raise ConfigError("a ladder needs at least one rung and one family")
+        if self.tokens_per_param <= 0 or self.width_multiple < 8:
+            raise ConfigError("tokens_per_param must be > 0 and width_multiple >= 8")
+        for name, family in self.families.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ConfigError(f"families.{name}: a family name is letters, digits, '-' and '_' (it names files)")
+            if pat.PIPE in family.unit:
+                raise ConfigError(f"families.{name}.unit={family.unit!r}: a unit has no '|' cuts")
+            pat.validate_pattern(family.unit)
+        for k, rung in enumerate(self.rungs):
+            parse_size(rung.size, f"rungs[{k}].size")
+            if rung.layers < 1:
+                raise ConfigError(f"rungs[{k}].layers={rung.layers}: must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    name: str
+    family: str
+    target: float
+    config: RunConfig
+    params: int
+    tokens: int
+    flops: float
+
+
+def _scaled_model(base: dict, hidden: int, pattern: str) -> dict | None:
+    """The base's model section at another width; None where the base's proportions do not divide."""
+    model = dict(base)
+    ratio = hidden / base["hidden_size"]
+    model.update(hybrid_layer_pattern=pattern, hidden_size=hidden)
+
+    def scaled(name: str) -> None:
+        if model.get(name):
+            model[name] = max(_ROUND, round(model[name] * ratio / _ROUND) * _ROUND)
+
+    for name in ("ffn_hidden_size", "moe_ffn_hidden_size", "moe_shared_expert_size"):
+        scaled(name)
+    head_dim = base.get("kv_channels") or base["hidden_size"] // base["num_attention_heads"]
+    if hidden % head_dim:
+        return None
+    model["num_attention_heads"] = hidden // head_dim
+    if base.get("num_query_groups"):
+        per_group = base["num_attention_heads"] // base["num_query_groups"]
+        if model["num_attention_heads"] % per_group:
+            return None
+        model["num_query_groups"] = model["num_attention_heads"] // per_group
+    for name in ("mamba_num_heads", "gdn_num_key_heads", "gdn_num_value_heads"):
+        if model.get(name):
+            if (model[name] * hidden) % base["hidden_size"]:
+                return None
+            model[name] = model[name] * hidden // base["hidden_size"]
+    return model
+
+
+def _scaled_data(data: dict, tokens: int) -> dict:
+    """The data section training ``tokens`` in all: every phase (and the curriculum) scaled alike."""
+    data = copy.deepcopy(data)
+    total = sum(p["tokens"] for p in data["phases"])
+    factor = tokens / total
+    for phase in data["phases"]:
+        phase["tokens"] = max(1, round(phase["tokens"] * factor))
+    curriculum = data.get("curriculum")
+    if isinstance(curriculum, dict):  # its token marks, scaled with the run
+        if curriculum.get("total_tokens"):
+            curriculum["total_tokens"] = max(1, round(curriculum["total_tokens"] * factor))
+        curriculum["max_tokens"] = [max(1, round(t * factor)) for t in curriculum.get("max_tokens") or []]
+    return data
+
+
+def _sizes(cfg: RunConfig) -> tuple[int, int]:
+    """(parameters, padded vocabulary) of a config, the vocabulary from the config or else its data."""
+    from hybrid_megatron.model.build import padded_vocab_size
+    from hybrid_megatron.model.flops import num_parameters
+
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        from data_pipeline.loader import config_vocab_size
+
+        try:
+            vocab = config_vocab_size(cfg.data)
+        except (ConfigError, DataError) as exc:
+            raise ConfigError(f"the ladder needs the vocabulary: set model.vocab_size in its overrides, or prepare "
+                              f"the base's data first ({exc})") from None
+    padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
+    return num_parameters(cfg.model, padded), padded
+
+
+def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int, where: str) -> tuple[RunConfig, int]:
+    """The valid config nearest ``target`` in parameters: the unit repeated to about ``layers`` (up to half again
+    more or fewer, where the base's head proportions leave the widths too coarse to hit the target), the width
+    searched in steps of ``width_multiple``; of the configs within ``SIZE_TOLERANCE`` of the target, the one of
+    the depth nearest ``layers``."""
+    aim = max(1, round(layers / len(unit)))
+    best: tuple[tuple[float, int], RunConfig, int] | None = None
+    last_error = None
+    for repeats in range(max(1, aim // 2), aim + aim // 2 + 1):
+        for hidden in range(width_multiple, MAX_HIDDEN + 1, width_multiple):
+            model = _scaled_model(raw["model"], hidden, unit * repeats)
+            if model is None:
+                continue
+            try:
+                cfg = run_config_from_dict({**raw, "model": model})
+            except ConfigError as exc:
+                last_error = exc
+                continue
+            params = _sizes(cfg)[0]
+            # within SIZE_TOLERANCE of the target every config is as good on size: the depth nearest the rung's wins
+            miss = abs(params - target) / target
+            score = (max(0.0, miss - SIZE_TOLERANCE), abs(repeats - aim), miss)
+            if best is None or score < best[0]:
+                best = (score, cfg, params)
+            if params > target:
+                break
+    if best is None:
+        raise ConfigError(f"{where}: no width gives a valid config ({last_error or 'the base heads do not divide'})")
+    if best[0][2] > 0.25:
+        raise ConfigError(f"{where}: the nearest valid config has {count_text(best[2])} parameters for a target of "
+                          f"{count_text(target)}; change the rung's layers or the base's head proportions")
+    return best[1], best[2]
+
+
+def plan(spec: LadderSpec, out: Path) -> list[Run]:
+    """Every (family, rung) run, its config resolved and validated; nothing is written."""
+    from hybrid_megatron.config_io import apply_overrides
+    from hybrid_megatron.model.flops import training_flops_per_token
+
+    base = load_yaml(spec.base)
+    if isinstance(base.get("data"), str):
+        base["data"] = load_yaml(base["data"])
+    runs = []
+    for family_name, family in spec.families.items():
+        for rung in spec.rungs:
+            name = f"{family_name}-{rung.size}"
+            where = f"{name} (unit {family.unit!r}, {rung.layers} layers)"
+            raw = apply_overrides(copy.deepcopy(base), [*spec.overrides, *family.overrides, *rung.overrides])
+            run_dir = out / "runs" / name
+            raw["logging"] = {**raw.get("logging", {}), "run_dir": str(run_dir)}
+            raw["checkpoint"] = {**raw.get("checkpoint", {}), "save_dir": str(run_dir / "checkpoints")}
+            target = parse_size(rung.size)
+            cfg, params = _fit(raw, family.unit, rung.layers, target, spec.width_multiple, where)
+            tokens = round(spec.tokens_per_param * params)
+            raw = {**to_dict(cfg), "data": _scaled_data(to_dict(cfg.data), tokens)}
+            cfg = build(RunConfig, raw)
+            # FLOPs at the longest sequence trained (a curriculum's shorter early steps cost a little less)
+            seq = cfg.data.longest_seq_len
+            flops = float(tokens) * training_flops_per_token(cfg.model, _sizes(cfg)[1], seq)
+            runs.append(Run(name, family_name, target, cfg, params, tokens, flops))
+    return runs
+
+
+def write(runs: list[Run], spec_path: str, out: Path) -> dict:
+    """``out/configs/<run>.yaml``, ``out/ladder.json`` and ``out/ladder.md`` (the table and the commands)."""
+    import yaml
+
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in runs:
+        path = out / "configs" / f"{r.name}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(r.config), sort_keys=False))
+        m = r.config.model
+        rows.append({"run": r.name, "family": r.family, "config": str(path), "target": r.target, "params": r.params,
+                     "pattern": m.hybrid_layer_pattern, "layers": len(pat.layers(m.hybrid_layer_pattern)),
+                     "hidden_size": m.hidden_size, "tokens": r.tokens, "training_flops": r.flops,
+                     "run_dir": r.config.logging.run_dir})
+    by_family: dict[str, list[str]] = {}
+    for r in rows:
+        by_family.setdefault(r["family"], []).append(r["run_dir"])
+    # the families named as the spec names them (compare's own rule would label them by pattern unit)
+    labels = " ".join(f"--family {name}={','.join(dirs)}" for name, dirs in by_family.items())
+    summary = {"spec": spec_path, "runs": rows,
+               "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict 7B {labels}"}
+    (out / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Ladder from {spec_path}", "", "| run | layers | hidden | parameters (target) | tokens | training FLOPs |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['run']} | {r['layers']} | {r['hidden_size']} | {count_text(r['params'])} ({count_text(r['target'])}) "
+              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} |" for r in rows]
+    lines += ["", "Train each (one GPU, or `CONFIG=... sbatch slurm/pretrain_7b.sh` on a cluster):", "", "```bash"]
+    lines += [f"hybrid-megatron pretrain {r['config']}" for r in rows]
+    lines += ["```", "", "then fit and compare the families:", "", "```bash", summary["compare"], "```", ""]
+    (out / "ladder.md").write_text("\n".join(lines))
+    return summary
+
+
+def load_spec(path: str) -> LadderSpec:
+    return build(LadderSpec, load_yaml(path))
+

@@ -1,0 +1,112 @@
+"""`hybrid-megatron ladder`: every family at every rung, on target in parameters, its data scaled to the tokens
+per parameter, configs that `pretrain` takes and `compare` groups as the spec does; bad specs are one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from data_pipeline.errors import ConfigError
+from hybrid_megatron.cli import main
+from hybrid_megatron.config import load_run_config
+from hybrid_megatron.devtools import REPO_ROOT
+from hybrid_megatron.eval import families, ladder
+from hybrid_megatron.model import pattern as pat
+
+SPEC = {"base": "configs/tiny.yaml",
+        "rungs": [{"size": "5M", "layers": 8}, {"size": "10M", "layers": 8}, {"size": "20M", "layers": 12}],
+        "families": {"hybrid": {"unit": "M-M*-"}, "attention": {"unit": "*-"},
+                     "swiglu-hybrid": {"unit": "M-M*-", "overrides": ["model.activation=swiglu"]}},
+        "overrides": ["model.vocab_size=257"], "width_multiple": 64}
+
+
+def _spec(tmp_path, **changes) -> str:
+    path = tmp_path / "ladder.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, **changes}, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # the base and its data resolve against the working directory, as in pretrain
+
+
+def test_every_family_at_every_rung_on_target_with_its_data_scaled(tmp_path):
+    spec = ladder.load_spec(_spec(tmp_path))
+    runs = ladder.plan(spec, tmp_path / "out")
+    base = load_run_config(REPO_ROOT / "configs" / "tiny.yaml")
+    base_phases = [p.tokens for p in base.data.phases]
+    assert [r.name for r in runs] == [f"{f}-{s}" for f in SPEC["families"] for s in ("5M", "10M", "20M")]
+    for r in runs:
+        unit = SPEC["families"][r.family]["unit"]
+        flat = pat.layers(r.config.model.hybrid_layer_pattern)
+        assert families.repeating_unit(flat) == unit and len(flat) % len(unit) == 0
+        assert abs(r.params - r.target) / r.target < 0.25, r
+        assert r.tokens == round(20 * r.params)
+        phases = [p.tokens for p in r.config.data.phases]
+        assert abs(sum(phases) - r.tokens) <= len(phases)  # each phase rounded to a token
+        assert phases[0] / phases[1] == pytest.approx(base_phases[0] / base_phases[1], rel=1e-6)
+        factor = r.tokens / sum(base_phases)
+        assert r.config.data.curriculum.total_tokens == pytest.approx(base.data.curriculum.total_tokens * factor, abs=1)
+        assert r.config.logging.run_dir == str(tmp_path / "out" / "runs" / r.name)
+        assert r.config.checkpoint.save_dir == str(tmp_path / "out" / "runs" / r.name / "checkpoints")
+    assert {r.config.model.activation for r in runs if r.family == "swiglu-hybrid"} == {"swiglu"}
+    # compare's own rule puts each family's runs together and keeps the families apart
+    grouped = families.group({r.name: r.config.model for r in runs})
+    assert sorted(map(sorted, grouped.values())) == sorted(sorted(r.name for r in runs if r.family == f)
+                                                           for f in SPEC["families"])
+
+
+def test_the_written_configs_are_what_pretrain_and_compare_take(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["ladder", _spec(tmp_path), "--out", str(out)]) == 0
+    summary = json.loads((out / "ladder.json").read_text())
+    assert len(summary["runs"]) == 9 and "| hybrid-10M |" in (out / "ladder.md").read_text()
+    assert f"--family hybrid={out}/runs/hybrid-5M,{out}/runs/hybrid-10M,{out}/runs/hybrid-20M" in summary["compare"]
+    row = summary["runs"][4]
+    cfg = load_run_config(row["config"])
+    assert cfg.model.hidden_size == row["hidden_size"] and cfg.model.hybrid_layer_pattern == row["pattern"]
+    capsys.readouterr()
+    assert main(["pretrain", row["config"], "--dry-run"]) == 0  # the dry run counts what the ladder counted
+    assert f"{row['params']:,}" in capsys.readouterr().out
+    assert main(["ladder", _spec(tmp_path), "--out", str(out)]) == 2  # a plan is not replaced by accident
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["ladder", _spec(tmp_path), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_the_example_ladder_plans_every_run_near_its_target(tmp_path):
+    runs = ladder.plan(ladder.load_spec("configs/ladders/hybrid_families.yaml"), tmp_path)
+    assert {r.family for r in runs} == {"mamba2-hybrid", "gdn-hybrid", "attention"} and len(runs) == 12
+    for r in runs:
+        assert abs(r.params - r.target) / r.target < 0.1, (r.name, r.params)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"families": {"h": {"unit": "M-|M-"}}}, "families.h.unit='M-|M-': a unit has no '|' cuts"),
+    ({"families": {"h": {"unit": "MX"}}}, "unknown symbol 'X'"),
+    ({"families": {"a b": {"unit": "M-"}}}, "families.a b: a family name is letters"),
+    ({"rungs": [{"size": "big", "layers": 4}]}, "rungs[0].size 'big': expected a parameter count"),
+    ({"rungs": [{"size": "5M", "layers": 0}]}, "rungs[0].layers=0: must be >= 1"),
+    ({"rungs": [{"size": "10T", "layers": 8}]}, "hybrid-10T (unit 'M-M*-', 8 layers): the nearest valid config has"),
+    ({"tokens_per_param": 0}, "tokens_per_param must be > 0"),
+    ({"colour": "blue"}, "unknown config key colour"),
+    ({"base": "configs/none.yaml"}, "config file not found: configs/none.yaml"),
+])
+def test_bad_specs_are_one_line(tmp_path, capsys, changes, message):
+    assert main(["ladder", _spec(tmp_path, **changes), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_without_a_vocabulary_the_ladder_says_where_to_set_it(tmp_path):
+    spec = ladder.load_spec(_spec(tmp_path, overrides=[], base=str(tmp_path / "base.yaml")))
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+    raw["data"] = {**yaml.safe_load((REPO_ROOT / "configs" / "data" / "sample.yaml").read_text()),
+                   "sources": {"code": str(tmp_path / "none")}}
+    raw["data"]["phases"] = [{"name": "pretrain", "tokens": 1000000, "weights": {"code": 1.0}}]
+    raw.pop("build_sample_data", None)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="set model.vocab_size in its overrides, or prepare the base's data first"):
+        ladder.plan(spec, tmp_path / "out")
