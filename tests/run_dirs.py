@@ -26,13 +26,17 @@ def write_run(root, name, overrides=(), final_loss: Callable[[float], float] = l
     n = num_parameters(cfg.model, padded)
     if size_measure == "non-embedding":
         n -= embedding_params(cfg.model, padded)
-    run = root / name
+    write_config_run(root / name, cfg, final_loss(n), steps)
+    return n
+
+
+def write_config_run(run, cfg, final: float, steps: int = 50) -> None:
+    """The run directory of ``cfg``: its config.yaml, train losses falling to just above ``final``, and a last
+    validation loss of ``final`` (one seq_len of 1024 a step)."""
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    final = float(final_loss(n))
     with open(run / "losses.jsonl", "w") as f:
         for s in range(1, steps + 1):
             f.write(json.dumps({"step": s, "loss": final + 2.0 / s + 0.01, "tokens": 32768, "seq_len": 1024,
                                 "skipped": False}) + "\n")
     (run / "val.jsonl").write_text(json.dumps({"step": steps, "loss": final, "tokens": 262144}) + "\n")
-    return n

@@ -4,7 +4,9 @@ per parameter, configs that `pretrain` takes and `compare` groups as the spec do
 from __future__ import annotations
 
 import json
+import shlex
 
+import numpy as np
 import pytest
 import yaml
 
@@ -14,6 +16,7 @@ from hybrid_megatron.config import load_run_config
 from hybrid_megatron.devtools import REPO_ROOT
 from hybrid_megatron.eval import families, ladder
 from hybrid_megatron.model import pattern as pat
+from tests.run_dirs import write_config_run
 
 SPEC = {"base": "configs/tiny.yaml",
         "rungs": [{"size": "5M", "layers": 8}, {"size": "10M", "layers": 8}, {"size": "20M", "layers": 12}],
@@ -110,3 +113,45 @@ def test_without_a_vocabulary_the_ladder_says_where_to_set_it(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="set model.vocab_size in its overrides, or prepare the base's data first"):
         ladder.plan(spec, tmp_path / "out")
+
+
+def test_lengths_and_seeds_make_a_run_of_each(tmp_path):
+    spec = ladder.load_spec(_spec(tmp_path, lengths=[1, 2.5], seeds=[7, 8], families={"hybrid": {"unit": "M-M*-"}},
+                                  rungs=[{"size": "5M", "layers": 8}]))
+    runs = ladder.plan(spec, tmp_path / "out")
+    assert [r.name for r in runs] == ["hybrid-5M-1xC-s7", "hybrid-5M-1xC-s8", "hybrid-5M-2.5xC-s7", "hybrid-5M-2.5xC-s8"]
+    assert len({r.config.model.hidden_size for r in runs}) == 1 and len({r.params for r in runs}) == 1
+    assert [r.tokens for r in runs] == [round(20 * runs[0].params)] * 2 + [round(50 * runs[0].params)] * 2
+    assert [(r.config.train.seed, r.config.data.seed) for r in runs] == [(7, 7), (8, 8), (7, 7), (8, 8)]
+    for bad, message in (({"lengths": [1, 1]}, "distinct multiples"), ({"lengths": [0]}, "distinct multiples"),
+                         ({"seeds": [1, 1]}, "each seed once")):
+        with pytest.raises(ConfigError, match=message):
+            ladder.load_spec(_spec(tmp_path, **bad))
+
+
+def test_a_ladder_trained_then_compared_gives_each_family_its_law(tmp_path, capsys):
+    """The planned runs, their losses following a known law per family (plus a seed's noise), compared with
+    the line ladder.md gives: the spec's family names, each law recovered, the seeds as replicates."""
+    laws = {"hybrid": (1.69, 406.4, 0.34), "attention": (1.60, 600.0, 0.34)}
+    rungs = [{"size": s, "layers": 8} for s in ("4M", "8M", "16M", "32M")]
+    out = tmp_path / "out"
+    assert main(["ladder", _spec(tmp_path, families={"hybrid": {"unit": "M-M*-"}, "attention": {"unit": "*-"}},
+                                 rungs=rungs, seeds=[0, 1]), "--out", str(out)]) == 0
+    plan = json.loads((out / "ladder.json").read_text())
+    noise = np.random.default_rng(0).normal(0, 0.003, len(plan["runs"]))
+    for row, jitter in zip(plan["runs"], noise):
+        e, a, alpha = laws[row["family"]]
+        write_config_run(out / "runs" / row["run"], load_run_config(row["config"]), e + a * row["params"] ** -alpha + jitter)
+    line = shlex.split(plan["compare"].replace(f"{out}/runs/*", " ".join(r["run_dir"] for r in plan["runs"])))
+    assert line[:2] == ["hybrid-megatron", "compare"]
+    capsys.readouterr()
+    assert main(line[1:]) == 0
+    summary = json.loads((out / "compare" / "summary.json").read_text())
+    by_label = {f["label"]: f for f in summary["families"]}
+    assert list(by_label) == ["hybrid", "attention"]
+    for label, (e, a, alpha) in laws.items():
+        fit = by_label[label]["scaling_fit"]
+        assert fit["alpha"] == pytest.approx(alpha, rel=0.2) and fit["E"] == pytest.approx(e, abs=0.05)
+        assert [len(r["runs"]) for r in by_label[label]["replicates"]] == [2, 2, 2, 2]
+    assert summary["prediction"]["at"] == 7e9 and len(summary["prediction"]["differences"]) == 1
+    assert "(other seeds)" in (out / "compare" / "report.md").read_text()

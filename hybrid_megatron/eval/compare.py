@@ -270,7 +270,12 @@ def _fit_sections(summary: dict) -> list[str]:
         if nd:
             lines += [f"L(N, D) = {nd['E']:.4f} + {nd['A']:.4g}/N^{nd['alpha']:.4f} + {nd['B']:.4g}/D^{nd['beta']:.4f}, "
                       f"over {nd['runs']} runs.", ""]
-        lines += [f"- red flag: {flag}" for flag in fam["red_flags"]] + ([""] if fam["red_flags"] else [])
+        for rep in fam["replicates"]:
+            lines.append(f"- {len(rep['runs'])} runs of {size_units.count_text(rep['size'], summary['size_measure'])} on "
+                         f"{size_units.count_text(rep['tokens'])} tokens (other seeds): {rep['mean']:.4f} +- "
+                         f"{rep['sd']:.4f} (sd)")
+        lines += [f"- red flag: {flag}" for flag in fam["red_flags"]]
+        lines += [""] if fam["red_flags"] or fam["replicates"] else []
     if any(fam["scaling_fit"] for fam in summary["families"]):
         lines += ["![scaling fit](scaling_fit.png)", ""]
     if summary["prediction"]:

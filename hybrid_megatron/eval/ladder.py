@@ -8,9 +8,11 @@ move by up to half where the widths the base's head proportions allow are too co
 that follow the hidden size (MLP and expert widths, attention heads at the base's head dim, query groups at the
 base's heads per group) scaled with it. Each run trains ``tokens_per_param`` tokens per parameter (Chinchilla's
 20 by default; OLMo's ladders also train 2x-10x of it): the base's data phases (and curriculum) are scaled to
-that total, keeping their proportions. What comes out is one resolved run config per run, each with its own run
-directory, a table (``ladder.json``, ``ladder.md``) and the commands; after training,
-``compare DIR/runs/* --predict N`` fits each family's law and sets them side by side.
+that total, keeping their proportions; ``lengths`` trains every model at several multiples of that (for
+L(N, D)), ``seeds`` repeats every run (for the run-to-run spread). What comes out is one resolved run config
+per run, each with its own run directory, a table (``ladder.json``, ``ladder.md``) and the commands; after
+training, ``compare DIR/runs/* --predict N --family ...`` (the line ``ladder.md`` gives) fits each family's law
+and sets them side by side.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ class LadderSpec:
     rungs: list[Rung]
     families: dict[str, Family]
     tokens_per_param: float = 20.0
+    lengths: list[float] = field(default_factory=lambda: [1.0])
+    """Run lengths in multiples of ``tokens_per_param`` (OLMo's 1xC, 2xC, 5xC): with two or more, every model
+    trains at each, and ``compare`` fits L(N, D) per family."""
+    seeds: list[int] = field(default_factory=list)
+    """Replicates: every run once per seed (``train.seed`` and ``data.seed`` both), for the run-to-run spread;
+    empty: once, at the base's seeds."""
     width_multiple: int = 256
     overrides: list[str] = field(default_factory=list)
     """``key=value`` overrides for every run."""
@@ -65,6 +73,10 @@ class LadderSpec:
             raise ConfigError("a ladder needs at least one rung and one family")
         if self.tokens_per_param <= 0 or self.width_multiple < 8:
             raise ConfigError("tokens_per_param must be > 0 and width_multiple >= 8")
+        if not self.lengths or any(x <= 0 for x in self.lengths) or len(set(self.lengths)) != len(self.lengths):
+            raise ConfigError(f"lengths={self.lengths}: distinct multiples > 0 of tokens_per_param")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds={self.seeds}: each seed once")
         for name, family in self.families.items():
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ConfigError(f"families.{name}: a family name is letters, digits, '-' and '_' (it names files)")
@@ -195,21 +207,27 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
     runs = []
     for family_name, family in spec.families.items():
         for rung in spec.rungs:
-            name = f"{family_name}-{rung.size}"
-            where = f"{name} (unit {family.unit!r}, {rung.layers} layers)"
+            model_name = f"{family_name}-{rung.size}"
+            where = f"{model_name} (unit {family.unit!r}, {rung.layers} layers)"
             raw = apply_overrides(copy.deepcopy(base), [*spec.overrides, *family.overrides, *rung.overrides])
-            run_dir = out / "runs" / name
-            raw["logging"] = {**raw.get("logging", {}), "run_dir": str(run_dir)}
-            raw["checkpoint"] = {**raw.get("checkpoint", {}), "save_dir": str(run_dir / "checkpoints")}
             target = parse_size(rung.size)
             cfg, params = _fit(raw, family.unit, rung.layers, target, spec.width_multiple, where)
-            tokens = round(spec.tokens_per_param * params)
-            raw = {**to_dict(cfg), "data": _scaled_data(to_dict(cfg.data), tokens)}
-            cfg = build(RunConfig, raw)
-            # FLOPs at the longest sequence trained (a curriculum's shorter early steps cost a little less)
-            seq = cfg.data.longest_seq_len
-            flops = float(tokens) * training_flops_per_token(cfg.model, _sizes(cfg)[1], seq)
-            runs.append(Run(name, family_name, target, cfg, params, tokens, flops))
+            for length in spec.lengths:
+                for seed in spec.seeds or [None]:
+                    name = model_name + (f"-{length:g}xC" if len(spec.lengths) > 1 else "")
+                    name += f"-s{seed}" if seed is not None else ""
+                    tokens = round(spec.tokens_per_param * length * params)
+                    run_dir = out / "runs" / name
+                    raw = {**to_dict(cfg), "data": _scaled_data(to_dict(cfg.data), tokens)}
+                    raw["logging"] = {**raw["logging"], "run_dir": str(run_dir)}
+                    raw["checkpoint"] = {**raw["checkpoint"], "save_dir": str(run_dir / "checkpoints")}
+                    if seed is not None:
+                        raw["train"] = {**raw["train"], "seed": seed}
+                        raw["data"]["seed"] = seed
+                    run = build(RunConfig, raw)
+                    # FLOPs at the longest sequence trained (a curriculum's shorter early steps cost a little less)
+                    flops = float(tokens) * training_flops_per_token(run.model, _sizes(run)[1], run.data.longest_seq_len)
+                    runs.append(Run(name, family_name, target, run, params, tokens, flops))
     return runs
 
 
@@ -239,9 +257,12 @@ def write(runs: list[Run], spec_path: str, out: Path) -> dict:
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['run']} | {r['layers']} | {r['hidden_size']} | {count_text(r['params'])} ({count_text(r['target'])}) "
               f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} |" for r in rows]
-    lines += ["", "Train each (one GPU, or `CONFIG=... sbatch slurm/pretrain_7b.sh` on a cluster):", "", "```bash"]
+    lines += ["", "Train each on one GPU:", "", "```bash"]
     lines += [f"hybrid-megatron pretrain {r['config']}" for r in rows]
-    lines += ["```", "", "then fit and compare the families:", "", "```bash", summary["compare"], "```", ""]
+    lines += ["```", "", "or as one SLURM job each (set the nodes per size; the script's header lists its settings):", "",
+              "```bash", f"for c in {out}/configs/*.yaml; do CONFIG=$c RUN_DIR={out}/runs/$(basename $c .yaml) "
+              "sbatch --nodes=1 slurm/pretrain_7b.sh; done", "```", "",
+              "then fit and compare the families:", "", "```bash", summary["compare"], "```", ""]
     (out / "ladder.md").write_text("\n".join(lines))
     return summary
 

@@ -64,6 +64,7 @@ class FamilyFit:
                            "about one size: a comparison of recipes, not a size sweep)")
         else:
             out["note"] = f"no fit: {len(sizes)} distinct size(s) with a validation loss; a size law needs three"
+        out["replicates"] = _replicates(self.points)
         tokens = {p.tokens for p in self.points}
         spread = len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
         if spread and len(self.points) >= 5 and len(tokens) >= 2 and self.measure != "flops":  # tokens vary too
@@ -72,6 +73,20 @@ class FamilyFit:
             out["scaling_fit_nd"] = {"E": nd.E, "A": nd.A, "alpha": nd.alpha, "B": nd.B, "beta": nd.beta,
                                      "runs": len(self.points), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
         return out
+
+
+def _replicates(points: list[Point]) -> list[dict]:
+    """Runs of one size and token count (other seeds): their mean final validation loss and its spread."""
+    groups: dict[tuple[float, int], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.size, p.tokens), []).append(p)
+    out = []
+    for (size, tokens), group in sorted(groups.items()):
+        if len(group) >= 2:
+            losses = np.array([p.final_val for p in group])
+            out.append({"size": size, "tokens": tokens, "runs": [p.name for p in group], "mean": float(losses.mean()),
+                        "sd": float(losses.std(ddof=1))})
+    return out
 
 
 def fit_families(families: dict[str, list[Point]], measure: str = "params", samples: int = 1000) -> list[FamilyFit]:
