@@ -77,6 +77,11 @@ def test_the_written_configs_are_what_pretrain_and_compare_take(tmp_path, capsys
     assert main(["ladder", _spec(tmp_path), "--out", str(out)]) == 2  # a plan is not replaced by accident
     assert "pass --overwrite" in capsys.readouterr().err
     assert main(["ladder", _spec(tmp_path), "--out", str(out), "--overwrite"]) == 0
+    assert all(0 < r["peak_gib"] < 80 and not r["over_memory"] for r in summary["runs"])
+    capsys.readouterr()
+    assert main(["ladder", _spec(tmp_path, gpu_memory_gib=0.001), "--out", str(out), "--overwrite"]) == 0
+    assert "warning: 9 run(s) above 0.001 GiB per GPU" in capsys.readouterr().out
+    assert "GiB **over** |" in (out / "ladder.md").read_text()
 
 
 def test_the_example_ladder_plans_every_run_near_its_target(tmp_path):

@@ -194,10 +194,15 @@ def _ladder(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "ladder.json").exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds a ladder plan (ladder.json); pass --overwrite to replace it")
-    summary = ladder.write(ladder.plan(ladder.load_spec(args.spec), out), args.spec, out)
-    print(f"{'run':<28}{'layers':>7}{'hidden':>8}{'params':>9}{'tokens':>9}{'FLOPs':>10}")
+    spec = ladder.load_spec(args.spec)
+    summary = ladder.write(ladder.plan(spec, out), spec, args.spec, out)
+    print(f"{'run':<28}{'layers':>7}{'hidden':>8}{'params':>9}{'tokens':>9}{'FLOPs':>10}{'GiB/GPU':>9}")
     for r in summary["runs"]:
         print(f"{r['run']:<28}{r['layers']:>7}{r['hidden_size']:>8}{count_text(r['params']):>9}"
-              f"{count_text(r['tokens']):>9}{r['training_flops']:>10.3g}")
+              f"{count_text(r['tokens']):>9}{r['training_flops']:>10.3g}{r['peak_gib']:>9.1f}")
+    over = [r["run"] for r in summary["runs"] if r["over_memory"]]
+    if over:
+        print(f"warning: {len(over)} run(s) above {spec.gpu_memory_gib:g} GiB per GPU by the dry run's estimate "
+              f"({', '.join(over)}): lower their train.micro_batch_size (a rung override) or add GPUs")
     print(f"configs: {out}/configs; then {summary['compare']}")
     return 0

@@ -64,6 +64,11 @@ class LadderSpec:
     seeds: list[int] = field(default_factory=list)
     """Replicates: every run once per seed (``train.seed`` and ``data.seed`` both), for the run-to-run spread;
     empty: once, at the base's seeds."""
+    gpus: int = 1
+    """GPUs each run trains on: the data-parallel size of the memory estimate."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU: runs the estimate puts above it are flagged (shrink train.micro_batch_size or add
+    parallelism for them)."""
     width_multiple: int = 256
     overrides: list[str] = field(default_factory=list)
     """``key=value`` overrides for every run."""
@@ -75,6 +80,8 @@ class LadderSpec:
             raise ConfigError("tokens_per_param must be > 0 and width_multiple >= 8")
         if not self.lengths or any(x <= 0 for x in self.lengths) or len(set(self.lengths)) != len(self.lengths):
             raise ConfigError(f"lengths={self.lengths}: distinct multiples > 0 of tokens_per_param")
+        if self.gpus < 1 or self.gpu_memory_gib <= 0:
+            raise ConfigError(f"gpus={self.gpus}, gpu_memory_gib={self.gpu_memory_gib}: must be >= 1 and > 0")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds={self.seeds}: each seed once")
         for name, family in self.families.items():
@@ -98,6 +105,7 @@ class Run:
     params: int
     tokens: int
     flops: float
+    peak_gib: float  # the dry run's memory estimate of its fullest GPU
 
 
 def _scaled_model(base: dict, hidden: int, pattern: str) -> dict | None:
@@ -200,6 +208,7 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
     """Every (family, rung) run, its config resolved and validated; nothing is written."""
     from hybrid_megatron.config_io import apply_overrides
     from hybrid_megatron.model.flops import training_flops_per_token
+    from hybrid_megatron.training.dry_run import peak_memory_bytes
 
     base = load_yaml(spec.base)
     if isinstance(base.get("data"), str):
@@ -227,11 +236,12 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
                     run = build(RunConfig, raw)
                     # FLOPs at the longest sequence trained (a curriculum's shorter early steps cost a little less)
                     flops = float(tokens) * training_flops_per_token(run.model, _sizes(run)[1], run.data.longest_seq_len)
-                    runs.append(Run(name, family_name, target, run, params, tokens, flops))
+                    peak = peak_memory_bytes(run, world_size=spec.gpus) / 2**30
+                    runs.append(Run(name, family_name, target, run, params, tokens, flops, peak))
     return runs
 
 
-def write(runs: list[Run], spec_path: str, out: Path) -> dict:
+def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
     """``out/configs/<run>.yaml``, ``out/ladder.json`` and ``out/ladder.md`` (the table and the commands)."""
     import yaml
 
@@ -244,19 +254,24 @@ def write(runs: list[Run], spec_path: str, out: Path) -> dict:
         rows.append({"run": r.name, "family": r.family, "config": str(path), "target": r.target, "params": r.params,
                      "pattern": m.hybrid_layer_pattern, "layers": len(pat.layers(m.hybrid_layer_pattern)),
                      "hidden_size": m.hidden_size, "tokens": r.tokens, "training_flops": r.flops,
+                     "peak_gib": r.peak_gib, "over_memory": r.peak_gib > spec.gpu_memory_gib,
                      "run_dir": r.config.logging.run_dir})
     by_family: dict[str, list[str]] = {}
     for r in rows:
         by_family.setdefault(r["family"], []).append(r["run_dir"])
     # the families named as the spec names them (compare's own rule would label them by pattern unit)
     labels = " ".join(f"--family {name}={','.join(dirs)}" for name, dirs in by_family.items())
-    summary = {"spec": spec_path, "runs": rows,
+    summary = {"spec": spec_path, "gpus": spec.gpus, "gpu_memory_gib": spec.gpu_memory_gib, "runs": rows,
                "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict 7B {labels}"}
     (out / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
-    lines = [f"# Ladder from {spec_path}", "", "| run | layers | hidden | parameters (target) | tokens | training FLOPs |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"# Ladder from {spec_path}", "",
+             f"Memory: the dry run's estimate of the fullest GPU with {spec.gpus} GPU(s) a run; **over** marks runs "
+             f"above {spec.gpu_memory_gib:g} GiB.", "",
+             "| run | layers | hidden | parameters (target) | tokens | training FLOPs | memory per GPU |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['run']} | {r['layers']} | {r['hidden_size']} | {count_text(r['params'])} ({count_text(r['target'])}) "
-              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} |" for r in rows]
+              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} | {r['peak_gib']:.1f} GiB"
+              f"{' **over**' if r['over_memory'] else ''} |" for r in rows]
     lines += ["", "Train each on one GPU:", "", "```bash"]
     lines += [f"hybrid-megatron pretrain {r['config']}" for r in rows]
     lines += ["```", "", "or as one SLURM job each (set the nodes per size; the script's header lists its settings):", "",
