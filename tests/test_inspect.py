@@ -64,7 +64,7 @@ def test_a_trained_hybrid_by_layer():
         else:
             assert "ssm" not in layer
     assert set(result["ends"]) == {"embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_norm.weight"}
-    # the README's figures for this fixture
+    # docs/evaluation.md's figures for this fixture
     ssm = [layer["ssm"] for layer in result["layers"] if "ssm" in layer]
     assert [round(s["median"]) for s in ssm] == [29, 11, 27] and sum(s["short_heads"] for s in ssm) == 7
     assert round(min(s["min"] for s in ssm), 2) == 0.96 and round(max(s["max"] for s in ssm)) == 296
