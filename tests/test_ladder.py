@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,17 @@ def test_a_ladder_trained_then_compared_gives_each_family_its_law(tmp_path, caps
         assert [len(r["runs"]) for r in by_label[label]["replicates"]] == [2, 2, 2, 2]
     assert summary["prediction"]["at"] == 7e9 and len(summary["prediction"]["differences"]) == 1
     assert "(other seeds)" in (out / "compare" / "report.md").read_text()
+    # while the ladder trains: the runs not started yet are left out and listed, the rest compared
+    (out / "runs" / "attention-32M-s1" / "losses.jsonl").write_text("")
+    for name in ("attention-16M-s0", "attention-16M-s1"):
+        for f in (out / "runs" / name).iterdir():
+            f.unlink()
+    capsys.readouterr()
+    assert main(line[1:]) == 0
+    assert "not started yet, left out: " in capsys.readouterr().out
+    summary = json.loads((out / "compare" / "summary.json").read_text())
+    assert sorted(Path(d).name for d in summary["not_started"]) == ["attention-16M-s0", "attention-16M-s1",
+                                                                     "attention-32M-s1"]
+    assert len(summary["runs"]) == len(plan["runs"]) - 3
+    assert main([x for x in line[1:] if x != "--partial"]) == 2  # without --partial: the first one stops it
+    assert "attention-16M-s0: no config.yaml (not a run directory written by pretrain)" in capsys.readouterr().err

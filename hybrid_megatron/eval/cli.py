@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--predict", metavar="N", help="read every family's law at size N (7e9, 7B, 350M; with --size-by "
                                                   "flops a budget such as 1e23), with a bootstrap interval, and set "
                                                   "the families against the first")
+    p.add_argument("--partial", action="store_true", help="leave out (and list) runs that have not started: a "
+                                                          "ladder compared while it trains")
     p.add_argument("--family", action="append", metavar="LABEL=RUN_DIR,...",
                    help="put these runs in one family called LABEL (repeatable), where the pattern rule does not fit")
     p.set_defaults(func=_compare)
@@ -38,7 +40,10 @@ def _compare(args: argparse.Namespace) -> int:
     from hybrid_megatron.eval.compare import compare
 
     predict = size_units.parse_size(args.predict) if args.predict else None
-    summary = compare(args.runs, args.out, args.size_measure, predict, families.parse_assignments(args.family))
+    summary = compare(args.runs, args.out, args.size_measure, predict, families.parse_assignments(args.family),
+                      args.partial)
+    if summary["not_started"]:
+        print(f"not started yet, left out: {', '.join(summary['not_started'])}")
     for r in summary["runs"]:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         print(f"{r['name']} [{r['family']}]: {r['params']:,} params, {r['tokens']:,} tokens, "

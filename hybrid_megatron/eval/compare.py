@@ -145,11 +145,24 @@ def load_run(run_dir: str | Path) -> Run:
     return run
 
 
+def started(run_dir: str | Path) -> bool:
+    """Whether pretrain has written the run's config and at least one training step."""
+    losses = Path(run_dir) / "losses.jsonl"
+    return (Path(run_dir) / "config.yaml").is_file() and losses.is_file() and losses.stat().st_size > 0
+
+
 def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "params", predict: float | None = None,
-            family_of: dict[str, str] | None = None) -> dict:
-    """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``)."""
+            family_of: dict[str, str] | None = None, partial: bool = False) -> dict:
+    """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``). ``partial``:
+    leave out the runs that have not started (listed as such), as a ladder's are while it trains."""
     if size_measure not in size_units.SIZE_MEASURES:
         raise ConfigError(f"--size-by {size_measure!r}: one of {', '.join(size_units.SIZE_MEASURES)}")
+    not_started = [str(d) for d in run_dirs if partial and not started(d)]
+    left_out = {Path(d).resolve() for d in not_started}
+    run_dirs = [d for d in run_dirs if Path(d).resolve() not in left_out]
+    if not run_dirs:
+        raise DataError(f"none of the {len(not_started)} runs has started (no config.yaml and losses.jsonl yet)")
+    family_of = {d: label for d, label in (family_of or {}).items() if Path(d).resolve() not in left_out}
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -171,7 +184,7 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
                                "evals": [{"step": e.step, "tokens": e.tokens, "metrics": e.metrics} for e in r.evals],
                                "health": r.health}
                               for r in runs],
-                     "size_measure": size_measure}
+                     "size_measure": size_measure, "not_started": not_started}
     by_name = {r.name: r for r in runs}
     def size(r: Run) -> float:  # the FLOPs: those of the training up to the last validation, as the loss is
         return r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
@@ -217,6 +230,8 @@ def _report(summary: dict) -> str:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         lines.append(f"| {r['name']} | `{r['family']}` | {r['params']:,} | {r['tokens']:,} | {r['final_train_loss']:.4f} "
                      f"| {val} |")
+    if summary["not_started"]:
+        lines += ["", f"Not started yet (left out): {', '.join(summary['not_started'])}."]
     lines += ["", *training_health.markdown({r["name"]: r["health"] for r in summary["runs"]})]
     lines += _eval_table(summary["runs"])
     curves = summary["eval_curves"]

@@ -262,7 +262,7 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
     # the families named as the spec names them (compare's own rule would label them by pattern unit)
     labels = " ".join(f"--family {name}={','.join(dirs)}" for name, dirs in by_family.items())
     summary = {"spec": spec_path, "gpus": spec.gpus, "gpu_memory_gib": spec.gpu_memory_gib, "runs": rows,
-               "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict 7B {labels}"}
+               "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict 7B --partial {labels}"}
     (out / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"# Ladder from {spec_path}", "",
              f"Memory: the dry run's estimate of the fullest GPU with {spec.gpus} GPU(s) a run; **over** marks runs "
