@@ -16,7 +16,7 @@ from hybrid_megatron.config import load_run_config
 from hybrid_megatron.config_io import to_dict
 from hybrid_megatron.convert.mapping import Dims
 from hybrid_megatron.devtools import REPO_ROOT
-from hybrid_megatron.eval import weights
+from hybrid_megatron.eval import weights, weights_report
 from hybrid_megatron.model import geometry as geo
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "convert"
@@ -144,12 +144,30 @@ def test_the_command_writes_its_report_and_refuses_bad_input_in_one_line(tmp_pat
         assert len(err) == 1 and message in err[0], err
 
 
-def test_an_moe_hybrid_is_read_layer_by_layer(tmp_path):
-    result = weights.inspect(FIXTURES / "moe" / "ckpt")
-    kinds = {layer["type"] for layer in result["layers"]}
-    assert "moe" in kinds and all(layer["rms"] > 0 for layer in result["layers"])
-    moe = next(layer for layer in result["layers"] if layer["type"] == "moe")
-    assert any("router" in name for name in moe["tensors"])
+def test_an_moe_hybrid_by_expert_and_an_expert_that_did_not_train(tmp_path):
+    """A copy of the MoE fixture in which every routed expert of layer 1 but expert 2 moved by 10%: against the
+    fixture, expert 2 is named as one that barely trained; the router rows and routing biases are the stored ones."""
+    moe_dir = FIXTURES / "moe" / "ckpt" / "step-000000"
+    cfg = offline.load_model_config(moe_dir)
+    tensors = _model_tensors(moe_dir)
+    moved = dict(tensors)
+    for name in ("linear_fc1", "linear_fc2"):
+        key = f"decoder.layers.1.mlp.experts.experts.{name}.weight"
+        scale = torch.full((tensors[key].shape[0], 1, 1), 1.1)
+        scale[2] = 1.0
+        moved[key] = tensors[key] * scale
+    copy = offline.save_model_only(tmp_path / "ckpt", offline.sharded_model_state(moved, Dims.of(cfg)), to_dict(cfg))
+    result = weights.inspect(copy, against=moe_dir)
+    experts = result["layers"][1]["experts"]
+    assert experts["count"] == cfg.moe_num_experts
+    assert experts["relative_change"] == pytest.approx([0.1, 0.1, 0.0, 0.1]) and experts["still"] == [2]
+    router = tensors["decoder.layers.1.mlp.router.weight"].double()
+    assert experts["router_norm"] == pytest.approx(router.norm(dim=1).tolist())
+    assert experts["expert_bias"] == pytest.approx(tensors["decoder.layers.1.mlp.router.expert_bias"].tolist())
+    other = next(layer for layer in result["layers"] if layer["type"] == "moe" and layer["index"] != 1)
+    assert other["experts"]["still"] == [] and set(other["experts"]["relative_change"]) == {0.0}
+    report = weights_report.markdown(result)
+    assert "Layer 1 (MoE), its 4 routed experts:" in report and "Experts 2 moved less than 0.1" in report
 
 
 def test_sums_over_slices_equal_sums_over_whole_tensors(monkeypatch):

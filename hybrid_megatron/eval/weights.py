@@ -30,6 +30,9 @@ SHORT_TOKENS = 16  # a head whose state decays to 1/e within this many tokens ke
 SLICE_ELEMENTS = 1 << 24  # elements summed at a time (128 MB in float64)
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _SSM_PREFIX = {pat.MAMBA: "mixer.", pat.GDN: "self_attention."}
+# megatron's grouped-GEMM experts, stored stacked along a leading expert dim
+_EXPERT_WEIGHTS = ("mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight")
+STILL = 0.1  # an expert that moved less than this share of its layer's median expert barely trained
 
 
 def timescales(a_log, dt_bias) -> list[float]:
@@ -111,10 +114,16 @@ def inspect(checkpoint: str | Path, against: str | Path | None = None, context: 
         before = base.read([key])[0] if base is not None else None
         match = _LAYER_KEY.match(key)
         if match:
-            layers[int(match.group(1))]["tensors"][match.group(2)] = _stats(tensor, before)
+            layer = layers[int(match.group(1))]
+            layer["tensors"][match.group(2)] = _stats(tensor, before)
+            if match.group(2) in _EXPERT_WEIGHTS:  # [experts, rows, cols]: one slice per expert
+                layer.setdefault("_experts", []).append([_stats(tensor[j], None if before is None else before[j])
+                                                         for j in range(tensor.shape[0])])
         else:
             ends[key] = _stats(tensor, before)
     for layer in layers:
+        if "_experts" in layer:
+            layer["experts"] = _expert_summary(layer.pop("_experts"), reader, layer, base is not None)
         _layer_totals(layer, base is not None)
         prefix = _SSM_PREFIX.get(layer["symbol"])
         if prefix:
@@ -127,6 +136,29 @@ def inspect(checkpoint: str | Path, against: str | Path | None = None, context: 
             "pattern": cfg.hybrid_layer_pattern, "context": context,
             "against": str(base_dir) if base_dir is not None else None,
             "layers": layers, "ends": ends}
+
+
+def _expert_summary(by_tensor: list[list[dict]], reader, layer: dict, compared: bool) -> dict:
+    """Per routed expert: the RMS of its weights, how far they moved (an expert that never receives tokens keeps
+    its initial weights), its router row's norm and, with aux-loss-free balancing, its routing bias (which grows
+    for experts that get too few tokens)."""
+    count = len(by_tensor[0])
+    sums = [{k: sum(t[j].get(k, 0.0) for t in by_tensor) for k in ("numel", "sum_sq", "change_sq", "before_sq")}
+            for j in range(count)]
+    out: dict = {"count": count, "rms": [math.sqrt(x["sum_sq"] / x["numel"]) for x in sums]}
+    if compared:
+        out["relative_change"] = [math.sqrt(x["change_sq"] / x["before_sq"]) if x["before_sq"] else None for x in sums]
+        moved = sorted(c for c in out["relative_change"] if c is not None)
+        median = moved[len(moved) // 2] if moved else 0.0
+        out["still"] = [j for j, c in enumerate(out["relative_change"]) if c is not None and c < STILL * median]
+    router = layer_key(layer, "mlp.router.weight")
+    if router in reader.tensors:
+        (weight,) = reader.read([router])
+        out["router_norm"] = weight.double().norm(dim=1).tolist()
+    bias = layer_key(layer, "mlp.router.expert_bias")
+    if bias in reader.tensors:
+        out["expert_bias"] = reader.read([bias])[0].double().tolist()
+    return out
 
 
 def layer_key(layer: dict, name: str) -> str:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from hybrid_megatron.eval import plots
-from hybrid_megatron.eval.weights import SHORT_TOKENS
+from hybrid_megatron.eval.weights import SHORT_TOKENS, STILL
 
 RESULTS = "inspect.json"
 _COLORS = {"mamba": "C0", "gdn": "C4", "attention": "C3", "mlp": "C2", "moe": "C1"}
@@ -58,6 +58,7 @@ def markdown(result: dict) -> str:
               "the bias step; the input moves each token's step around it.", ""]
     if not context:
         lines += ["The checkpoint records no training length (pass --context N to count the heads that reach it).", ""]
+    lines += _experts_lines(result["layers"], compared)
     ends = result["ends"]
     if ends:
         lines += ["| tensor | shape | RMS |" + (" relative change |" if compared else ""),
@@ -70,6 +71,30 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += [f"![{name}]({file})" for name, file in result.get("plots", {}).items()] + [""]
     return "\n".join(lines)
+
+
+def _experts_lines(layers: list[dict], compared: bool) -> list[str]:
+    """A table per MoE layer: each routed expert's weights, movement, router row and routing bias."""
+    lines = []
+    for layer in layers:
+        experts = layer.get("experts")
+        if not experts:
+            continue
+        lines += [f"Layer {layer['index']} (MoE), its {experts['count']} routed experts:", "",
+                  "| expert | weight RMS |" + (" relative change |" if compared else "") + " router row norm | routing bias |",
+                  "| --- | --- |" + (" --- |" if compared else "") + " --- | --- |"]
+        for j in range(experts["count"]):
+            cells = [str(j), f"{experts['rms'][j]:.4f}"]
+            if compared:
+                cells.append(_number(experts["relative_change"][j], ".3f"))
+            cells.append(_number(experts["router_norm"][j], ".3f") if "router_norm" in experts else "-")
+            cells.append(_number(experts["expert_bias"][j], "+.4f") if "expert_bias" in experts else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        if experts.get("still"):
+            lines += ["", f"Experts {', '.join(map(str, experts['still']))} moved less than {STILL:g} of the layer's median "
+                      "expert: they have barely trained (too few tokens routed to them)."]
+        lines.append("")
+    return lines
 
 
 def _plot_layers(result: dict, path: Path) -> str:
