@@ -13,7 +13,7 @@ from data_pipeline.errors import ConfigError
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
 from hybrid_megatron.devtools import REPO_ROOT
-from hybrid_megatron.eval import families, scaling, size_units
+from hybrid_megatron.eval import families, scaling, size_fits, size_units
 from hybrid_megatron.eval.compare import compare
 from tests.run_dirs import write_run
 
@@ -199,3 +199,48 @@ def test_runs_without_validation_losses_are_compared_without_a_law(tmp_path):
     assert summary["families"] == [] and summary["prediction"]["by_family"] == []
     report = (tmp_path / "o" / "report.md").read_text()
     assert "None fitted: no run has a validation loss (val.jsonl)." in report
+
+
+def _point(name, size, loss, tokens):
+    return size_fits.Point(name, size, loss, loss + 0.01, tokens, 512, int(size))
+
+
+def test_the_size_law_takes_one_data_budget_and_the_backtest_holds_out_the_largest_size():
+    """A ladder with lengths (every model at 20, 40 and 100 tokens per parameter), its losses from Chinchilla's
+    law: L(N) goes through the 20-tokens-per-parameter runs only; L(N, D) takes them all. The backtest fits
+    without the largest size and reads the law there."""
+    chinchilla = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
+    sizes = [5e7, 1e8, 2e8, 4e8, 8e8]
+    points = [_point(f"n{n:g}-r{r}", n, chinchilla["E"] + chinchilla["A"] * n ** -chinchilla["alpha"]
+                     + chinchilla["B"] * (r * n) ** -chinchilla["beta"], int(r * n))
+              for n in sizes for r in (20, 40, 100)]
+    [fit] = size_fits.fit_families({"h": points})
+    assert [p.name for p in fit.law_points] == [f"n{n:g}-r20" for n in sizes]
+    summary = fit.summary()
+    assert summary["scaling_fit"]["runs"] == 5 and summary["scaling_fit"]["tokens_per_param"] == pytest.approx(20)
+    assert "fitted to the 5 runs of one data budget" in summary["scaling_fit"]["subset"]
+    nd = summary["scaling_fit_nd"]
+    assert nd["runs"] == 15 and nd["alpha"] == pytest.approx(chinchilla["alpha"], rel=0.05)
+    test = summary["scaling_fit"]["backtest"]
+    law = scaling.fit_power_law(sizes[:-1], [p.final_val for p in fit.law_points][:-1])
+    assert test["held_out"] == 8e8 and test["extrapolation"] == 2.0
+    assert test["predicted"] == pytest.approx(float(law(8e8)), rel=1e-12)
+    assert test["error"] == pytest.approx((test["predicted"] - test["actual"]) / test["actual"], rel=1e-12)
+    # a sweep at fixed data (the same tokens for every size) is one budget whatever its tokens per parameter
+    fixed = [_point(f"n{n:g}", n, _law(MAMBA)(n), 10**9) for n in sizes]
+    [fit] = size_fits.fit_families({"h": fixed})
+    assert len(fit.law_points) == 5 and "subset" not in fit.summary()["scaling_fit"]
+    assert abs(fit.backtest["error"]) < 1e-6  # an exact law extrapolates exactly
+
+
+def test_a_largest_run_off_the_law_shows_in_the_backtest(tmp_path):
+    dirs = []
+    for h in (256, 384, 512, 768, 1024):
+        bump = 0.05 if h == 1024 else 0.0  # the largest run came out worse than the smaller ones' law
+        write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], lambda n, b=bump: _law(MAMBA)(n) + b)
+        dirs.append(str(tmp_path / f"m{h}"))
+    summary = compare(dirs, tmp_path / "out")
+    test = summary["families"][0]["scaling_fit"]["backtest"]
+    assert test["predicted"] == pytest.approx(_law(MAMBA)(test["held_out"]), rel=1e-4)
+    assert test["error"] == pytest.approx(-0.05 / test["actual"], rel=1e-3)
+    assert "Backtest: fitted without the largest size" in (tmp_path / "out" / "report.md").read_text()

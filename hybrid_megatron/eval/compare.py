@@ -190,7 +190,7 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
         return r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
 
     points = {label: [size_fits.Point(n, size(by_name[n]), by_name[n].final_val, by_name[n].final_train,
-                                      by_name[n].val[-1][0], by_name[n].model.hidden_size)
+                                      by_name[n].val[-1][0], by_name[n].model.hidden_size, by_name[n].params)
                       for n in members if by_name[n].final_val is not None]
               for label, members in grouped.items()}
     fits = size_fits.fit_families({label: p for label, p in points.items() if p}, size_measure)
@@ -280,6 +280,14 @@ def _fit_sections(summary: dict) -> list[str]:
             note = f" {fit['note'][0].upper()}{fit['note'][1:]}." if "note" in fit else ""
             lines += [f"L(N) = {fit['E']:.4f} + {fit['A']:.4g} * N^-{fit['alpha']:.4f}{ci_text}, over {fit['runs']} "
                       f"runs.{note}", ""]
+            if "subset" in fit:
+                lines += [f"{fit['subset'][0].upper()}{fit['subset'][1:]}.", ""]
+            test = fit["backtest"]
+            if test:
+                held = size_units.count_text(test["held_out"], summary["size_measure"])
+                lines += [f"Backtest: fitted without the largest size ({held}, {test['extrapolation']:.1f}x the next), "
+                          f"the law predicts {test['predicted']:.4f} there against {test['actual']:.4f} measured "
+                          f"({test['error']:+.2%}).", ""]
         else:
             lines += [f"{fam['note'][0].upper()}{fam['note'][1:]}.", ""]
         if nd:

@@ -12,7 +12,8 @@ run says how far (the extrapolation factor): small-model fits read at 7B carry w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +34,11 @@ class Point:
     final_train: float | None
     tokens: int  # input tokens when the last validation ran
     hidden_size: int
+    params: int  # total parameters, whatever the measure (for tokens per parameter)
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
 
 
 @dataclass
@@ -40,25 +46,34 @@ class FamilyFit:
     label: str
     points: list[Point]
     measure: str = "params"
+    law_points: list[Point] = field(default_factory=list)  # the runs L(N) is fitted to: one tokens-per-parameter ratio
     law: scaling.PowerLaw | None = None
     laws: list[scaling.PowerLaw] | None = None  # bootstrap refits (empty: fewer than four sizes)
+    backtest: dict | None = None  # the law fitted without the largest size, read at that size
 
     def summary(self) -> dict:
         out: dict = {"label": self.label, "runs": [p.name for p in self.points], "measure": self.measure,
                      "sizes": [p.size for p in self.points], "scaling_fit": None,
                      "scaling_fit_nd": None, "red_flags": []}
-        sizes = sorted({p.size for p in self.points})
+        sizes = sorted({p.size for p in self.law_points})
         if self.law is not None:
+            ratio = float(np.median([p.tokens_per_param for p in self.law_points]))
             out["scaling_fit"] = {"alpha": self.law.alpha, "alpha_ci": scaling.interval([x.alpha for x in self.laws]),
-                                  "E": self.law.E, "A": self.law.A, "runs": len(self.points),
+                                  "E": self.law.E, "A": self.law.A, "runs": len(self.law_points),
+                                  "tokens_per_param": ratio, "backtest": self.backtest,
                                   "law": f"L(N) = E + A * N^-alpha (N: {unit(self.measure)})"}
+            if len(self.law_points) < len(self.points):
+                out["scaling_fit"]["subset"] = (f"fitted to the {len(self.law_points)} runs of one data budget (about "
+                                                f"{ratio:.3g} tokens per parameter); the family's other runs count in "
+                                                "L(N, D)")
             if not self.laws:
                 out["scaling_fit"]["note"] = ("three sizes: the law's three constants pass through every point (no degrees "
                                               "of freedom left), so there is no interval; a fourth size gives one")
             # the alpha < 0.1 rule of thumb is for parameters: loss falls far more slowly in compute
             alpha = None if self.measure == "flops" else self.law.alpha
-            out["red_flags"] = scaling.red_flags([p.size for p in self.points], [p.final_val for p in self.points],
-                                                 [p.final_train for p in self.points], alpha)
+            out["red_flags"] = scaling.red_flags([p.size for p in self.law_points],
+                                                 [p.final_val for p in self.law_points],
+                                                 [p.final_train for p in self.law_points], alpha)
         elif len(sizes) >= 3:
             out["note"] = (f"no fit: the sizes span {sizes[-1] / sizes[0]:.2f}x, under {MIN_SIZE_SPREAD}x (runs of "
                            "about one size: a comparison of recipes, not a size sweep)")
@@ -66,6 +81,7 @@ class FamilyFit:
             out["note"] = f"no fit: {len(sizes)} distinct size(s) with a validation loss; a size law needs three"
         out["replicates"] = _replicates(self.points)
         tokens = {p.tokens for p in self.points}
+        sizes = sorted({p.size for p in self.points})
         spread = len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
         if spread and len(self.points) >= 5 and len(tokens) >= 2 and self.measure != "flops":  # tokens vary too
             nd = scaling.fit_chinchilla([p.size for p in self.points], [p.tokens for p in self.points],
@@ -89,16 +105,57 @@ def _replicates(points: list[Point]) -> list[dict]:
     return out
 
 
+def _groups(points: list[Point], key, tolerance: float) -> list[list[Point]]:
+    """Points sorted by ``key`` and cut where it jumps by more than ``tolerance`` (a factor)."""
+    ordered = sorted(points, key=key)
+    groups = [[ordered[0]]]
+    for p in ordered[1:]:
+        if key(p) > tolerance * key(groups[-1][-1]):
+            groups.append([])
+        groups[-1].append(p)
+    return groups
+
+
+def law_points(points: list[Point]) -> list[Point]:
+    """The runs L(N) is fitted to: those trained on one data budget, either the same tokens (a sweep at fixed
+    data) or the same tokens per parameter (a ladder; with ``lengths`` it trains every model at several ratios,
+    and a law through all of them would mix data scaling into size scaling). Of the groups either way (tokens
+    within 5%, ratios within 25%), the one with the most sizes, then the most runs, then the fewest tokens."""
+    groups = _groups(points, lambda p: p.tokens, 1.05) + _groups(points, lambda p: p.tokens_per_param, 1.25)
+    best = max(groups, key=lambda g: (len({p.size for p in g}), len(g), -min(p.tokens for p in g)))
+    return [p for p in points if p in best]  # in the order the runs came
+
+
+def _fittable(points: list[Point]) -> bool:
+    sizes = sorted({p.size for p in points})
+    return len(sizes) >= 3 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
+
+
+def _backtest(points: list[Point]) -> dict | None:
+    """The law fitted without the runs of the largest size, read at that size against their mean loss: how well
+    the family's law has extrapolated so far (four or more sizes)."""
+    largest = max(p.size for p in points)
+    rest = [p for p in points if p.size != largest]
+    if len({p.size for p in points}) < 4 or not _fittable(rest):
+        return None
+    law = scaling.fit_power_law([p.size for p in rest], [p.final_val for p in rest])
+    actual = float(np.mean([p.final_val for p in points if p.size == largest]))
+    predicted = float(law(largest))
+    return {"held_out": largest, "predicted": predicted, "actual": actual, "error": (predicted - actual) / actual,
+            "extrapolation": largest / max(p.size for p in rest)}
+
+
 def fit_families(families: dict[str, list[Point]], measure: str = "params", samples: int = 1000) -> list[FamilyFit]:
-    """A law per family that has three or more sizes spanning ``MIN_SIZE_SPREAD``; resamples seeded by the
-    family's place, so that families are resampled independently and every run of compare is the same."""
+    """A law per family that has three or more sizes spanning ``MIN_SIZE_SPREAD`` at one tokens-per-parameter
+    ratio; resamples seeded by the family's place, so that families are resampled independently and every run of
+    compare is the same."""
     fits = []
     for k, (label, points) in enumerate(families.items()):
-        fit = FamilyFit(label, points, measure)
-        sizes = sorted({p.size for p in points})
-        if len(sizes) >= 3 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]:
-            n, loss = [p.size for p in points], [p.final_val for p in points]
+        fit = FamilyFit(label, points, measure, law_points(points))
+        if _fittable(fit.law_points):
+            n, loss = [p.size for p in fit.law_points], [p.final_val for p in fit.law_points]
             fit.law, fit.laws = scaling.fit_power_law(n, loss), scaling.bootstrap_laws(n, loss, samples, seed=k)
+            fit.backtest = _backtest(fit.law_points)
         fits.append(fit)
     return fits
 
@@ -114,15 +171,15 @@ def predict(fits: list[FamilyFit], at: float, measure: str = "params") -> dict:
     by_family = []
     for f in fitted:
         draws = np.array([law(at) for law in f.laws])
-        largest = max(p.size for p in f.points)
+        largest = max(p.size for p in f.law_points)
         by_family.append({"family": f.label, "loss": float(f.law(at)), "interval": scaling.interval(draws),
                           "extrapolation": at / largest})
     ref, differences = fitted[0], []
     for f in fitted[1:]:
         count = min(len(f.laws), len(ref.laws))
         gap = np.array([f.laws[i](at) - ref.laws[i](at) for i in range(count)])
-        low = min(p.size for p in f.points + ref.points)
-        high = max(at, *(p.size for p in f.points + ref.points))
+        low = min(p.size for p in f.law_points + ref.law_points)
+        high = max(at, *(p.size for p in f.law_points + ref.law_points))
         differences.append({"family": f.label, "difference": float(f.law(at) - ref.law(at)),
                             "interval": scaling.interval(gap),
                             "share_lower": float(np.mean(gap < 0)) if count else None,
