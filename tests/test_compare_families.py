@@ -233,13 +233,15 @@ def test_the_size_law_takes_one_data_budget_and_the_backtest_holds_out_the_large
     assert abs(fit.backtest["error"]) < 1e-6  # an exact law extrapolates exactly
 
 
-def test_a_largest_run_off_the_law_shows_in_the_backtest(tmp_path):
+def test_a_largest_run_off_the_law_shows_in_the_backtest(tmp_path, capsys):
     dirs = []
     for h in (256, 384, 512, 768, 1024):
         bump = 0.05 if h == 1024 else 0.0  # the largest run came out worse than the smaller ones' law
         write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], lambda n, b=bump: _law(MAMBA)(n) + b)
         dirs.append(str(tmp_path / f"m{h}"))
-    summary = compare(dirs, tmp_path / "out")
+    assert main(["compare", *dirs, "--out", str(tmp_path / "out")]) == 0
+    assert "  backtest: fitted without the largest size, it predicts" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     test = summary["families"][0]["scaling_fit"]["backtest"]
     assert test["predicted"] == pytest.approx(_law(MAMBA)(test["held_out"]), rel=1e-4)
     assert test["error"] == pytest.approx(-0.05 / test["actual"], rel=1e-3)

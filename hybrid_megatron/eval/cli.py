@@ -61,6 +61,10 @@ def _compare(args: argparse.Namespace) -> int:
             ci_text = f"alpha 95% interval {ci[0]:.4f}-{ci[1]:.4f}" if ci else fit["note"]
             print(f"scaling fit [{fam['label']}]: alpha {fit['alpha']:.4f}, E {fit['E']:.4f}, A {fit['A']:.4g}; "
                   f"{ci_text}")
+            if fit["backtest"]:
+                test = fit["backtest"]
+                print(f"  backtest: fitted without the largest size, it predicts {test['predicted']:.4f} there against "
+                      f"{test['actual']:.4f} measured ({test['error']:+.2%})")
         for flag in fam["red_flags"]:
             print(f"red flag [{fam['label']}]: {flag}")
     if summary["prediction"]:
