@@ -36,13 +36,16 @@ TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (
 class Run:
     name: str
     path: Path
-    params: int
     model: ModelConfig
-    sizes: dict[str, int] = field(default_factory=dict)  # parameters by size_units.SIZE_MEASURES
+    sizes: dict[str, int] = field(default_factory=dict)  # parameters by size_units.SIZE_MEASURES but flops
     train: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens so far, FLOPs so far, loss)
     val: list[tuple[int, float, float]] = field(default_factory=list)
     evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
     health: dict = field(default_factory=dict)  # spike scores of losses.jsonl (training_health.py)
+
+    @property
+    def params(self) -> int:
+        return self.sizes["params"]
 
     @property
     def latest(self) -> eval_curves.Evaluated | None:
@@ -118,7 +121,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise ConfigError(f"{message} (not the resolved config pretrain writes)") from None
     padded = padded_vocab_size(_vocab(cfg, run_dir), cfg.model, cfg.parallel.tensor_model_parallel_size)
     total = num_parameters(cfg.model, padded)
-    run = Run(name=run_dir.name, path=run_dir, params=total, model=cfg.model,
+    run = Run(name=run_dir.name, path=run_dir, model=cfg.model,
               sizes={"params": total, "non-embedding": total - embedding_params(cfg.model, padded),
                      "active": active_parameters(cfg.model, padded)})
     tokens = flops = 0.0
@@ -162,17 +165,19 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     run_dirs = [d for d in run_dirs if Path(d).resolve() not in left_out]
     if not run_dirs:
         raise DataError(f"none of the {len(not_started)} runs has started (no config.yaml and losses.jsonl yet)")
-    family_of = {d: label for d, label in (family_of or {}).items() if Path(d).resolve() not in left_out}
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         runs = [dataclasses.replace(r, name=f"{r.path.parent.name}/{r.name}") for r in runs]
-    given = {Path(d).resolve(): r.name for d, r in zip(run_dirs, runs)}
-    unknown = [d for d in (family_of or {}) if Path(d).resolve() not in given]
-    if unknown:
-        raise ConfigError(f"--family names {unknown[0]}, which is not among the runs compared")
-    grouped = families.group({r.name: r.model for r in runs},
-                             {given[Path(d).resolve()]: label for d, label in (family_of or {}).items()})
+    by_dir = {Path(d).resolve(): r.name for d, r in zip(run_dirs, runs)}
+    by_hand = {}
+    for d, label in (family_of or {}).items():
+        if Path(d).resolve() in left_out:
+            continue
+        if Path(d).resolve() not in by_dir:
+            raise ConfigError(f"--family names {d}, which is not among the runs compared")
+        by_hand[by_dir[Path(d).resolve()]] = label
+    grouped = families.group({r.name: r.model for r in runs}, by_hand)
     family_of_run = {name: label for label, members in grouped.items() for name in members}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,12 +191,7 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
                               for r in runs],
                      "size_measure": size_measure, "not_started": not_started}
     by_name = {r.name: r for r in runs}
-    def size(r: Run) -> float:  # the FLOPs: those of the training up to the last validation, as the loss is
-        return r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
-
-    points = {label: [size_fits.Point(n, size(by_name[n]), by_name[n].final_val, by_name[n].final_train,
-                                      by_name[n].val[-1][0], by_name[n].model.hidden_size, by_name[n].params)
-                      for n in members if by_name[n].final_val is not None]
+    points = {label: [_point(by_name[n], size_measure) for n in members if by_name[n].final_val is not None]
               for label, members in grouped.items()}
     fits = size_fits.fit_families({label: p for label, p in points.items() if p}, size_measure)
     summary["families"] = [f.summary() for f in fits]
@@ -205,6 +205,13 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "report.md").write_text(_report(summary))
     return summary
+
+
+def _point(r: Run, size_measure: str) -> size_fits.Point:
+    """A run with a validation loss, as the size fits see it; its size in FLOPs is the training compute up to its
+    last validation, where its loss was measured."""
+    size = r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
+    return size_fits.Point(r.name, size, r.final_val, r.final_train, r.val[-1][0], r.model.hidden_size, r.params)
 
 
 def _plot(runs: list[Run], out: Path) -> None:
