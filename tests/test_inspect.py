@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+import yaml
 
 from hybrid_megatron.checkpoint import offline
 from hybrid_megatron.cli import main
@@ -181,3 +183,20 @@ def test_sums_over_slices_equal_sums_over_whole_tensors(monkeypatch):
             assert b["tensors"][name]["max_abs"] == stats["max_abs"]
             assert b["tensors"][name]["rms"] == pytest.approx(stats["rms"], rel=1e-12)
     assert whole["ends"]["embedding.word_embeddings.weight"]["numel"] > 10 * 1000
+
+
+def test_a_run_checkpoint_reports_into_its_run_and_counts_against_its_training_length(tmp_path, capsys):
+    """A checkpoint inside a run directory (as pretrain leaves it, its run config with the data section): the
+    report goes to <run dir>/inspect/<step dir>, and the heads are counted against the curriculum's longest
+    sequence without --context."""
+    run = tmp_path / "run"
+    shutil.copytree(TP1, run / "checkpoints")
+    (run / "config.yaml").write_text("{}\n")
+    step = run / "checkpoints" / "step-000000"
+    saved = yaml.safe_load((step / "run_config.yaml").read_text())
+    saved["data"] = yaml.safe_load((REPO_ROOT / "configs" / "data" / "sample.yaml").read_text())
+    (step / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["inspect", str(run / "checkpoints")]) == 0
+    written = json.loads((run / "inspect" / "step-000000" / "inspect.json").read_text())
+    assert written["context"] == saved["data"]["curriculum"]["max_seq_len"] == 1024
+    assert "heads >= 1024 (training length)" in (run / "inspect" / "step-000000" / "report.md").read_text()
