@@ -15,7 +15,7 @@ from data_pipeline.errors import ConfigError
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
 from hybrid_megatron.devtools import REPO_ROOT
-from hybrid_megatron.eval import families, ladder
+from hybrid_megatron.eval import families, ladder, size_units
 from hybrid_megatron.model import pattern as pat
 from tests.run_dirs import write_config_run
 
@@ -175,3 +175,26 @@ def test_a_ladder_trained_then_compared_gives_each_family_its_law(tmp_path, caps
     assert len(summary["runs"]) == len(plan["runs"]) - 3
     assert main([x for x in line[1:] if x != "--partial"]) == 2  # without --partial: the first one stops it
     assert "attention-16M-s0: no config.yaml (not a run directory written by pretrain)" in capsys.readouterr().err
+
+
+def test_a_rung_on_a_base_of_its_own_plans_the_large_run_in_its_pipeline_segments(tmp_path):
+    """The large run planned with each family's unit on its own recipe: here a base pipelined over two stages,
+    so the unit's repeats split into two equal segments, the rung's own tokens per parameter, at least TP x PP
+    GPUs; the compare line reads the laws at its size."""
+    big = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+    big["parallel"] = {**big.get("parallel", {}), "pipeline_model_parallel_size": 2}
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(big))
+    rungs = [*SPEC["rungs"], {"size": "60M", "layers": 16, "base": str(tmp_path / "big.yaml"), "tokens_per_param": 50}]
+    out = tmp_path / "out"
+    assert main(["ladder", _spec(tmp_path, rungs=rungs), "--out", str(out)]) == 0
+    plan = json.loads((out / "ladder.json").read_text())
+    large = [r for r in plan["runs"] if r["run"].endswith("-60M")]
+    assert len(large) == 3
+    for row in large:
+        first, second = row["pattern"].split("|")
+        assert first == second and row["gpus"] == 2
+        assert row["tokens"] == round(50 * row["params"])
+        assert load_run_config(row["config"]).parallel.pipeline_model_parallel_size == 2
+    assert f"--predict {size_units.count_text(max(r['params'] for r in large))} " in plan["compare"]
+    small = [r for r in plan["runs"] if not r["run"].endswith("-60M")]
+    assert all("|" not in r["pattern"] and r["gpus"] == 1 for r in small)

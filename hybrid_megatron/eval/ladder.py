@@ -41,6 +41,13 @@ class Rung:
     """Depth to aim for: the unit is repeated round(layers / len(unit)) times (at least once)."""
     overrides: list[str] = field(default_factory=list)
     """``key=value`` overrides for this rung's runs (a learning rate, a batch size)."""
+    base: str | None = None
+    """Another base config for this rung: the large run itself, planned with the family's unit on its own recipe
+    (``configs/pretrain_7b.yaml``: its parallel layout, its pipeline segments, its data)."""
+    tokens_per_param: float | None = None
+    """This rung's tokens per parameter (the large run trains past the ladder's ratio)."""
+    gpus: int | None = None
+    """GPUs this rung's runs train on (default: the spec's, raised to the config's TP x PP x CP)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,7 +72,7 @@ class LadderSpec:
     """Replicates: every run once per seed (``train.seed`` and ``data.seed`` both), for the run-to-run spread;
     empty: once, at the base's seeds."""
     gpus: int = 1
-    """GPUs each run trains on: the data-parallel size of the memory estimate."""
+    """GPUs each run trains on (at least its TP x PP x CP): the data-parallel size of the memory estimate."""
     gpu_memory_gib: float = 80.0
     """Memory of one GPU: runs the estimate puts above it are flagged (shrink train.micro_batch_size or add
     parallelism for them)."""
@@ -94,6 +101,8 @@ class LadderSpec:
             parse_size(rung.size, f"rungs[{k}].size")
             if rung.layers < 1:
                 raise ConfigError(f"rungs[{k}].layers={rung.layers}: must be >= 1")
+            if rung.tokens_per_param is not None and rung.tokens_per_param <= 0:
+                raise ConfigError(f"rungs[{k}].tokens_per_param={rung.tokens_per_param}: must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,8 @@ class Run:
     tokens: int
     flops: float
     peak_gib: float  # the dry run's memory estimate of its fullest GPU
+    gpus: int  # what the estimate assumes
+    own_base: bool  # planned on a base of its own: the large run
 
 
 def _scaled_model(base: dict, hidden: int, pattern: str) -> dict | None:
@@ -175,12 +186,19 @@ def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int, 
     more or fewer, where the base's head proportions leave the widths too coarse to hit the target), the width
     searched in steps of ``width_multiple``; of the configs within ``SIZE_TOLERANCE`` of the target, the one of
     the depth nearest ``layers``."""
+    # a pipelined base keeps its number of segments (its stages, times its virtual chunks): the repeats come in
+    # multiples of it, with a cut after each share; without pipelining no cut is needed
+    pipelined = (raw.get("parallel") or {}).get("pipeline_model_parallel_size", 1) > 1
+    segments = len(raw["model"]["hybrid_layer_pattern"].split(pat.PIPE)) if pipelined else 1
     aim = max(1, round(layers / len(unit)))
     best: tuple[tuple[float, int], RunConfig, int] | None = None
     last_error = None
     for repeats in range(max(1, aim // 2), aim + aim // 2 + 1):
+        if repeats % segments:
+            continue
+        per_segment = unit * (repeats // segments)
         for hidden in range(width_multiple, MAX_HIDDEN + 1, width_multiple):
-            model = _scaled_model(raw["model"], hidden, unit * repeats)
+            model = _scaled_model(raw["model"], hidden, pat.PIPE.join([per_segment] * segments))
             if model is None:
                 continue
             try:
@@ -197,11 +215,20 @@ def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int, 
             if params > target:
                 break
     if best is None:
-        raise ConfigError(f"{where}: no width gives a valid config ({last_error or 'the base heads do not divide'})")
+        why = last_error or (f"no depth near it splits into the base's {segments} pipeline segments" if segments > 1
+                             else "the base's heads do not divide")
+        raise ConfigError(f"{where}: no width gives a valid config ({why})")
     if best[0][2] > 0.25:
         raise ConfigError(f"{where}: the nearest valid config has {count_text(best[2])} parameters for a target of "
                           f"{count_text(target)}; change the rung's layers or the base's head proportions")
     return best[1], best[2]
+
+
+def _load_base(path: str) -> dict:
+    base = load_yaml(path)
+    if isinstance(base.get("data"), str):
+        base["data"] = load_yaml(base["data"])
+    return base
 
 
 def plan(spec: LadderSpec, out: Path) -> list[Run]:
@@ -210,22 +237,21 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
     from hybrid_megatron.model.flops import training_flops_per_token
     from hybrid_megatron.training.dry_run import peak_memory_bytes
 
-    base = load_yaml(spec.base)
-    if isinstance(base.get("data"), str):
-        base["data"] = load_yaml(base["data"])
+    bases = {path: _load_base(path) for path in {spec.base, *(r.base for r in spec.rungs if r.base)}}
     runs = []
     for family_name, family in spec.families.items():
         for rung in spec.rungs:
             model_name = f"{family_name}-{rung.size}"
             where = f"{model_name} (unit {family.unit!r}, {rung.layers} layers)"
-            raw = apply_overrides(copy.deepcopy(base), [*spec.overrides, *family.overrides, *rung.overrides])
+            raw = apply_overrides(copy.deepcopy(bases[rung.base or spec.base]),
+                                  [*spec.overrides, *family.overrides, *rung.overrides])
             target = parse_size(rung.size)
             cfg, params = _fit(raw, family.unit, rung.layers, target, spec.width_multiple, where)
             for length in spec.lengths:
                 for seed in spec.seeds or [None]:
                     name = model_name + (f"-{length:g}xC" if len(spec.lengths) > 1 else "")
                     name += f"-s{seed}" if seed is not None else ""
-                    tokens = round(spec.tokens_per_param * length * params)
+                    tokens = round((rung.tokens_per_param or spec.tokens_per_param) * length * params)
                     run_dir = out / "runs" / name
                     raw = {**to_dict(cfg), "data": _scaled_data(to_dict(cfg.data), tokens)}
                     raw["logging"] = {**raw["logging"], "run_dir": str(run_dir)}
@@ -236,8 +262,16 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
                     run = build(RunConfig, raw)
                     # FLOPs at the longest sequence trained (a curriculum's shorter early steps cost a little less)
                     flops = float(tokens) * training_flops_per_token(run.model, _sizes(run)[1], run.data.longest_seq_len)
-                    peak = peak_memory_bytes(run, world_size=spec.gpus) / 2**30
-                    runs.append(Run(name, family_name, target, run, params, tokens, flops, peak))
+                    par = run.parallel
+                    model_parallel = (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                                      * par.context_parallel_size)
+                    gpus = rung.gpus or -(-spec.gpus // model_parallel) * model_parallel
+                    try:
+                        peak = peak_memory_bytes(run, world_size=gpus) / 2**30
+                    except ConfigError as exc:
+                        raise ConfigError(f"{name}: {exc}".replace("--gpus", "gpus")) from None
+                    runs.append(Run(name, family_name, target, run, params, tokens, flops, peak, gpus,
+                                    rung.base is not None))
     return runs
 
 
@@ -254,23 +288,26 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
         rows.append({"run": r.name, "family": r.family, "config": str(path), "target": r.target, "params": r.params,
                      "pattern": m.hybrid_layer_pattern, "layers": len(pat.layers(m.hybrid_layer_pattern)),
                      "hidden_size": m.hidden_size, "tokens": r.tokens, "training_flops": r.flops,
-                     "peak_gib": r.peak_gib, "over_memory": r.peak_gib > spec.gpu_memory_gib,
+                     "gpus": r.gpus, "peak_gib": r.peak_gib, "over_memory": r.peak_gib > spec.gpu_memory_gib,
                      "run_dir": r.config.logging.run_dir})
     by_family: dict[str, list[str]] = {}
     for r in rows:
         by_family.setdefault(r["family"], []).append(r["run_dir"])
     # the families named as the spec names them (compare's own rule would label them by pattern unit)
     labels = " ".join(f"--family {name}={','.join(dirs)}" for name, dirs in by_family.items())
-    summary = {"spec": spec_path, "gpus": spec.gpus, "gpu_memory_gib": spec.gpu_memory_gib, "runs": rows,
-               "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict 7B --partial {labels}"}
+    # read the laws at the large run a rung of its own base plans, else at 7B
+    large = [r.params for r in runs if r.own_base]
+    at = count_text(max(large)) if large else "7B"
+    summary = {"spec": spec_path, "gpu_memory_gib": spec.gpu_memory_gib, "runs": rows,
+               "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict {at} --partial {labels}"}
     (out / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"# Ladder from {spec_path}", "",
-             f"Memory: the dry run's estimate of the fullest GPU with {spec.gpus} GPU(s) a run; **over** marks runs "
-             f"above {spec.gpu_memory_gib:g} GiB.", "",
-             "| run | layers | hidden | parameters (target) | tokens | training FLOPs | memory per GPU |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"Memory: the dry run's estimate of a run's fullest GPU on its GPUs; **over** marks runs above "
+             f"{spec.gpu_memory_gib:g} GiB.", "",
+             "| run | layers | hidden | parameters (target) | tokens | training FLOPs | GPUs | memory per GPU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['run']} | {r['layers']} | {r['hidden_size']} | {count_text(r['params'])} ({count_text(r['target'])}) "
-              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} | {r['peak_gib']:.1f} GiB"
+              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} | {r['gpus']} | {r['peak_gib']:.1f} GiB"
               f"{' **over**' if r['over_memory'] else ''} |" for r in rows]
     lines += ["", "Train each on one GPU:", "", "```bash"]
     lines += [f"hybrid-megatron pretrain {r['config']}" for r in rows]
