@@ -126,11 +126,20 @@ def eval_size_sweep() -> str:
               else "not run (see below) | -")
         rows.append(f"| {run['hidden']} | {summary['params'] / 1e6:.1f}M | {suites['ppl']['loss']:.4f} | "
                     f"{past['loss']:.4f} | {lm} |")
-    # the recorded sweep predates compare's families (one top-level fit); a new sweep records one family
-    fit = m["compare"]["families"][0]["scaling_fit"] if "families" in m["compare"] else m["compare"]["scaling_fit"]
+    # the law and its backtest computed here from the recorded runs, by compare's own code
+    from hybrid_megatron.eval import size_fits
+
+    points = [size_fits.Point(r["name"], r["params"], r["final_val_loss"], r["final_train_loss"], r["tokens"],
+                              run["hidden"], r["params"]) for run, r in zip(m["runs"], m["compare"]["runs"])]
+    [family] = size_fits.fit_families({"tiny": points})
+    fit = family.summary()["scaling_fit"]
     low, high = fit["alpha_ci"]
+    test = fit["backtest"]
     rows += ["", f"L(N) = {fit['E']:.3f} + {fit['A']:.3g} N^-{fit['alpha']:.2f}, alpha's 95% bootstrap interval "
-             f"{low:.2f}-{high:.2f} ({fit['runs']} runs, {m['compare']['runs'][0]['tokens'] / 1e6:.1f}M tokens each)."]
+             f"{low:.2f}-{high:.2f} ({fit['runs']} runs, {m['compare']['runs'][0]['tokens'] / 1e6:.1f}M tokens each). "
+             f"Backtest: fitted to the three smaller sizes, the law predicts {test['predicted']:.4f} for the "
+             f"{test['held_out'] / 1e6:.1f}M model ({test['extrapolation']:.1f}x the next), which measured "
+             f"{test['actual']:.4f} ({test['error']:+.1%})."]
     return "\n".join(rows)
 
 
