@@ -43,7 +43,7 @@ def test_a_family_is_one_pattern_unit_and_the_same_non_size_fields():
     models = {"h256": _model("model.hidden_size=256"),
               "h512": _model("model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_attention_heads=8"),
               "deep": _model("model.hybrid_layer_pattern=M-M*-|M-M*-|M-M*-|M-M*-"),  # depth by repeating the unit
-              "local": _model("model.layer_spec=local"),  # another implementation of the same function
+              "local": _model("model.layer_spec=local", "model.mamba_chunk_size=64"),  # the same function
               "swiglu": _model("model.activation=swiglu"),
               "attn": _model("model.hybrid_layer_pattern=*-*-|*-*-")}
     grouped = families.group(models)

@@ -12,7 +12,8 @@ grouped first. Two runs are one family when
 ``SIZE_FIELDS`` are the fields a size sweep changes (and may change together with the width, as the
 initialisation's std often is); for ``PRESENCE_FIELDS`` only whether they are set is architecture (a shared
 expert or not; which attention layers stay global depends on the depth). Fields that choose an implementation
-of the same function (``layer_spec``, ``attention_backend``, the vocabulary's padding) are not compared.
+of the same function (``layer_spec``, ``attention_backend``, the vocabulary's padding, the SSD chunk size) are
+not compared.
 ``compare --family LABEL=RUN,...`` names a family by hand where this rule does not fit (a pattern that is not a
 repeated block, a recipe that changes a head dim with the width).
 """
@@ -30,7 +31,10 @@ SIZE_FIELDS = frozenset({
     "mamba_num_groups", "gdn_num_key_heads", "gdn_num_value_heads", "moe_ffn_hidden_size", "init_method_std",
 })
 PRESENCE_FIELDS = frozenset({"moe_shared_expert_size", "global_attention_layers"})
-IMPLEMENTATION_FIELDS = frozenset({"layer_spec", "attention_backend", "make_vocab_size_divisible_by"})
+# the same function computed another way: the spec, the attention kernels, the vocabulary's padding, the SSD scan's
+# chunking (the chunked scan equals the sequential one)
+IMPLEMENTATION_FIELDS = frozenset({"layer_spec", "attention_backend", "make_vocab_size_divisible_by",
+                                   "mamba_chunk_size"})
 
 
 def repeating_unit(pattern: str) -> str:
