@@ -246,3 +246,24 @@ def test_a_largest_run_off_the_law_shows_in_the_backtest(tmp_path, capsys):
     assert test["predicted"] == pytest.approx(_law(MAMBA)(test["held_out"]), rel=1e-4)
     assert test["error"] == pytest.approx(-0.05 / test["actual"], rel=1e-3)
     assert "Backtest: fitted without the largest size" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_run_still_training_is_shown_but_kept_out_of_the_size_laws(tmp_path, capsys):
+    """Mid-schedule (before its decay and anneal) a run's loss sits above where it will end: fitting it would
+    bend the law. It is listed with its step and left out until it finishes."""
+    dirs = []
+    for h in (256, 384, 512, 768, 1024):
+        write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], _law(MAMBA))
+        dirs.append(str(tmp_path / f"m{h}"))
+    losses = tmp_path / "m1024" / "losses.jsonl"
+    losses.write_text("".join(losses.read_text().splitlines(keepends=True)[:30]))
+    (tmp_path / "m1024" / "val.jsonl").write_text(json.dumps({"step": 30, "loss": 9.0, "tokens": 1}) + "\n")
+    assert main(["compare", *dirs, "--out", str(tmp_path / "out")]) == 0
+    assert "m1024: step 30 of 50, left out of the size laws until it finishes" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["unfinished"] == [{"name": "m1024", "step": 30, "planned": 50}]
+    [family] = summary["families"]
+    assert family["runs"] == ["m256", "m384", "m512", "m768"]
+    assert family["scaling_fit"]["alpha"] == pytest.approx(MAMBA["alpha"], rel=1e-3)  # the 9.0 did not bend it
+    assert next(r for r in summary["runs"] if r["name"] == "m1024")["final_val_loss"] == 9.0  # still shown
+    assert "m1024 (step 30 of 50)" in (tmp_path / "out" / "report.md").read_text()

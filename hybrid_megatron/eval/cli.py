@@ -44,6 +44,8 @@ def _compare(args: argparse.Namespace) -> int:
                       args.partial)
     if summary["not_started"]:
         print(f"not started yet, left out: {', '.join(summary['not_started'])}")
+    for u in summary["unfinished"]:
+        print(f"{u['name']}: step {u['step']:,} of {u['planned']:,}, left out of the size laws until it finishes")
     for r in summary["runs"]:
         val = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "-"
         print(f"{r['name']} [{r['family']}]: {r['params']:,} params, {r['tokens']:,} tokens, "

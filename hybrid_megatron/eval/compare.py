@@ -42,6 +42,12 @@ class Run:
     val: list[tuple[int, float, float]] = field(default_factory=list)
     evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
     health: dict = field(default_factory=dict)  # spike scores of losses.jsonl (training_health.py)
+    planned_steps: int = 0  # what its config trains (the data phases, or train.train_steps)
+    steps: int = 0  # the last step losses.jsonl records
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.planned_steps
 
     @property
     def params(self) -> int:
@@ -105,8 +111,9 @@ def _vocab(cfg: RunConfig, run_dir: Path) -> int:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    from data_pipeline.schedule import step_input_tokens
+    from data_pipeline.schedule import build_schedule, step_input_tokens
     from hybrid_megatron.model.build import padded_vocab_size
+    from hybrid_megatron.training.lr import planned_steps
     from hybrid_megatron.model.flops import (active_parameters, embedding_params, num_parameters,
                                              training_flops_per_token)
 
@@ -144,6 +151,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not run.train:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
     run.health = training_health.health(steps)
+    run.steps = max(step for step, *_ in steps)
+    run.planned_steps = planned_steps(cfg, build_schedule(cfg.data))
     run.evals = eval_curves.read(run_dir, {step: int(t) for step, (t, _) in at_step.items()})
     return run
 
@@ -183,6 +192,7 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"runs": [{"name": r.name, "path": str(r.path), "family": family_of_run[r.name], "params": r.params,
                                "params_by_measure": r.sizes, "tokens": r.train[-1][0], "flops": r.train[-1][1],
+                               "steps": r.steps, "planned_steps": r.planned_steps,
                                "final_train_loss": r.final_train, "final_val_loss": r.final_val,
                                "eval_step": r.latest.step if r.latest else None,
                                "eval": r.latest.metrics if r.latest else {},
@@ -191,7 +201,11 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
                               for r in runs],
                      "size_measure": size_measure, "not_started": not_started}
     by_name = {r.name: r for r in runs}
-    points = {label: [_point(by_name[n], size_measure) for n in members if by_name[n].final_val is not None]
+    # a run short of its planned steps has not annealed: its loss sits above where it will end, off any law
+    summary["unfinished"] = [{"name": r.name, "step": r.steps, "planned": r.planned_steps} for r in runs
+                             if not r.finished]
+    points = {label: [_point(by_name[n], size_measure) for n in members
+                      if by_name[n].final_val is not None and by_name[n].finished]
               for label, members in grouped.items()}
     fits = size_fits.fit_families({label: p for label, p in points.items() if p}, size_measure)
     summary["families"] = [f.summary() for f in fits]
@@ -239,6 +253,9 @@ def _report(summary: dict) -> str:
                      f"| {val} |")
     if summary["not_started"]:
         lines += ["", f"Not started yet (left out): {', '.join(summary['not_started'])}."]
+    if summary["unfinished"]:
+        lines += ["", "Still short of their planned steps, so left out of the size laws: " + ", ".join(
+            f"{u['name']} (step {u['step']:,} of {u['planned']:,})" for u in summary["unfinished"]) + "."]
     lines += ["", *training_health.markdown({r["name"]: r["health"] for r in summary["runs"]})]
     lines += _eval_table(summary["runs"])
     curves = summary["eval_curves"]

@@ -63,11 +63,16 @@ def plan_segments(cfg: RunConfig, num_steps: int, last_phase_start: int | None, 
     return segments
 
 
+def planned_steps(cfg: RunConfig, schedule) -> int:
+    """The optimizer steps the run trains: ``train.train_steps``, else all its data phases'."""
+    return cfg.train.train_steps or schedule.total_steps
+
+
 def run_plan(cfg: RunConfig, schedule) -> tuple[int, list[Segment]]:
     """The run's optimizer steps and LR segments for a data schedule (``build_schedule``); ConfigError when
     ``train.train_steps`` passes the data or a warmup does not fit its segment. The dry run and the training
     loop both call it, so a plan that cannot run is refused before any GPU work."""
-    total = cfg.train.train_steps or schedule.total_steps
+    total = planned_steps(cfg, schedule)
     if total > schedule.total_steps:
         raise ConfigError(f"train.train_steps={total} exceeds the {schedule.total_steps} steps the data phases define")
     last = len(cfg.data.phases) - 1
