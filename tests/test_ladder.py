@@ -198,3 +198,18 @@ def test_a_rung_on_a_base_of_its_own_plans_the_large_run_in_its_pipeline_segment
     assert f"--predict {size_units.count_text(max(r['params'] for r in large))} " in plan["compare"]
     small = [r for r in plan["runs"] if not r["run"].endswith("-60M")]
     assert all("|" not in r["pattern"] and r["gpus"] == 1 for r in small)
+
+
+def test_the_learning_rate_follows_a_power_of_the_size(tmp_path):
+    spec = ladder.load_spec(_spec(tmp_path, lr_scaling={"reference": "10M", "exponent": -0.5}))
+    base = load_run_config(REPO_ROOT / "configs" / "tiny.yaml").optim
+    for r in ladder.plan(spec, tmp_path / "out"):
+        factor = (r.params / 1e7) ** -0.5
+        assert r.config.optim.lr == pytest.approx(base.lr * factor) and r.config.optim.min_lr == pytest.approx(
+            base.min_lr * factor)
+    for bad, message in (({"lr_scaling": {"reference": "10M", "exponent": 0.5}}, "lr_scaling.exponent=0.5"),
+                         ({"lr_scaling": {"reference": "x", "exponent": -0.3}}, "lr_scaling.reference 'x'"),
+                         ({"lr_scaling": {"reference": "1B", "exponent": -0.3}, "overrides": ["optim.lr=1e-3"]},
+                          "lr_scaling and the override 'optim.lr=1e-3' both set the learning rate")):
+        with pytest.raises(ConfigError, match=message):
+            ladder.load_spec(_spec(tmp_path, **bad))

@@ -59,6 +59,20 @@ class Family:
 
 
 @dataclass(kw_only=True, slots=True)
+class LrScaling:
+    reference: str
+    """The parameter count at which the config's ``optim.lr`` holds (1B)."""
+    exponent: float
+    """lr = optim.lr * (N / reference)^exponent, and min_lr alike (-1/3 makes a 8x larger model train at half
+    the LR)."""
+
+    def __post_init__(self) -> None:
+        parse_size(self.reference, "lr_scaling.reference")
+        if not -2 <= self.exponent <= 0:
+            raise ConfigError(f"lr_scaling.exponent={self.exponent}: in [-2, 0] (larger models train at lower LRs)")
+
+
+@dataclass(kw_only=True, slots=True)
 class LadderSpec:
     base: str
     """The run config every run starts from (relative to the working directory, as run configs' paths are)."""
@@ -79,6 +93,9 @@ class LadderSpec:
     width_multiple: int = 256
     overrides: list[str] = field(default_factory=list)
     """``key=value`` overrides for every run."""
+    lr_scaling: LrScaling | None = None
+    """The learning rate as a power of the parameter count; None: every run at its config's LR (a rung's
+    ``optim.lr`` override sets one by hand, and then this must stay None)."""
 
     def __post_init__(self) -> None:
         if not self.rungs or not self.families:
@@ -89,6 +106,11 @@ class LadderSpec:
             raise ConfigError(f"lengths={self.lengths}: distinct multiples > 0 of tokens_per_param")
         if self.gpus < 1 or self.gpu_memory_gib <= 0:
             raise ConfigError(f"gpus={self.gpus}, gpu_memory_gib={self.gpu_memory_gib}: must be >= 1 and > 0")
+        hand_set = [o for o in [*self.overrides, *(o for r in self.rungs for o in r.overrides),
+                                *(o for f in self.families.values() for o in f.overrides)]
+                    if o.partition("=")[0] in ("optim.lr", "optim.min_lr")]
+        if self.lr_scaling is not None and hand_set:
+            raise ConfigError(f"lr_scaling and the override {hand_set[0]!r} both set the learning rate: keep one")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds={self.seeds}: each seed once")
         for name, family in self.families.items():
@@ -247,6 +269,10 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
                                   [*spec.overrides, *family.overrides, *rung.overrides])
             target = parse_size(rung.size)
             cfg, params = _fit(raw, family.unit, rung.layers, target, spec.width_multiple, where)
+            if spec.lr_scaling is not None:
+                factor = (params / parse_size(spec.lr_scaling.reference)) ** spec.lr_scaling.exponent
+                cfg = build(RunConfig, {**to_dict(cfg), "optim": {**to_dict(cfg.optim), "lr": cfg.optim.lr * factor,
+                                                                  "min_lr": cfg.optim.min_lr * factor}})
             for length in spec.lengths:
                 for seed in spec.seeds or [None]:
                     name = model_name + (f"-{length:g}xC" if len(spec.lengths) > 1 else "")
@@ -288,7 +314,7 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
         rows.append({"run": r.name, "family": r.family, "config": str(path), "target": r.target, "params": r.params,
                      "pattern": m.hybrid_layer_pattern, "layers": len(pat.layers(m.hybrid_layer_pattern)),
                      "hidden_size": m.hidden_size, "tokens": r.tokens, "training_flops": r.flops,
-                     "gpus": r.gpus, "peak_gib": r.peak_gib, "over_memory": r.peak_gib > spec.gpu_memory_gib,
+                     "lr": r.config.optim.lr, "gpus": r.gpus, "peak_gib": r.peak_gib, "over_memory": r.peak_gib > spec.gpu_memory_gib,
                      "run_dir": r.config.logging.run_dir})
     by_family: dict[str, list[str]] = {}
     for r in rows:
@@ -304,10 +330,11 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
     lines = [f"# Ladder from {spec_path}", "",
              f"Memory: the dry run's estimate of a run's fullest GPU on its GPUs; **over** marks runs above "
              f"{spec.gpu_memory_gib:g} GiB.", "",
-             "| run | layers | hidden | parameters (target) | tokens | training FLOPs | GPUs | memory per GPU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| run | layers | hidden | parameters (target) | tokens | training FLOPs | LR | GPUs | memory per GPU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['run']} | {r['layers']} | {r['hidden_size']} | {count_text(r['params'])} ({count_text(r['target'])}) "
-              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} | {r['gpus']} | {r['peak_gib']:.1f} GiB"
+              f"| {count_text(r['tokens'])} | {r['training_flops']:.3g} | {r['lr']:.3g} | {r['gpus']} "
+              f"| {r['peak_gib']:.1f} GiB"
               f"{' **over**' if r['over_memory'] else ''} |" for r in rows]
     lines += ["", "Train each on one GPU:", "", "```bash"]
     lines += [f"hybrid-megatron pretrain {r['config']}" for r in rows]
