@@ -341,7 +341,9 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
     lines += ["```", "", "or as one SLURM job each (set the nodes per size; the script's header lists its settings):", "",
               "```bash", f"for c in {out}/configs/*.yaml; do CONFIG=$c RUN_DIR={out}/runs/$(basename $c .yaml) "
               "sbatch --nodes=1 slurm/pretrain_7b.sh; done", "```", "",
-              "then fit and compare the families:", "", "```bash", summary["compare"], "```", ""]
+              "evaluate each finished run on GPUs (its final checkpoint; add suites and tasks as needed):", "",
+              "```bash", f"for r in {out}/runs/*; do hybrid-megatron eval $r/checkpoints --suite ppl,length; done",
+              "```", "", "then fit and compare the families:", "", "```bash", summary["compare"], "```", ""]
     (out / "ladder.md").write_text("\n".join(lines))
     return summary
 
