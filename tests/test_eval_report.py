@@ -118,3 +118,25 @@ def test_a_step_evaluated_into_two_directories_is_one_line(tmp_path):
     report.write(_results(50, 2.1), tmp_path / "a" / "eval" / "step-50")
     with pytest.raises(DataError, match=r"a/eval: step 50 evaluated in two directories; keep one"):
         compare([str(tmp_path / "a")], tmp_path / "out")
+
+
+def test_compare_sets_the_validation_sources_side_by_side(tmp_path):
+    """A run validating on two sources: their last losses per run in a table and their curves against tokens."""
+    for name, shift in (("a", 0.0), ("b", 0.1)):
+        write_run(tmp_path, name, ["model.hidden_size=256"], steps=100)
+        with open(tmp_path / name / "val.jsonl", "w") as f:
+            for step in (25, 50, 100):
+                f.write(json.dumps({"step": step, "tokens": 1000, "loss": 2.0 + shift + 1 / step, "seconds": 1.0,
+                                    "loss_by_source": {"code_val": 1.9 + shift + 1 / step,
+                                                       "tests_val": 2.1 + shift + 1 / step}}) + "\n")
+    summary = compare([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "out")
+    assert summary["validation_by_source"]["b"] == pytest.approx(
+        {"validation": 2.11, "validation/code_val": 2.01, "validation/tests_val": 2.21})
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| code_val | 1.9100 | 2.0100 |" in md and "| tests_val | 2.1100 | 2.2100 |" in md
+    assert (tmp_path / "out" / "validation_by_source.png").read_bytes()[:8] == PNG
+    # without sources (or one) there is nothing to add to loss_vs_tokens.png
+    assert compare([str(tmp_path / "a")], tmp_path / "one")["validation_by_source"] is not None
+    write_run(tmp_path, "c", ["model.hidden_size=256"])
+    assert compare([str(tmp_path / "c")], tmp_path / "none")["validation_by_source"] is None
+    assert not (tmp_path / "none" / "validation_by_source.png").exists()

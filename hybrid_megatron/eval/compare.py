@@ -42,6 +42,7 @@ class Run:
     val: list[tuple[int, float, float]] = field(default_factory=list)
     evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
     health: dict = field(default_factory=dict)  # spike scores of losses.jsonl (training_health.py)
+    val_by_source: list[eval_curves.Evaluated] = field(default_factory=list)  # each validation, per source too
     planned_steps: int = 0  # what its config trains (the data phases, or train.train_steps)
     steps: int = 0  # the last step losses.jsonl records
 
@@ -148,6 +149,9 @@ def load_run(run_dir: str | Path) -> Run:
         with _record(run_dir / "val.jsonl", n):
             if r["step"] in at_step:
                 run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
+                by_source = {f"validation/{k}": float(v) for k, v in (r.get("loss_by_source") or {}).items()}
+                run.val_by_source.append(eval_curves.Evaluated(int(r["step"]), int(at_step[r["step"]][0]),
+                                                               {"validation": float(r["loss"]), **by_source}, None))
     if not run.train:
         raise DataError(f"{run_dir}/losses.jsonl: no training steps recorded")
     run.health = training_health.health(steps)
@@ -214,6 +218,12 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])
     _plot(runs, out)
     summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png")
+    # per source only where a run validates on two or more (one source is loss_vs_tokens.png again)
+    by_source = {r.name: r.val_by_source for r in runs if r.val_by_source and len(r.val_by_source[-1].metrics) > 2}
+    summary["validation_by_source"] = ({name: evals[-1].metrics for name, evals in by_source.items()}
+                                       if by_source else None)
+    if by_source:
+        eval_curves.plot(by_source, out / "validation_by_source.png")
     if any(f.law is not None for f in fits):
         size_fits.plot(fits, summary["prediction"], out / "scaling_fit.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -258,6 +268,7 @@ def _report(summary: dict) -> str:
             f"{u['name']} (step {u['step']:,} of {u['planned']:,})" for u in summary["unfinished"]) + "."]
     lines += ["", *training_health.markdown({r["name"]: r["health"] for r in summary["runs"]})]
     lines += _eval_table(summary["runs"])
+    lines += _source_table(summary["validation_by_source"])
     curves = summary["eval_curves"]
     if curves:
         lines += ["", "## Evaluations over training", "", "![eval results against tokens](evals_vs_tokens.png)", ""]
@@ -268,6 +279,19 @@ def _report(summary: dict) -> str:
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
     lines += _fit_sections(summary)
     return "\n".join(lines)
+
+
+def _source_table(by_source: dict[str, dict[str, float]] | None) -> list[str]:
+    """The last validation loss per source, a column per run (a mixture's sources side by side)."""
+    if not by_source:
+        return []
+    sources = sorted({k for metrics in by_source.values() for k in metrics if k != "validation"})
+    lines = ["", "## Validation loss by source (each run's last validation)", "",
+             "| source | " + " | ".join(by_source) + " |", "| --- |" + " --- |" * len(by_source)]
+    for k in sources:
+        cells = [f"{m[k]:.4f}" if k in m else "-" for m in by_source.values()]
+        lines.append(f"| {k.removeprefix('validation/')} | " + " | ".join(cells) + " |")
+    return lines + ["", "![validation loss by source against tokens](validation_by_source.png)"]
 
 
 def _eval_table(runs: list[dict]) -> list[str]:
