@@ -68,7 +68,9 @@ def test_the_written_configs_are_what_pretrain_and_compare_take(tmp_path, capsys
     assert main(["ladder", _spec(tmp_path), "--out", str(out)]) == 0
     summary = json.loads((out / "ladder.json").read_text())
     assert len(summary["runs"]) == 9 and "| hybrid-10M |" in (out / "ladder.md").read_text()
-    assert f"--family hybrid={out}/runs/hybrid-5M,{out}/runs/hybrid-10M,{out}/runs/hybrid-20M" in summary["compare"]
+    assert f"--family hybrid={out}/runs/hybrid-5M,{out}/runs/hybrid-10M,{out}/runs/hybrid-20M" in summary[
+        "compare_explicit"]
+    assert summary["compare"] == f"hybrid-megatron compare --ladder {out}" and summary["predict"] == 7e9
     row = summary["runs"][4]
     cfg = load_run_config(row["config"])
     assert cfg.model.hidden_size == row["hidden_size"] and cfg.model.hybrid_layer_pattern == row["pattern"]
@@ -148,7 +150,7 @@ def test_a_ladder_trained_then_compared_gives_each_family_its_law(tmp_path, caps
     for row, jitter in zip(plan["runs"], noise):
         e, a, alpha = laws[row["family"]]
         write_config_run(out / "runs" / row["run"], load_run_config(row["config"]), e + a * row["params"] ** -alpha + jitter)
-    line = shlex.split(plan["compare"].replace(f"{out}/runs/*", " ".join(r["run_dir"] for r in plan["runs"])))
+    line = shlex.split(plan["compare_explicit"].replace(f"{out}/runs/*", " ".join(r["run_dir"] for r in plan["runs"])))
     assert line[:2] == ["hybrid-megatron", "compare"]
     capsys.readouterr()
     assert main(line[1:]) == 0
@@ -175,6 +177,22 @@ def test_a_ladder_trained_then_compared_gives_each_family_its_law(tmp_path, caps
     assert len(summary["runs"]) == len(plan["runs"]) - 3
     assert main([x for x in line[1:] if x != "--partial"]) == 2  # without --partial: the first one stops it
     assert "attention-16M-s0: no config.yaml (not a run directory written by pretrain)" in capsys.readouterr().err
+    # `compare --ladder DIR` is that line, read from the plan
+    assert main(["compare", "--ladder", str(out), "--out", str(out / "again")]) == 0
+    again = json.loads((out / "again" / "summary.json").read_text())
+    assert again["families"] == summary["families"] and again["prediction"] == summary["prediction"]
+    assert again["not_started"] == summary["not_started"]
+    assert main(["compare", "--ladder", str(out)]) == 0 and (out / "compare" / "report.md").is_file()
+    for args, code, message in ((["--ladder", str(out), row["run_dir"]], 2, "--ladder takes its runs and families"),
+                                ([], 2, "pass run directories and --out DIR, or --ladder DIR"),
+                                (["--ladder", str(tmp_path)], 2, "no ladder.json (plan the ladder there first"),):
+        capsys.readouterr()
+        assert main(["compare", *args]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    (out / "ladder.json").write_text('{"runs": [{"run": 1}]}')
+    assert main(["compare", "--ladder", str(out)]) == 3
+    assert "ladder.json: not the plan `ladder` writes (KeyError" in capsys.readouterr().err
 
 
 def test_a_rung_on_a_base_of_its_own_plans_the_large_run_in_its_pipeline_segments(tmp_path):
@@ -195,7 +213,8 @@ def test_a_rung_on_a_base_of_its_own_plans_the_large_run_in_its_pipeline_segment
         assert first == second and row["gpus"] == 2
         assert row["tokens"] == round(50 * row["params"])
         assert load_run_config(row["config"]).parallel.pipeline_model_parallel_size == 2
-    assert f"--predict {size_units.count_text(max(r['params'] for r in large))} " in plan["compare"]
+    assert plan["predict"] == max(r["params"] for r in large)
+    assert f"--predict {size_units.count_text(plan['predict'])} " in plan["compare_explicit"]
     small = [r for r in plan["runs"] if not r["run"].endswith("-60M")]
     assert all("|" not in r["pattern"] and r["gpus"] == 1 for r in small)
 

@@ -17,8 +17,12 @@ def register(sub) -> None:
                                    "final losses side by side; runs grouped into architecture families (the same "
                                    "layer-pattern unit and non-size fields), and for each family with three or more "
                                    "sizes a fit of L(N) = E + A N^-alpha to the final validation losses.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by pretrain")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes summary.json, report.md and PNG plots here")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by pretrain")
+    p.add_argument("--ladder", metavar="DIR", help="the runs of a ladder planned into DIR (`ladder SPEC --out DIR`), "
+                                                   "grouped as its spec names the families, those not started left "
+                                                   "out, the laws read at its large run (or 7B); instead of RUN_DIRs")
+    p.add_argument("--out", metavar="DIR", help="writes summary.json, report.md and PNG plots here (with --ladder: "
+                                                "default DIR/compare)")
     p.add_argument("--size-by", default="params", choices=SIZE_MEASURES, dest="size_measure",
                    help="what the size laws are fitted against: params (total, the default), non-embedding (Kaplan's "
                         "N), active (an MoE's routed experts counted at top-k) or flops (the training compute up to "
@@ -39,9 +43,23 @@ def _compare(args: argparse.Namespace) -> int:
     from hybrid_megatron.eval import families, size_fits, size_units
     from hybrid_megatron.eval.compare import compare
 
+    from data_pipeline.errors import ConfigError
+
     predict = size_units.parse_size(args.predict) if args.predict else None
-    summary = compare(args.runs, args.out, args.size_measure, predict, families.parse_assignments(args.family),
-                      args.partial)
+    family_of, partial = families.parse_assignments(args.family), args.partial
+    if args.ladder:
+        from hybrid_megatron.eval.ladder import read_plan
+
+        if args.runs or args.family:
+            raise ConfigError("compare: --ladder takes its runs and families from the plan; pass no RUN_DIR or --family")
+        plan = read_plan(args.ladder)
+        args.runs = [run_dir for run_dir, _ in plan["runs"]]
+        family_of, partial = dict(plan["runs"]), True
+        predict = predict or plan["predict"]
+        args.out = args.out or str(Path(args.ladder) / "compare")
+    elif not args.runs or not args.out:
+        raise ConfigError("compare: pass run directories and --out DIR, or --ladder DIR")
+    summary = compare(args.runs, args.out, args.size_measure, predict, family_of, partial)
     if summary["not_started"]:
         print(f"not started yet, left out: {', '.join(summary['not_started'])}")
     for u in summary["unfinished"]:

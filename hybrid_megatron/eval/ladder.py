@@ -323,9 +323,11 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
     labels = " ".join(f"--family {name}={','.join(dirs)}" for name, dirs in by_family.items())
     # read the laws at the large run a rung of its own base plans, else at 7B
     large = [r.params for r in runs if r.own_base]
-    at = count_text(max(large)) if large else "7B"
-    summary = {"spec": spec_path, "gpu_memory_gib": spec.gpu_memory_gib, "runs": rows,
-               "compare": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict {at} --partial {labels}"}
+    at = float(max(large)) if large else 7e9
+    summary = {"spec": spec_path, "gpu_memory_gib": spec.gpu_memory_gib, "predict": at, "runs": rows,
+               "compare": f"hybrid-megatron compare --ladder {out}",
+               "compare_explicit": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict "
+                                   f"{count_text(at)} --partial {labels}"}
     (out / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"# Ladder from {spec_path}", "",
              f"Memory: the dry run's estimate of a run's fullest GPU on its GPUs; **over** marks runs above "
@@ -343,9 +345,24 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
               "sbatch --nodes=1 slurm/pretrain_7b.sh; done", "```", "",
               "evaluate each finished run on GPUs (its final checkpoint; add suites and tasks as needed):", "",
               "```bash", f"for r in {out}/runs/*; do hybrid-megatron eval $r/checkpoints --suite ppl,length; done",
-              "```", "", "then fit and compare the families:", "", "```bash", summary["compare"], "```", ""]
+              "```", "", "then fit and compare the families (the runs not started are left out):", "", "```bash",
+              summary["compare"], "```", "", "which is", "", "```bash", summary["compare_explicit"], "```", ""]
     (out / "ladder.md").write_text("\n".join(lines))
     return summary
+
+
+def read_plan(out: str | Path) -> dict:
+    """``out/ladder.json`` as ``write`` left it: what ``compare --ladder`` compares."""
+    path = Path(out) / "ladder.json"
+    try:
+        plan = json.loads(path.read_text())
+        runs = [(str(r["run_dir"]), str(r["family"])) for r in plan["runs"]]
+        return {"runs": runs, "predict": float(plan["predict"])}
+    except FileNotFoundError:
+        raise ConfigError(f"{out}: no ladder.json (plan the ladder there first: hybrid-megatron ladder SPEC --out "
+                          f"{out})") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not the plan `ladder` writes ({type(exc).__name__}: {exc})") from None
 
 
 def load_spec(path: str) -> LadderSpec:
