@@ -46,10 +46,11 @@ class FamilyFit:
     label: str
     points: list[Point]
     measure: str = "params"
-    law_points: list[Point] = field(default_factory=list)  # the runs L(N) is fitted to: one tokens-per-parameter ratio
+    law_points: list[Point] = field(default_factory=list)  # the runs L(N) is fitted to: one data budget
     law: scaling.PowerLaw | None = None
     laws: list[scaling.PowerLaw] | None = None  # bootstrap refits (empty: fewer than four sizes)
     backtest: dict | None = None  # the law fitted without the largest size, read at that size
+    nd: scaling.ChinchillaLaw | None = None  # L(N, D) over every run, where the runs vary in tokens too
 
     def summary(self) -> dict:
         out: dict = {"label": self.label, "runs": [p.name for p in self.points], "measure": self.measure,
@@ -80,12 +81,8 @@ class FamilyFit:
         else:
             out["note"] = f"no fit: {len(sizes)} distinct size(s) with a validation loss; a size law needs three"
         out["replicates"] = _replicates(self.points)
-        tokens = {p.tokens for p in self.points}
-        sizes = sorted({p.size for p in self.points})
-        spread = len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0]
-        if spread and len(self.points) >= 5 and len(tokens) >= 2 and self.measure != "flops":  # tokens vary too
-            nd = scaling.fit_chinchilla([p.size for p in self.points], [p.tokens for p in self.points],
-                                        [p.final_val for p in self.points])
+        if self.nd is not None:
+            nd = self.nd
             out["scaling_fit_nd"] = {"E": nd.E, "A": nd.A, "alpha": nd.alpha, "B": nd.B, "beta": nd.beta,
                                      "runs": len(self.points), "law": "L(N, D) = E + A/N^alpha + B/D^beta (D: tokens)"}
         return out
@@ -156,6 +153,11 @@ def fit_families(families: dict[str, list[Point]], measure: str = "params", samp
             n, loss = [p.size for p in fit.law_points], [p.final_val for p in fit.law_points]
             fit.law, fit.laws = scaling.fit_power_law(n, loss), scaling.bootstrap_laws(n, loss, samples, seed=k)
             fit.backtest = _backtest(fit.law_points)
+        sizes = sorted({p.size for p in points})
+        varied = len(sizes) >= 2 and sizes[-1] >= MIN_SIZE_SPREAD * sizes[0] and len({p.tokens for p in points}) >= 2
+        if varied and len(points) >= 5 and measure != "flops":  # size and tokens both vary: L(N, D)
+            fit.nd = scaling.fit_chinchilla([p.size for p in points], [p.tokens for p in points],
+                                            [p.final_val for p in points])
         fits.append(fit)
     return fits
 
