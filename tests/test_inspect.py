@@ -79,14 +79,23 @@ def test_the_change_against_another_checkpoint_is_where_the_weights_moved(tmp_pa
     cfg = offline.load_model_config(TP1 / "step-000000")
     tensors = _model_tensors(TP1 / "step-000000")
     qkv = "decoder.layers.2.self_attention.linear_qkv.weight"
-    moved = {**tensors, qkv: tensors[qkv] * 1.1}
+    a_log = "decoder.layers.0.mixer.A_log"
+    moved = {**tensors, qkv: tensors[qkv] * 1.1, a_log: tensors[a_log] + math.log(2.0)}  # layer 0 forgets 2x faster
     copy = offline.save_model_only(tmp_path / "ckpt", offline.sharded_model_state(moved, Dims.of(cfg)), to_dict(cfg))
     result = weights.inspect(copy, against=TP1)
     layer2 = {k: t.double() for k, t in tensors.items() if k.startswith("decoder.layers.2.")}
     expected = 0.1 * tensors[qkv].double().norm() / math.sqrt(sum(float((t * t).sum()) for t in layer2.values()))
     for layer in result["layers"]:
-        assert layer["relative_change"] == pytest.approx(float(expected) if layer["index"] == 2 else 0.0, abs=1e-6)
+        if layer["index"] != 0:
+            assert layer["relative_change"] == pytest.approx(float(expected) if layer["index"] == 2 else 0.0, abs=1e-6)
     assert result["layers"][2]["tensors"]["self_attention.linear_qkv.weight"]["relative_change"] == pytest.approx(0.1)
+    ssm = result["layers"][0]["ssm"]  # A doubled: every horizon halved against the fixture's
+    assert ssm["timescales"] == pytest.approx([t / 2 for t in ssm["timescales_before"]], rel=1e-6)
+    assert ssm["timescales_before"] == pytest.approx(
+        weights.timescales(tensors[a_log].tolist(), tensors["decoder.layers.0.mixer.dt_bias"].tolist()))
+    other = result["layers"][3]["ssm"]
+    assert other["timescales_before"] == other["timescales"] and other["median_before"] == other["median"]
+    assert "median tau before" in weights_report.markdown(result)
     assert all(stats["relative_change"] == 0.0 for stats in result["ends"].values())
 
 

@@ -127,9 +127,14 @@ def inspect(checkpoint: str | Path, against: str | Path | None = None, context: 
         _layer_totals(layer, base is not None)
         prefix = _SSM_PREFIX.get(layer["symbol"])
         if prefix:
-            a_log, dt_bias = reader.read([layer_key(layer, prefix + "A_log"), layer_key(layer, prefix + "dt_bias")])
+            keys = [layer_key(layer, prefix + "A_log"), layer_key(layer, prefix + "dt_bias")]
+            a_log, dt_bias = reader.read(keys)
             d_skip = (reader.read([layer_key(layer, "mixer.D")])[0].tolist() if layer["symbol"] == pat.MAMBA else None)
             layer["ssm"] = _ssm_summary(timescales(a_log.double().tolist(), dt_bias.double().tolist()), context, d_skip)
+            if base is not None:  # where the heads' horizons started: training lengthens or shortens them
+                before = timescales(*(t.double().tolist() for t in base.read(keys)))
+                layer["ssm"]["timescales_before"] = before
+                layer["ssm"]["median_before"] = statistics.median(before)
     for stats in ends.values():
         _finish(stats, base is not None)
     return {"checkpoint": str(step_dir), "step": int(layout.read_train_state(step_dir).get("step", 0)),

@@ -37,22 +37,24 @@ def markdown(result: dict) -> str:
              f"Step {result['step']}, pattern `{result['pattern']}`"
              + (f", against {result['against']}" if compared else "") + ".", "",
              "| layer | type | weight RMS |" + (" relative change |" if compared else "")
-             + " SSM heads | tau min / median / max (tokens) | heads < " + f"{SHORT_TOKENS} tokens |"
+             + " SSM heads | tau min / median / max (tokens) |" + (" median tau before |" if compared else "")
+             + " heads < " + f"{SHORT_TOKENS} tokens |"
              + (f" heads >= {context} (training length) |" if context else "") + " mean abs D |",
-             "| --- | --- | --- |" + (" --- |" if compared else "") + " --- | --- | --- |" + (" --- |" if context else "")
-             + " --- |"]
+             "| --- | --- | --- |" + (" --- |" if compared else "") + " --- | --- |" + (" --- |" if compared else "")
+             + " --- |" + (" --- |" if context else "") + " --- |"]
     for layer in result["layers"]:
         row = [str(layer["index"]), layer["type"], _number(layer["rms"], ".4f")]
         if compared:
             row.append(_number(layer["relative_change"], ".3f"))
         ssm = layer.get("ssm")
         if ssm:
-            row += [str(ssm["heads"]), f"{ssm['min']:.3g} / {ssm['median']:.3g} / {ssm['max']:.3g}",
-                    str(ssm["short_heads"])]
+            row += [str(ssm["heads"]), f"{ssm['min']:.3g} / {ssm['median']:.3g} / {ssm['max']:.3g}"]
+            row += [f"{ssm['median_before']:.3g}"] if compared else []
+            row.append(str(ssm["short_heads"]))
             row += [str(ssm["context_heads"])] if context else []
             row.append(f"{sum(abs(d) for d in ssm['D']) / len(ssm['D']):.3f}" if "D" in ssm else "-")
         else:
-            row += ["-", "-", "-"] + (["-"] if context else []) + ["-"]
+            row += ["-", "-"] + (["-"] if compared else []) + ["-"] + (["-"] if context else []) + ["-"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "tau = 1 / (exp(A_log) * softplus(dt_bias)): the tokens over which a head's state decays to 1/e at "
               "the bias step; the input moves each token's step around it.", ""]
@@ -120,9 +122,14 @@ def _plot_timescales(result: dict, path: Path) -> str:
         if ssm:
             ax.plot([layer["index"]] * ssm["heads"], ssm["timescales"], "o", ms=4, alpha=0.7,
                     color=_COLORS[layer["type"]])
+            if "timescales_before" in ssm:  # hollow: where they started
+                ax.plot([layer["index"] + 0.2] * ssm["heads"], ssm["timescales_before"], "o", ms=4, mfc="none",
+                        color=_COLORS[layer["type"]], alpha=0.5)
     for kind in ("mamba", "gdn"):
         if any(layer["type"] == kind and "ssm" in layer for layer in result["layers"]):
             ax.plot([], [], "o", color=_COLORS[kind], label=kind)
+    if result["against"]:
+        ax.plot([], [], "o", mfc="none", color="grey", label="the same heads in --against")
     ax.axhline(SHORT_TOKENS, color="grey", lw=0.8, ls=":", label=f"{SHORT_TOKENS} tokens")
     if result["context"]:
         ax.axhline(result["context"], color="grey", lw=0.8, ls="--", label=f"training length {result['context']}")
