@@ -267,3 +267,25 @@ def test_a_run_still_training_is_shown_but_kept_out_of_the_size_laws(tmp_path, c
     assert family["scaling_fit"]["alpha"] == pytest.approx(MAMBA["alpha"], rel=1e-3)  # the 9.0 did not bend it
     assert next(r for r in summary["runs"] if r["name"] == "m1024")["final_val_loss"] == 9.0  # still shown
     assert "m1024 (step 30 of 50)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_that_differ_in_their_recipe_are_named_where_they_differ(tmp_path):
+    """A family whose largest run trained at another LR (its law mixes the LR into the size), and a second family
+    without weight decay (the comparison is of that too): each difference named with its runs. Seeds, run
+    directories and token budgets are not recipe."""
+    dirs = []
+    for h in (256, 384, 512, 768):
+        write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}", f"train.seed={h}",
+                                      *(["optim.lr=1e-3"] if h == 768 else [])], _law(MAMBA))
+        write_run(tmp_path, f"a{h}", [f"model.hidden_size={h}", "model.hybrid_layer_pattern=*-*-|*-*-",
+                                      "optim.weight_decay=0.0"], _law(ATTENTION))
+        dirs += [str(tmp_path / f"m{h}"), str(tmp_path / f"a{h}")]
+    summary = compare(dirs, tmp_path / "out")
+    by_label = {f["label"]: f for f in summary["families"]}
+    assert by_label["M-M*-"]["recipe_differences"] == {"optim.lr": {"0.002": ["m256", "m384", "m512"],
+                                                                    "0.001": ["m768"]}}
+    assert by_label["*-"]["recipe_differences"] == {}
+    assert list(summary["recipe_differences"]) == ["optim.weight_decay"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- within `M-M*-`: `optim.lr` 0.002 (m256, m384, m512); 0.001 (m768)" in report
+    assert "- between the families: `optim.weight_decay` 0.1 (m256, m384, m512, m768); 0.0 (a256" in report

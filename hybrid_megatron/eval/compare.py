@@ -24,7 +24,7 @@ from pathlib import Path
 from data_pipeline.config import load_yaml_mapping
 from data_pipeline.errors import ConfigError, DataError
 from hybrid_megatron.config import RunConfig
-from hybrid_megatron.config_io import build
+from hybrid_megatron.config_io import build, to_dict
 from hybrid_megatron.eval import (compare_report, eval_curves, families, paired_runs, plots, size_fits, size_units,
                                   training_health)
 from hybrid_megatron.model.config import ModelConfig
@@ -44,6 +44,7 @@ class Run:
     evals: list[eval_curves.Evaluated] = field(default_factory=list)  # every evaluated checkpoint, by step
     health: dict = field(default_factory=dict)  # spike scores of losses.jsonl (training_health.py)
     val_by_source: list[eval_curves.Evaluated] = field(default_factory=list)  # each validation, per source too
+    recipe: dict[str, str] = field(default_factory=dict)  # its training recipe, flattened (families.recipe)
     planned_steps: int = 0  # what its config trains (the data phases, or train.train_steps)
     steps: int = 0  # the last step losses.jsonl records
 
@@ -158,6 +159,7 @@ def load_run(run_dir: str | Path) -> Run:
     run.health = training_health.health(steps)
     run.steps = max(step for step, *_ in steps)
     run.planned_steps = planned_steps(cfg, build_schedule(cfg.data))
+    run.recipe = families.recipe(to_dict(cfg))
     run.evals = eval_curves.read(run_dir, {step: int(t) for step, (t, _) in at_step.items()})
     return run
 
@@ -214,6 +216,11 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
               for label, members in grouped.items()}
     fits = size_fits.fit_families({label: p for label, p in points.items() if p}, size_measure)
     summary["families"] = [f.summary() for f in fits]
+    for fam in summary["families"]:  # a law through runs of other recipes mixes the recipe into the size
+        fam["recipe_differences"] = families.recipe_differences({n: by_name[n].recipe for n in grouped[fam["label"]]})
+    within = {k for fam in summary["families"] for k in fam["recipe_differences"]}
+    summary["recipe_differences"] = {k: v for k, v in families.recipe_differences(
+        {r.name: r.recipe for r in runs}).items() if k not in within}  # between the families: what else they compare
     summary["comparison_flags"] = size_fits.comparison_flags(fits)
     summary["prediction"] = size_fits.predict(fits, predict, size_measure) if predict else None
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])

@@ -32,6 +32,7 @@ def markdown(summary: dict) -> str:
         lines += paired_runs.markdown(summary["mqar_paired"])
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![loss against FLOPs](loss_vs_flops.png)", ""]
     lines += _fit_sections(summary)
+    lines += _recipe_section(summary)
     return "\n".join(lines)
 
 
@@ -108,3 +109,19 @@ def _fit_sections(summary: dict) -> list[str]:
     if summary["comparison_flags"]:
         lines += ["## Red flags of the comparison", ""] + [f"- {flag}" for flag in summary["comparison_flags"]] + [""]
     return lines
+
+
+def _recipe_section(summary: dict) -> list[str]:
+    """Where runs differ in more than their architecture and size: within a family a law mixes the recipe into the
+    size; between families the comparison is of recipes too."""
+    lines = []
+    for fam in summary["families"]:
+        lines += _differences(fam["recipe_differences"], f"within `{fam['label']}`")
+    lines += _differences(summary["recipe_differences"], "between the families")
+    return ["## Recipe differences", "", *lines, ""] if lines else []
+
+
+def _differences(differences: dict[str, dict[str, list[str]]], what: str) -> list[str]:
+    """One line per recipe key on which runs differ, its values with the runs that hold them."""
+    return [f"- {what}: `{key}` " + "; ".join(f"{value} ({', '.join(names)})" for value, names in values.items())
+            for key, values in differences.items()]

@@ -21,6 +21,8 @@ repeated block, a recipe that changes a head dim with the width).
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 from data_pipeline.errors import ConfigError
 from hybrid_megatron.model import pattern as pat
@@ -100,3 +102,45 @@ def group(models: dict[str, ModelConfig], assigned: dict[str, str] | None = None
     for name in models:
         families.setdefault(labels[name], []).append(name)
     return families
+
+
+# what may differ between the runs of one family without changing what is compared: where a run writes, its seeds,
+# how long it trains (the data budget is the other axis of the laws), how its steps are cut into micro-batches and
+# recomputed, its layout over GPUs, and how often it validates and checkpoints
+_NOT_RECIPE = re.compile(
+    r"^(model|logging|checkpoint|parallel|build_sample_data)\b"
+    r"|^data\.(seed|num_workers|phases\[\d+\]\.tokens|curriculum\.(total_tokens|max_tokens))\b"
+    r"|^train\.(seed|micro_batch_size|train_steps|exit_after_steps|recompute\w*|eval_interval|nonfinite_policy"
+    r"|max_skipped_steps|deterministic)$"
+    r"|^schedule\.(lr_warmup_steps|anneal_warmup_steps)$")
+
+
+def recipe(config: dict) -> dict[str, str]:
+    """The training recipe of a resolved run config, flattened to ``key.path: value`` (what ``_NOT_RECIPE`` leaves)."""
+    flat: dict[str, str] = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif not _NOT_RECIPE.match(path):
+            flat[path] = json.dumps(node, sort_keys=True)
+
+    walk(config, "")
+    return flat
+
+
+def recipe_differences(recipes: dict[str, dict[str, str]]) -> dict[str, dict[str, list[str]]]:
+    """The recipe keys on which the runs of a family disagree: {key: {value: [runs]}} (a missing key: "-")."""
+    keys = sorted({k for r in recipes.values() for k in r})
+    out = {}
+    for key in keys:
+        values: dict[str, list[str]] = {}
+        for name, r in recipes.items():
+            values.setdefault(r.get(key, "-"), []).append(name)
+        if len(values) > 1:
+            out[key] = values
+    return out
