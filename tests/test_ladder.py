@@ -102,6 +102,7 @@ def test_the_example_ladder_plans_every_run_near_its_target(tmp_path):
     ({"rungs": [{"size": "5M", "layers": 0}]}, "rungs[0].layers=0: must be >= 1"),
     ({"rungs": [{"size": "10T", "layers": 8}]}, "hybrid-10T (unit 'M-M*-', 8 layers): the nearest valid config has"),
     ({"tokens_per_param": 0}, "tokens_per_param must be > 0"),
+    ({"rungs": [{"size": "5M", "layers": 8, "gpus": 0}]}, "rungs[0].gpus=0: must be >= 1"),
     ({"colour": "blue"}, "unknown config key colour"),
     ({"base": "configs/none.yaml"}, "config file not found: configs/none.yaml"),
 ])

@@ -11,8 +11,7 @@ base's heads per group) scaled with it. Each run trains ``tokens_per_param`` tok
 that total, keeping their proportions; ``lengths`` trains every model at several multiples of that (for
 L(N, D)), ``seeds`` repeats every run (for the run-to-run spread). What comes out is one resolved run config
 per run, each with its own run directory, a table (``ladder.json``, ``ladder.md``) and the commands; after
-training, ``compare DIR/runs/* --predict N --family ...`` (the line ``ladder.md`` gives) fits each family's law
-and sets them side by side.
+training, ``compare --ladder DIR`` fits each family's law and sets them side by side.
 """
 
 from __future__ import annotations
@@ -125,6 +124,8 @@ class LadderSpec:
                 raise ConfigError(f"rungs[{k}].layers={rung.layers}: must be >= 1")
             if rung.tokens_per_param is not None and rung.tokens_per_param <= 0:
                 raise ConfigError(f"rungs[{k}].tokens_per_param={rung.tokens_per_param}: must be > 0")
+            if rung.gpus is not None and rung.gpus < 1:
+                raise ConfigError(f"rungs[{k}].gpus={rung.gpus}: must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
