@@ -179,17 +179,20 @@ def _register_inspect(sub) -> None:
     p.add_argument("--context", type=int, metavar="N", help="the training length heads are counted against (default: "
                                                             "the one the checkpoint's run config records)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: <run dir>/inspect/<step dir>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_inspect)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from data_pipeline.errors import ConfigError
+    from hybrid_megatron.checkpoint import layout
     from hybrid_megatron.eval import run, weights, weights_report
 
     if args.context is not None and args.context < 1:
         raise ConfigError(f"--context {args.context}: must be >= 1")
-    result = weights.inspect(args.checkpoint, args.against, args.context)
-    out = Path(args.out) if args.out else run.default_out(Path(result["checkpoint"]), "inspect")
+    step_dir = layout.resolve_step_dir(args.checkpoint)
+    out = Path(args.out) if args.out else run.default_out(step_dir, "inspect")  # before the reading, not after
+    result = weights.inspect(step_dir, args.against, args.context, progress=not args.no_progress)
     weights_report.write(result, out)
     for layer in result["layers"]:
         ssm = layer.get("ssm")

@@ -90,8 +90,12 @@ def _context(step_dir: Path) -> int | None:
     return data["seq_len"] if isinstance(data.get("seq_len"), int) else None
 
 
-def inspect(checkpoint: str | Path, against: str | Path | None = None, context: int | None = None) -> dict:
-    """Per-layer weight statistics and SSM timescales of a checkpoint (a step dir or a save dir's latest)."""
+def inspect(checkpoint: str | Path, against: str | Path | None = None, context: int | None = None,
+            progress: bool = False) -> dict:
+    """Per-layer weight statistics and SSM timescales of a checkpoint (a step dir or a save dir's latest);
+    ``progress``: a bar of the bytes read (a 7B checkpoint takes minutes)."""
+    from tqdm import tqdm
+
     step_dir = layout.resolve_step_dir(checkpoint)
     cfg = offline.load_model_config(step_dir)
     reader = offline.CheckpointReader(step_dir)
@@ -109,8 +113,11 @@ def inspect(checkpoint: str | Path, against: str | Path | None = None, context: 
     symbols = pat.layers(cfg.hybrid_layer_pattern)
     layers = [{"index": i, "symbol": s, "type": pat.LAYER_SYMBOLS[s], "tensors": {}} for i, s in enumerate(symbols)]
     ends: dict[str, dict] = {}
+    total = sum(math.prod(reader.tensors[k][0]) * reader.tensors[k][1].itemsize for k in keys) * (2 if base else 1)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="inspect")
     for key in keys:
         (tensor,) = reader.read([key])
+        bar.update(tensor.numel() * tensor.element_size() * (2 if base else 1))
         before = base.read([key])[0] if base is not None else None
         match = _LAYER_KEY.match(key)
         if match:
@@ -121,18 +128,19 @@ def inspect(checkpoint: str | Path, against: str | Path | None = None, context: 
                                                          for j in range(tensor.shape[0])])
         else:
             ends[key] = _stats(tensor, before)
+    bar.close()
     for layer in layers:
         if "_experts" in layer:
             layer["experts"] = _expert_summary(layer.pop("_experts"), reader, layer, base is not None)
         _layer_totals(layer, base is not None)
         prefix = _SSM_PREFIX.get(layer["symbol"])
         if prefix:
-            keys = [layer_key(layer, prefix + "A_log"), layer_key(layer, prefix + "dt_bias")]
-            a_log, dt_bias = reader.read(keys)
+            ssm_keys = [layer_key(layer, prefix + "A_log"), layer_key(layer, prefix + "dt_bias")]
+            a_log, dt_bias = reader.read(ssm_keys)
             d_skip = (reader.read([layer_key(layer, "mixer.D")])[0].tolist() if layer["symbol"] == pat.MAMBA else None)
             layer["ssm"] = _ssm_summary(timescales(a_log.double().tolist(), dt_bias.double().tolist()), context, d_skip)
             if base is not None:  # where the heads' horizons started: training lengthens or shortens them
-                before = timescales(*(t.double().tolist() for t in base.read(keys)))
+                before = timescales(*(t.double().tolist() for t in base.read(ssm_keys)))
                 layer["ssm"]["timescales_before"] = before
                 layer["ssm"]["median_before"] = statistics.median(before)
     for stats in ends.values():
