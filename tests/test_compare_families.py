@@ -289,3 +289,36 @@ def test_runs_that_differ_in_their_recipe_are_named_where_they_differ(tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "- within `M-M*-`: `optim.lr` 0.002 (m256, m384, m512); 0.001 (m768)" in report
     assert "- between the families: `optim.weight_decay` 0.1 (m256, m384, m512, m768); 0.0 (a256" in report
+
+
+def test_the_compute_optimal_size_is_the_minimum_of_the_family_law_on_its_budget(tmp_path):
+    """Runs drawn from Chinchilla's L(N, D) at 6 FLOPs per parameter and token: the closed form's size and tokens
+    for a budget are where a brute-force search of the fitted law along k N D = budget finds its minimum, and the
+    family's own k is measured from its runs."""
+    ch = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
+    points = []
+    for n in (5e7, 1e8, 2e8, 4e8, 8e8):
+        for r in (10, 20, 50):
+            loss = ch["E"] + ch["A"] * n ** -ch["alpha"] + ch["B"] * (r * n) ** -ch["beta"]
+            points.append(size_fits.Point(f"n{n:g}-r{r}", n, loss, loss, int(r * n), 1024, int(n), 6.0 * n * r * n))
+    [fit] = size_fits.fit_families({"h": points})
+    budget = 1e22
+    [row] = size_fits.compute_optimal([fit], budget)["by_family"]
+    assert row["flops_per_param_token"] == pytest.approx(6.0)
+    grid = np.exp(np.linspace(np.log(1e8), np.log(1e11), 20001))
+    losses = fit.nd(grid, budget / (6.0 * grid))
+    assert row["params"] == pytest.approx(float(grid[np.argmin(losses)]), rel=2e-3)
+    assert row["tokens"] == pytest.approx(budget / (6.0 * row["params"]))
+    assert row["loss"] == pytest.approx(float(losses.min()), rel=1e-6)
+    # the law the runs were drawn from puts the optimum where the fitted one does
+    true_n = (ch["alpha"] * ch["A"] / (ch["beta"] * ch["B"])) ** (1 / (ch["alpha"] + ch["beta"])) * (
+        budget / 6.0) ** (ch["beta"] / (ch["alpha"] + ch["beta"]))
+    assert row["params"] == pytest.approx(true_n, rel=0.1)
+
+
+def test_a_budget_without_runs_at_two_token_budgets_says_so(tmp_path, capsys):
+    assert main(["compare", *_two_families(tmp_path), "--out", str(tmp_path / "o"), "--budget", "1e21"]) == 0
+    out = capsys.readouterr().out
+    assert "With 1e+21 training FLOPs" in out and "no L(N, D) for `M-M*-`, `*-`: it needs runs at two or more" in out
+    assert main(["compare", *_two_families(tmp_path / "b"), "--out", str(tmp_path / "o2"), "--budget", "lots"]) == 2
+    assert "--budget 'lots': expected a number of training FLOPs such as 1e23" in capsys.readouterr().err

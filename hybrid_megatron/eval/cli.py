@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--predict", metavar="N", help="read every family's law at size N (7e9, 7B, 350M; with --size-by "
                                                   "flops a budget such as 1e23), with a bootstrap interval, and set "
                                                   "the families against the first")
+    p.add_argument("--budget", metavar="FLOPS", help="each family's compute-optimal size and tokens for this many "
+                                                     "training FLOPs (1e23), from its L(N, D) (runs at two or more "
+                                                     "token budgets)")
     p.add_argument("--partial", action="store_true", help="leave out (and list) runs that have not started: a "
                                                           "ladder compared while it trains")
     p.add_argument("--family", action="append", metavar="LABEL=RUN_DIR,...",
@@ -59,7 +62,8 @@ def _compare(args: argparse.Namespace) -> int:
         args.out = args.out or str(Path(args.ladder) / "compare")
     elif not args.runs or not args.out:
         raise ConfigError("compare: pass run directories and --out DIR, or --ladder DIR")
-    summary = compare(args.runs, args.out, args.size_measure, predict, family_of, partial)
+    budget = size_units.parse_size(args.budget, "--budget") if args.budget else None
+    summary = compare(args.runs, args.out, args.size_measure, predict, family_of, partial, budget)
     if summary["not_started"]:
         print(f"not started yet, left out: {', '.join(summary['not_started'])}")
     for u in summary["unfinished"]:
@@ -89,6 +93,8 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"red flag [{fam['label']}]: {flag}")
     if summary["prediction"]:
         print("\n".join(size_fits.prediction_lines(summary["prediction"])))
+    if summary["compute_optimal"]:
+        print("\n".join(size_fits.compute_optimal_lines(summary["compute_optimal"])))
     for flag in summary["comparison_flags"]:
         print(f"red flag: {flag}")
     print(f"report: {args.out}/report.md")

@@ -171,9 +171,10 @@ def started(run_dir: str | Path) -> bool:
 
 
 def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "params", predict: float | None = None,
-            family_of: dict[str, str] | None = None, partial: bool = False) -> dict:
+            family_of: dict[str, str] | None = None, partial: bool = False, budget: float | None = None) -> dict:
     """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``). ``partial``:
-    leave out the runs that have not started (listed as such), as a ladder's are while it trains."""
+    leave out the runs that have not started (listed as such), as a ladder's are while it trains. ``budget``:
+    training FLOPs to find each family's compute-optimal size for (from its L(N, D))."""
     if size_measure not in size_units.SIZE_MEASURES:
         raise ConfigError(f"--size-by {size_measure!r}: one of {', '.join(size_units.SIZE_MEASURES)}")
     not_started = [str(d) for d in run_dirs if partial and not started(d)]
@@ -223,6 +224,7 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
         {r.name: r.recipe for r in runs}).items() if k not in within}  # between the families: what else they compare
     summary["comparison_flags"] = size_fits.comparison_flags(fits)
     summary["prediction"] = size_fits.predict(fits, predict, size_measure) if predict else None
+    summary["compute_optimal"] = size_fits.compute_optimal(fits, budget) if budget else None
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])
     _plot(runs, out)
     summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png")
@@ -243,7 +245,8 @@ def _point(r: Run, size_measure: str) -> size_fits.Point:
     """A run with a validation loss, as the size fits see it; its size in FLOPs is the training compute up to its
     last validation, where its loss was measured."""
     size = r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
-    return size_fits.Point(r.name, size, r.final_val, r.final_train, r.val[-1][0], r.model.hidden_size, r.params)
+    return size_fits.Point(r.name, size, r.final_val, r.final_train, r.val[-1][0], r.model.hidden_size, r.params,
+                           r.val[-1][1])
 
 
 def _plot(runs: list[Run], out: Path) -> None:

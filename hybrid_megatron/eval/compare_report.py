@@ -70,7 +70,9 @@ def _fit_sections(summary: dict) -> list[str]:
         prediction = size_fits.prediction_lines(summary["prediction"]) if summary["prediction"] else []
         why = ("; ".join(f"`{fam['label']}`, {fam['note']}" for fam in summary["families"])
                or "no run has a validation loss (val.jsonl)")
-        return ["## Size laws", "", f"None fitted: {why}.", "", *prediction, *([""] if prediction else [])]
+        optimal = size_fits.compute_optimal_lines(summary["compute_optimal"]) if summary["compute_optimal"] else []
+        return ["## Size laws", "", f"None fitted: {why}.", "", *prediction, *([""] if prediction else []),
+                *optimal, *([""] if optimal else [])]
     lines = ["## Size laws by architecture family", "",
              f"Size: {summary['size_measure']}. A family is one layer-pattern unit with the same non-size model "
              "fields (or a `--family` label).", ""]
@@ -106,6 +108,8 @@ def _fit_sections(summary: dict) -> list[str]:
         lines += ["![scaling fit](scaling_fit.png)", ""]
     if summary["prediction"]:
         lines += ["## Prediction", ""] + size_fits.prediction_lines(summary["prediction"]) + [""]
+    if summary["compute_optimal"]:
+        lines += ["## Compute-optimal size", ""] + size_fits.compute_optimal_lines(summary["compute_optimal"]) + [""]
     if summary["comparison_flags"]:
         lines += ["## Red flags of the comparison", ""] + [f"- {flag}" for flag in summary["comparison_flags"]] + [""]
     return lines

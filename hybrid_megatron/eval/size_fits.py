@@ -35,6 +35,7 @@ class Point:
     tokens: int  # input tokens when the last validation ran
     hidden_size: int
     params: int  # total parameters, whatever the measure (for tokens per parameter)
+    flops: float = 0.0  # training FLOPs up to the last validation
 
     @property
     def tokens_per_param(self) -> float:
@@ -210,6 +211,38 @@ def comparison_flags(fits: list[FamilyFit]) -> list[str]:
 
 def _ci(interval) -> str:
     return f" (95% interval {interval[0]:.4f} to {interval[1]:.4f})" if interval else " (no interval: three sizes)"
+
+
+def compute_optimal(fits: list[FamilyFit], budget: float) -> dict:
+    """Each family's compute-optimal size for a training budget of ``budget`` FLOPs, from its L(N, D) (Chinchilla's
+    approach 3): minimise E + A/N^alpha + B/D^beta with k N D = budget, where k is the family's own training FLOPs
+    per parameter and token (measured on its runs: attention's and Mamba's costs per token differ from 6). In
+    closed form N = (alpha A / (beta B))^(1/(alpha+beta)) (budget/k)^(beta/(alpha+beta)), D = budget / (k N)."""
+    rows, without = [], []
+    for f in fits:
+        if f.nd is None or f.measure == "flops" or not all(p.flops > 0 for p in f.points):
+            without.append(f.label)
+            continue
+        nd = f.nd
+        k = float(np.median([p.flops / (p.size * p.tokens) for p in f.points]))
+        n = (nd.alpha * nd.A / (nd.beta * nd.B)) ** (1 / (nd.alpha + nd.beta)) * (budget / k) ** (
+            nd.beta / (nd.alpha + nd.beta))
+        d = budget / (k * n)
+        rows.append({"family": f.label, "params": float(n), "tokens": float(d), "tokens_per_param": float(d / n),
+                     "loss": float(nd(n, d)), "flops_per_param_token": k})
+    return {"budget": budget, "by_family": rows, "without_nd_law": without}
+
+
+def compute_optimal_lines(optimal: dict) -> list[str]:
+    """The compute-optimal sizes as sentences."""
+    lines = [f"With {optimal['budget']:.3g} training FLOPs (each family's own FLOPs per parameter and token):"]
+    for row in optimal["by_family"]:
+        lines.append(f"- `{row['family']}`: {count_text(row['params'])} parameters on {count_text(row['tokens'])} "
+                     f"tokens ({row['tokens_per_param']:.0f} per parameter), loss {row['loss']:.4f}")
+    if optimal["without_nd_law"]:
+        lines.append(f"- no L(N, D) for {', '.join(f'`{x}`' for x in optimal['without_nd_law'])}: it needs runs at "
+                     "two or more token budgets (a ladder's `lengths`)")
+    return lines
 
 
 def prediction_lines(prediction: dict) -> list[str]:

@@ -23,6 +23,8 @@ def parse_size(text: str, what: str = "--predict") -> float:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGTkmbgt]?)\s*", text)
     value = float(match.group(1)) * _SUFFIX[match.group(2).upper()] if match else 0.0
     if not match or value < 1:
+        if what == "--budget":
+            raise ConfigError(f"--budget {text!r}: expected a number of training FLOPs such as 1e23")
         flops = " (with --size-by flops: a FLOP budget such as 1e23)" if what == "--predict" else ""
         raise ConfigError(f"{what} {text!r}: expected a parameter count such as 7e9, 7B or 350M{flops}")
     return value
