@@ -124,6 +124,17 @@ def test_without_a_vocabulary_the_ladder_says_where_to_set_it(tmp_path):
         ladder.plan(spec, tmp_path / "out")
 
 
+def test_with_lengths_the_large_runs_flops_are_the_budget_compare_optimises_for(tmp_path):
+    rungs = [*SPEC["rungs"], {"size": "60M", "layers": 16, "base": "configs/tiny.yaml", "tokens_per_param": 50}]
+    out = tmp_path / "out"
+    assert main(["ladder", _spec(tmp_path, rungs=rungs, lengths=[1, 2]), "--out", str(out)]) == 0
+    plan = json.loads((out / "ladder.json").read_text())
+    large = [r for r in plan["runs"] if "-60M-" in r["run"]]
+    assert plan["budget"] == max(r["training_flops"] for r in large) and f"--budget {plan['budget']:.3g}" in plan[
+        "compare_explicit"]
+    assert ladder.read_plan(out)["budget"] == plan["budget"]
+
+
 def test_lengths_and_seeds_make_a_run_of_each(tmp_path):
     spec = ladder.load_spec(_spec(tmp_path, lengths=[1, 2.5], seeds=[7, 8], families={"hybrid": {"unit": "M-M*-"}},
                                   rungs=[{"size": "5M", "layers": 8}]))
@@ -214,7 +225,7 @@ def test_a_rung_on_a_base_of_its_own_plans_the_large_run_in_its_pipeline_segment
         assert first == second and row["gpus"] == 2
         assert row["tokens"] == round(50 * row["params"])
         assert load_run_config(row["config"]).parallel.pipeline_model_parallel_size == 2
-    assert plan["predict"] == max(r["params"] for r in large)
+    assert plan["predict"] == max(r["params"] for r in large) and plan["budget"] is None  # one length: no L(N, D)
     assert f"--predict {size_units.count_text(plan['predict'])} " in plan["compare_explicit"]
     small = [r for r in plan["runs"] if not r["run"].endswith("-60M")]
     assert all("|" not in r["pattern"] and r["gpus"] == 1 for r in small)

@@ -59,6 +59,7 @@ def _compare(args: argparse.Namespace) -> int:
         args.runs = [run_dir for run_dir, _ in plan["runs"]]
         family_of, partial = dict(plan["runs"]), True
         predict = predict or plan["predict"]
+        args.budget = args.budget or (f"{plan['budget']:.6g}" if plan["budget"] else None)
         args.out = args.out or str(Path(args.ladder) / "compare")
     elif not args.runs or not args.out:
         raise ConfigError("compare: pass run directories and --out DIR, or --ladder DIR")

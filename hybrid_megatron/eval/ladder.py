@@ -323,12 +323,15 @@ def write(runs: list[Run], spec: LadderSpec, spec_path: str, out: Path) -> dict:
     # the families named as the spec names them (compare's own rule would label them by pattern unit)
     labels = " ".join(f"--family {name}={','.join(dirs)}" for name, dirs in by_family.items())
     # read the laws at the large run a rung of its own base plans, else at 7B
-    large = [r.params for r in runs if r.own_base]
-    at = float(max(large)) if large else 7e9
-    summary = {"spec": spec_path, "gpu_memory_gib": spec.gpu_memory_gib, "predict": at, "runs": rows,
+    large = [r for r in runs if r.own_base]
+    at = float(max(r.params for r in large)) if large else 7e9
+    # with several lengths compare fits L(N, D): then the large run's FLOPs say what size they buy best
+    budget = float(max(r.flops for r in large)) if large and len(spec.lengths) > 1 else None
+    summary = {"spec": spec_path, "gpu_memory_gib": spec.gpu_memory_gib, "predict": at, "budget": budget, "runs": rows,
                "compare": f"hybrid-megatron compare --ladder {out}",
                "compare_explicit": f"hybrid-megatron compare {out}/runs/* --out {out}/compare --predict "
-                                   f"{count_text(at)} --partial {labels}"}
+                                   f"{count_text(at)} --partial" + (f" --budget {budget:.3g}" if budget else "")
+                                   + f" {labels}"}
     (out / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"# Ladder from {spec_path}", "",
              f"Memory: the dry run's estimate of a run's fullest GPU on its GPUs; **over** marks runs above "
@@ -358,7 +361,8 @@ def read_plan(out: str | Path) -> dict:
     try:
         plan = json.loads(path.read_text())
         runs = [(str(r["run_dir"]), str(r["family"])) for r in plan["runs"]]
-        return {"runs": runs, "predict": float(plan["predict"])}
+        budget = plan.get("budget")
+        return {"runs": runs, "predict": float(plan["predict"]), "budget": float(budget) if budget else None}
     except FileNotFoundError:
         raise ConfigError(f"{out}: no ladder.json (plan the ladder there first: hybrid-megatron ladder SPEC --out "
                           f"{out})") from None
