@@ -43,28 +43,32 @@ def register(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from hybrid_megatron.eval import families, size_fits, size_units
+    from data_pipeline.errors import ConfigError
+    from hybrid_megatron.eval import families, size_units
     from hybrid_megatron.eval.compare import compare
 
-    from data_pipeline.errors import ConfigError
-
     predict = size_units.parse_size(args.predict) if args.predict else None
-    family_of, partial = families.parse_assignments(args.family), args.partial
+    budget = size_units.parse_size(args.budget, "--budget") if args.budget else None
+    runs, out, family_of, partial = args.runs, args.out, families.parse_assignments(args.family), args.partial
     if args.ladder:
         from hybrid_megatron.eval.ladder import read_plan
 
         if args.runs or args.family:
             raise ConfigError("compare: --ladder takes its runs and families from the plan; pass no RUN_DIR or --family")
         plan = read_plan(args.ladder)
-        args.runs = [run_dir for run_dir, _ in plan["runs"]]
-        family_of, partial = dict(plan["runs"]), True
-        predict = predict or plan["predict"]
-        args.budget = args.budget or (f"{plan['budget']:.6g}" if plan["budget"] else None)
-        args.out = args.out or str(Path(args.ladder) / "compare")
-    elif not args.runs or not args.out:
+        runs, family_of, partial = [run_dir for run_dir, _ in plan["runs"]], dict(plan["runs"]), True
+        predict, budget = predict or plan["predict"], budget or plan["budget"]
+        out = out or str(Path(args.ladder) / "compare")
+    elif not runs or not out:
         raise ConfigError("compare: pass run directories and --out DIR, or --ladder DIR")
-    budget = size_units.parse_size(args.budget, "--budget") if args.budget else None
-    summary = compare(args.runs, args.out, args.size_measure, predict, family_of, partial, budget)
+    _print_comparison(compare(runs, out, args.size_measure, predict, family_of, partial, budget))
+    print(f"report: {out}/report.md")
+    return 0
+
+
+def _print_comparison(summary: dict) -> None:
+    from hybrid_megatron.eval import size_fits
+
     if summary["not_started"]:
         print(f"not started yet, left out: {', '.join(summary['not_started'])}")
     for u in summary["unfinished"]:
@@ -98,8 +102,6 @@ def _compare(args: argparse.Namespace) -> int:
         print("\n".join(size_fits.compute_optimal_lines(summary["compute_optimal"])))
     for flag in summary["comparison_flags"]:
         print(f"red flag: {flag}")
-    print(f"report: {args.out}/report.md")
-    return 0
 
 
 def _register_eval(sub) -> None:
