@@ -140,3 +140,14 @@ def test_compare_sets_the_validation_sources_side_by_side(tmp_path):
     write_run(tmp_path, "c", ["model.hidden_size=256"])
     assert compare([str(tmp_path / "c")], tmp_path / "none")["validation_by_source"] is None
     assert not (tmp_path / "none" / "validation_by_source.png").exists()
+
+
+def test_more_metrics_than_panels_are_named_not_drawn(tmp_path):
+    from hybrid_megatron.eval import eval_curves
+
+    curves = {"a": [eval_curves.Evaluated(s, 1000 * s, {f"lm-eval/task{k:02d}/acc": k / 100 + s / 1000
+                                                        for k in range(20)}, None) for s in (1, 2, 3)]}
+    drawn = eval_curves.plot(curves, tmp_path / "curves.png")
+    assert len(drawn["plotted"]) == eval_curves.MAX_PANELS == 16
+    assert drawn["left_out"] == [f"lm-eval/task{k:02d}/acc" for k in range(16, 20)]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG
