@@ -16,7 +16,7 @@ from hybrid_megatron.checkpoint import offline
 from hybrid_megatron.cli import main
 from hybrid_megatron.config import load_run_config
 from hybrid_megatron.config_io import to_dict
-from hybrid_megatron.convert.mapping import Dims
+from hybrid_megatron.convert.mapping import Dims, layer_groups
 from hybrid_megatron.devtools import REPO_ROOT
 from hybrid_megatron.eval import weights, weights_report
 from hybrid_megatron.model import geometry as geo
@@ -209,3 +209,27 @@ def test_a_run_checkpoint_reports_into_its_run_and_counts_against_its_training_l
     written = json.loads((run / "inspect" / "step-000000" / "inspect.json").read_text())
     assert written["context"] == saved["data"]["curriculum"]["max_seq_len"] == 1024
     assert "heads >= 1024 (training length)" in (run / "inspect" / "step-000000" / "report.md").read_text()
+
+
+def test_attention_heads_by_their_query_rows_and_output_columns(tmp_path):
+    """The query rows of each head, located in megatron's fused QKV, agree with the converter's split into Hugging
+    Face's q_proj (checked against transformers by the parity fixtures); a head whose output columns are scaled to
+    1% is named as quiet, and its movement against the fixture shows."""
+    cfg = offline.load_model_config(TP1 / "step-000000")
+    tensors = _model_tensors(TP1 / "step-000000")
+    qkv, proj = "decoder.layers.2.self_attention.linear_qkv.weight", "decoder.layers.2.self_attention.linear_proj.weight"
+    group = next(g for g in layer_groups(2, "*", Dims.of(cfg), cfg) if qkv in g.meg_keys)
+    q_proj = group.to_hf([tensors[qkv]])[0]
+    hd = cfg.head_dim
+    heads = weights.inspect(TP1)["layers"][2]["heads"]
+    assert heads["count"] == cfg.num_attention_heads and heads["quiet"] == []
+    assert heads["query_norm"] == pytest.approx([float(q_proj[h * hd:(h + 1) * hd].double().norm())
+                                                 for h in range(heads["count"])], rel=1e-12)
+    quiet = tensors[proj].clone()
+    quiet[:, 3 * hd:4 * hd] *= 0.01
+    copy = offline.save_model_only(tmp_path / "ckpt", offline.sharded_model_state({**tensors, proj: quiet}, Dims.of(cfg)),
+                                   to_dict(cfg))
+    result = weights.inspect(copy, against=TP1)
+    heads = result["layers"][2]["heads"]
+    assert heads["quiet"] == [3] and heads["relative_change"][:3] == [0.0, 0.0, 0.0] and heads["relative_change"][3] > 0
+    assert "Heads 3 write back less than 0.1" in weights_report.markdown(result)

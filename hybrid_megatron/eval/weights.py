@@ -132,6 +132,8 @@ def inspect(checkpoint: str | Path, against: str | Path | None = None, context: 
     for layer in layers:
         if "_experts" in layer:
             layer["experts"] = _expert_summary(layer.pop("_experts"), reader, layer, base is not None)
+        if layer["symbol"] == pat.ATTENTION:
+            layer["heads"] = _attention_heads(cfg, reader, base, layer)
         _layer_totals(layer, base is not None)
         prefix = _SSM_PREFIX.get(layer["symbol"])
         if prefix:
@@ -171,6 +173,34 @@ def _expert_summary(by_tensor: list[list[dict]], reader, layer: dict, compared: 
     bias = layer_key(layer, "mlp.router.expert_bias")
     if bias in reader.tensors:
         out["expert_bias"] = reader.read([bias])[0].double().tolist()
+    return out
+
+
+def _attention_heads(cfg, reader, base, layer: dict) -> dict:
+    """Per query head of an attention layer: the norm of its query rows and of its output-projection columns (what
+    the head writes back; a head whose output columns are small barely contributes: "quiet"), and with ``base``
+    how far the two moved. megatron's fused QKV holds per KV group [q heads of the group | k | v] rows."""
+    hd, heads, groups = cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
+    per_group = heads // groups
+    keys = [layer_key(layer, "self_attention.linear_qkv.weight"), layer_key(layer, "self_attention.linear_proj.weight")]
+
+    def slices(qkv, proj) -> list:
+        out = []
+        for h in range(heads):
+            start = (h // per_group) * (per_group + 2) * hd + (h % per_group) * hd
+            out.append((qkv[start:start + hd].double(), proj[:, h * hd:(h + 1) * hd].double()))
+        return out
+
+    mine = slices(*reader.read(keys))
+    out: dict = {"count": heads, "query_norm": [float(q.norm()) for q, _ in mine],
+                 "output_norm": [float(o.norm()) for _, o in mine]}
+    median = statistics.median(out["output_norm"])
+    out["quiet"] = [h for h, n in enumerate(out["output_norm"]) if n < STILL * median]
+    if base is not None:
+        theirs = slices(*base.read(keys))
+        out["relative_change"] = [
+            math.sqrt(float(((q - q0) ** 2).sum() + ((o - o0) ** 2).sum()) / float((q0 ** 2).sum() + (o0 ** 2).sum()))
+            for (q, o), (q0, o0) in zip(mine, theirs)]
     return out
 
 

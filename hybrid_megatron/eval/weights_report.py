@@ -61,6 +61,7 @@ def markdown(result: dict) -> str:
     if not context:
         lines += ["The checkpoint records no training length (pass --context N to count the heads that reach it).", ""]
     lines += _experts_lines(result["layers"], compared)
+    lines += _heads_lines(result["layers"], compared)
     ends = result["ends"]
     if ends:
         lines += ["| tensor | shape | RMS |" + (" relative change |" if compared else ""),
@@ -95,6 +96,28 @@ def _experts_lines(layers: list[dict], compared: bool) -> list[str]:
         if experts.get("still"):
             lines += ["", f"Experts {', '.join(map(str, experts['still']))} moved less than {STILL:g} of the layer's median "
                       "expert: they have barely trained (too few tokens routed to them)."]
+        lines.append("")
+    return lines
+
+
+def _heads_lines(layers: list[dict], compared: bool) -> list[str]:
+    """A table per attention layer: each query head's query and output norms (and movement)."""
+    lines = []
+    for layer in layers:
+        heads = layer.get("heads")
+        if not heads:
+            continue
+        lines += [f"Layer {layer['index']} (attention), its {heads['count']} query heads:", "",
+                  "| head | query norm | output norm |" + (" relative change |" if compared else ""),
+                  "| --- | --- | --- |" + (" --- |" if compared else "")]
+        for h in range(heads["count"]):
+            cells = [str(h), f"{heads['query_norm'][h]:.3f}", f"{heads['output_norm'][h]:.3f}"]
+            if compared:
+                cells.append(f"{heads['relative_change'][h]:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        if heads["quiet"]:
+            lines += ["", f"Heads {', '.join(map(str, heads['quiet']))} write back less than {STILL:g} of the layer's "
+                      "median head (output-projection norm): they barely contribute."]
         lines.append("")
     return lines
 
