@@ -76,6 +76,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def _experts_lines(layers: list[dict], compared: bool) -> list[str]:
     """A table per MoE layer: each routed expert's weights, movement, router row and routing bias."""
     lines = []
@@ -83,16 +87,13 @@ def _experts_lines(layers: list[dict], compared: bool) -> list[str]:
         experts = layer.get("experts")
         if not experts:
             continue
-        lines += [f"Layer {layer['index']} (MoE), its {experts['count']} routed experts:", "",
-                  "| expert | weight RMS |" + (" relative change |" if compared else "") + " router row norm | routing bias |",
-                  "| --- | --- |" + (" --- |" if compared else "") + " --- | --- |"]
-        for j in range(experts["count"]):
-            cells = [str(j), f"{experts['rms'][j]:.4f}"]
-            if compared:
-                cells.append(_number(experts["relative_change"][j], ".3f"))
-            cells.append(_number(experts["router_norm"][j], ".3f") if "router_norm" in experts else "-")
-            cells.append(_number(experts["expert_bias"][j], "+.4f") if "expert_bias" in experts else "-")
-            lines.append("| " + " | ".join(cells) + " |")
+        head = ["expert", "weight RMS", *(["relative change"] if compared else []), "router row norm", "routing bias"]
+        rows = [[str(j), f"{experts['rms'][j]:.4f}",
+                 *([_number(experts["relative_change"][j], ".3f")] if compared else []),
+                 _number(experts["router_norm"][j], ".3f") if "router_norm" in experts else "-",
+                 _number(experts["expert_bias"][j], "+.4f") if "expert_bias" in experts else "-"]
+                for j in range(experts["count"])]
+        lines += [f"Layer {layer['index']} (MoE), its {experts['count']} routed experts:", "", *_table(head, rows)]
         if experts.get("still"):
             lines += ["", f"Experts {', '.join(map(str, experts['still']))} moved less than {STILL:g} of the layer's median "
                       "expert: they have barely trained (too few tokens routed to them)."]
@@ -107,14 +108,10 @@ def _heads_lines(layers: list[dict], compared: bool) -> list[str]:
         heads = layer.get("heads")
         if not heads:
             continue
-        lines += [f"Layer {layer['index']} (attention), its {heads['count']} query heads:", "",
-                  "| head | query norm | output norm |" + (" relative change |" if compared else ""),
-                  "| --- | --- | --- |" + (" --- |" if compared else "")]
-        for h in range(heads["count"]):
-            cells = [str(h), f"{heads['query_norm'][h]:.3f}", f"{heads['output_norm'][h]:.3f}"]
-            if compared:
-                cells.append(f"{heads['relative_change'][h]:.3f}")
-            lines.append("| " + " | ".join(cells) + " |")
+        head = ["head", "query norm", "output norm", *(["relative change"] if compared else [])]
+        rows = [[str(h), f"{heads['query_norm'][h]:.3f}", f"{heads['output_norm'][h]:.3f}",
+                 *([f"{heads['relative_change'][h]:.3f}"] if compared else [])] for h in range(heads["count"])]
+        lines += [f"Layer {layer['index']} (attention), its {heads['count']} query heads:", "", *_table(head, rows)]
         if heads["quiet"]:
             lines += ["", f"Heads {', '.join(map(str, heads['quiet']))} write back less than {STILL:g} of the layer's "
                       "median head (output-projection norm): they barely contribute."]
