@@ -322,3 +322,21 @@ def test_a_budget_without_runs_at_two_token_budgets_says_so(tmp_path, capsys):
     assert "With 1e+21 training FLOPs" in out and "no L(N, D) for `M-M*-`, `*-`: it needs runs at two or more" in out
     assert main(["compare", *_two_families(tmp_path / "b"), "--out", str(tmp_path / "o2"), "--budget", "lots"]) == 2
     assert "--budget 'lots': expected a number of training FLOPs such as 1e23" in capsys.readouterr().err
+
+
+def test_the_laws_of_one_validation_source(tmp_path, capsys):
+    """Code following one law and tests another in every run: --source fits each source's own."""
+    dirs = []
+    for h in (256, 384, 512, 768):
+        n = write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], _law(MAMBA))
+        code, tests = _law(MAMBA)(n), _law(ATTENTION)(n)
+        (tmp_path / f"m{h}" / "val.jsonl").write_text(json.dumps(
+            {"step": 50, "tokens": 1000, "loss": (code + tests) / 2, "seconds": 1.0,
+             "loss_by_source": {"code_val": code, "tests_val": tests}}) + "\n")
+        dirs.append(str(tmp_path / f"m{h}"))
+    for source, law in (("code_val", MAMBA), ("tests_val", ATTENTION)):
+        fit = compare(dirs, tmp_path / source, source=source)["families"][0]["scaling_fit"]
+        assert fit["E"] == pytest.approx(law["E"], rel=1e-3) and fit["alpha"] == pytest.approx(law["alpha"], rel=1e-3)
+    assert "loss: the `code_val` validation source's" in (tmp_path / "code_val" / "report.md").read_text()
+    assert main(["compare", *dirs, "--out", str(tmp_path / "x"), "--source", "prose"]) == 2
+    assert "--source prose: m256 validates on code_val, tests_val" in capsys.readouterr().err

@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--budget", metavar="FLOPS", help="each family's compute-optimal size and tokens for this many "
                                                      "training FLOPs (1e23), from its L(N, D) (runs at two or more "
                                                      "token budgets)")
+    p.add_argument("--source", metavar="NAME", help="fit the size laws to this validation source's loss (one of the "
+                                                    "data config's validation sources) instead of the overall one")
     p.add_argument("--partial", action="store_true", help="leave out (and list) runs that have not started: a "
                                                           "ladder compared while it trains")
     p.add_argument("--family", action="append", metavar="LABEL=RUN_DIR,...",
@@ -61,7 +63,7 @@ def _compare(args: argparse.Namespace) -> int:
         out = out or str(Path(args.ladder) / "compare")
     elif not runs or not out:
         raise ConfigError("compare: pass run directories and --out DIR, or --ladder DIR")
-    _print_comparison(compare(runs, out, args.size_measure, predict, family_of, partial, budget))
+    _print_comparison(compare(runs, out, args.size_measure, predict, family_of, partial, budget, args.source))
     print(f"report: {out}/report.md")
     return 0
 

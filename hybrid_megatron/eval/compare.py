@@ -171,10 +171,12 @@ def started(run_dir: str | Path) -> bool:
 
 
 def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "params", predict: float | None = None,
-            family_of: dict[str, str] | None = None, partial: bool = False, budget: float | None = None) -> dict:
+            family_of: dict[str, str] | None = None, partial: bool = False, budget: float | None = None,
+            source: str | None = None) -> dict:
     """``family_of``: run directory (as given) -> a family label chosen by hand (``--family``). ``partial``:
     leave out the runs that have not started (listed as such), as a ladder's are while it trains. ``budget``:
-    training FLOPs to find each family's compute-optimal size for (from its L(N, D))."""
+    training FLOPs to find each family's compute-optimal size for (from its L(N, D)). ``source``: fit the size
+    laws to this validation source's loss instead of the overall one (does code scale as prose does?)."""
     if size_measure not in size_units.SIZE_MEASURES:
         raise ConfigError(f"--size-by {size_measure!r}: one of {', '.join(size_units.SIZE_MEASURES)}")
     not_started = [str(d) for d in run_dirs if partial and not started(d)]
@@ -207,12 +209,14 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
                                "evals": [{"step": e.step, "tokens": e.tokens, "metrics": e.metrics} for e in r.evals],
                                "health": r.health}
                               for r in runs],
-                     "size_measure": size_measure, "not_started": not_started}
+                     "size_measure": size_measure, "source": source, "not_started": not_started}
     by_name = {r.name: r for r in runs}
     # a run short of its planned steps has not annealed: its loss sits above where it will end, off any law
     summary["unfinished"] = [{"name": r.name, "step": r.steps, "planned": r.planned_steps} for r in runs
                              if not r.finished]
-    points = {label: [_point(by_name[n], size_measure) for n in members
+    if source is not None:
+        _check_source(runs, source)
+    points = {label: [_point(by_name[n], size_measure, source) for n in members
                       if by_name[n].final_val is not None and by_name[n].finished]
               for label, members in grouped.items()}
     fits = size_fits.fit_families({label: p for label, p in points.items() if p}, size_measure)
@@ -241,11 +245,20 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     return summary
 
 
-def _point(r: Run, size_measure: str) -> size_fits.Point:
-    """A run with a validation loss, as the size fits see it; its size in FLOPs is the training compute up to its
-    last validation, where its loss was measured."""
+def _check_source(runs: list[Run], source: str) -> None:
+    """Every run with a validation loss has it for ``source`` too (one line naming the first that has not)."""
+    for r in runs:
+        if r.val_by_source and f"validation/{source}" not in r.val_by_source[-1].metrics:
+            known = sorted(k.removeprefix("validation/") for k in r.val_by_source[-1].metrics if k != "validation")
+            raise ConfigError(f"--source {source}: {r.name} validates on {', '.join(known) or 'no named source'}")
+
+
+def _point(r: Run, size_measure: str, source: str | None = None) -> size_fits.Point:
+    """A run with a validation loss, as the size fits see it (its last validation loss, overall or on ``source``);
+    its size in FLOPs is the training compute up to its last validation, where its loss was measured."""
     size = r.val[-1][1] if size_measure == "flops" else r.sizes[size_measure]
-    return size_fits.Point(r.name, size, r.final_val, r.final_train, r.val[-1][0], r.model.hidden_size, r.params,
+    loss = r.final_val if source is None else r.val_by_source[-1].metrics[f"validation/{source}"]
+    return size_fits.Point(r.name, size, loss, r.final_train, r.val[-1][0], r.model.hidden_size, r.params,
                            r.val[-1][1])
 
 

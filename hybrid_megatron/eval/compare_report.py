@@ -74,7 +74,9 @@ def _fit_sections(summary: dict) -> list[str]:
         return ["## Size laws", "", f"None fitted: {why}.", "", *prediction, *([""] if prediction else []),
                 *optimal, *([""] if optimal else [])]
     lines = ["## Size laws by architecture family", "",
-             f"Size: {summary['size_measure']}. A family is one layer-pattern unit with the same non-size model "
+             f"Size: {summary['size_measure']}; loss: "
+             + (f"the `{summary['source']}` validation source's" if summary["source"] else "the overall validation loss")
+             + ". A family is one layer-pattern unit with the same non-size model "
              "fields (or a `--family` label).", ""]
     for fam in summary["families"]:
         lines += [f"### `{fam['label']}`", "", f"Runs: {', '.join(fam['runs'])}.", ""]
