@@ -1,6 +1,7 @@
 """``report.md`` of ``compare``: the runs, their training health, validation by source, the eval results side by
 side and over training, the paired MQAR tests, and a section per architecture family (its size law, backtest,
-replicates, red flags), then the prediction. A function of the summary alone, so it renders recorded summaries."""
+replicates, red flags), the prediction and the compute-optimal sizes, and the recipe differences. A function of
+the summary ``compare`` writes (``summary.json``) alone."""
 
 from __future__ import annotations
 
