@@ -12,7 +12,6 @@ run says how far (the extrapolation factor): small-model fits read at 7B carry w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
