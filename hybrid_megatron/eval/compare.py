@@ -31,6 +31,7 @@ from hybrid_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 TRAIN_TAIL = 0.1  # the last 10% of logged steps give a run's final train loss (one step is noisy)
+LEGEND_RUNS = 8  # more runs than this: the loss plots' legend names families, not runs
 
 
 @dataclass
@@ -230,7 +231,7 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     summary["prediction"] = size_fits.predict(fits, predict, size_measure) if predict else None
     summary["compute_optimal"] = size_fits.compute_optimal(fits, budget) if budget else None
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])
-    _plot(runs, out)
+    _plot(runs, family_of_run, out)
     summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png")
     # per source only where a run validates on two or more (one source is loss_vs_tokens.png again)
     by_source = {r.name: r.val_by_source for r in runs if r.val_by_source and len(r.val_by_source[-1].metrics) > 2}
@@ -262,17 +263,30 @@ def _point(r: Run, size_measure: str, source: str | None = None) -> size_fits.Po
                            r.val[-1][1])
 
 
-def _plot(runs: list[Run], out: Path) -> None:
+def _plot(runs: list[Run], family_of_run: dict[str, str], out: Path) -> None:
+    """Loss against tokens and FLOPs: a colour per family, darker the larger the run (a ladder's dozens of runs
+    stay readable); up to ``LEGEND_RUNS`` runs get a legend entry each, more a legend entry per family."""
+    labels = list(dict.fromkeys(family_of_run[r.name] for r in runs))
+    by_size = {r.name: rank for label in labels for rank, r in enumerate(sorted(
+        (r for r in runs if family_of_run[r.name] == label), key=lambda r: r.params))}
+    count = {label: sum(family_of_run[r.name] == label for r in runs) for label in labels}
     for axis, index, label in (("tokens", 0, "tokens"), ("flops", 1, "training FLOPs")):
         fig, ax = plots.pyplot().subplots(figsize=(8, 5))
-        for k, r in enumerate(runs):
-            color = f"C{k % 10}"
-            ax.plot([p[index] for p in r.train], [p[2] for p in r.train], color=color, alpha=0.6, lw=1,
-                    label=f"{r.name} ({r.params / 1e6:.1f}M) train")
+        for r in runs:
+            family = family_of_run[r.name]
+            color = f"C{labels.index(family) % 10}"
+            shade = 0.35 + 0.65 * (by_size[r.name] + 1) / count[family]  # the family's largest run fully opaque
+            per_run = len(runs) <= LEGEND_RUNS
+            first = by_size[r.name] == count[family] - 1
+            ax.plot([p[index] for p in r.train], [p[2] for p in r.train], color=color, alpha=0.6 * shade, lw=1,
+                    label=f"{r.name} ({r.params / 1e6:.1f}M)" if per_run else (family if first else None))
             if r.val:
-                ax.plot([p[index] for p in r.val], [p[2] for p in r.val], "o-", color=color, ms=4,
-                        label=f"{r.name} validation")
+                ax.plot([p[index] for p in r.val], [p[2] for p in r.val], "o-", color=color, ms=4, alpha=shade)
+        if any(r.val for r in runs):
+            ax.plot([], [], "o", color="grey", ms=4, label="validation (lines: train)")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("loss (nats/token)")
         plots.save(fig, ax, out / f"loss_vs_{axis}.png", legend_size=7)
+
+
