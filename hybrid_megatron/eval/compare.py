@@ -231,14 +231,15 @@ def compare(run_dirs: list[str], out_dir: str | Path, size_measure: str = "param
     summary["prediction"] = size_fits.predict(fits, predict, size_measure) if predict else None
     summary["compute_optimal"] = size_fits.compute_optimal(fits, budget) if budget else None
     summary["mqar_paired"] = paired_runs.compare_runs([(r.name, r.latest.mqar if r.latest else None) for r in runs])
-    _plot(runs, family_of_run, out)
-    summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png")
+    styles = _styles(runs, family_of_run)
+    _plot(runs, styles, out)
+    summary["eval_curves"] = eval_curves.plot({r.name: r.evals for r in runs}, out / "evals_vs_tokens.png", styles)
     # per source only where a run validates on two or more (one source is loss_vs_tokens.png again)
     by_source = {r.name: r.val_by_source for r in runs if r.val_by_source and len(r.val_by_source[-1].metrics) > 2}
     summary["validation_by_source"] = ({name: evals[-1].metrics for name, evals in by_source.items()}
                                        if by_source else None)
     if by_source:
-        eval_curves.plot(by_source, out / "validation_by_source.png")
+        eval_curves.plot(by_source, out / "validation_by_source.png", styles)
     if any(f.law is not None for f in fits):
         size_fits.plot(fits, summary["prediction"], out / "scaling_fit.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -263,30 +264,37 @@ def _point(r: Run, size_measure: str, source: str | None = None) -> size_fits.Po
                            r.val[-1][1])
 
 
-def _plot(runs: list[Run], family_of_run: dict[str, str], out: Path) -> None:
-    """Loss against tokens and FLOPs: a colour per family, darker the larger the run (a ladder's dozens of runs
-    stay readable); up to ``LEGEND_RUNS`` runs get a legend entry each, more a legend entry per family."""
+def _styles(runs: list[Run], family_of_run: dict[str, str]) -> dict[str, dict]:
+    """Each run's colour and legend label in every plot: a colour per family, darker the larger the run (a
+    ladder's dozens of runs stay readable); up to ``LEGEND_RUNS`` runs a legend entry each, more one per family
+    (on its largest run)."""
     labels = list(dict.fromkeys(family_of_run[r.name] for r in runs))
-    by_size = {r.name: rank for label in labels for rank, r in enumerate(sorted(
-        (r for r in runs if family_of_run[r.name] == label), key=lambda r: r.params))}
-    count = {label: sum(family_of_run[r.name] == label for r in runs) for label in labels}
+    styles = {}
+    for family in labels:
+        members = sorted((r for r in runs if family_of_run[r.name] == family), key=lambda r: r.params)
+        for rank, r in enumerate(members):
+            per_run = len(runs) <= LEGEND_RUNS
+            styles[r.name] = {"color": f"C{labels.index(family) % 10}",
+                              "alpha": 0.35 + 0.65 * (rank + 1) / len(members),  # the largest fully opaque
+                              "label": f"{r.name} ({r.params / 1e6:.1f}M)" if per_run
+                              else (family if rank == len(members) - 1 else None)}
+    return styles
+
+
+def _plot(runs: list[Run], styles: dict[str, dict], out: Path) -> None:
+    """Loss against tokens and FLOPs: train as lines, validation as markers."""
     for axis, index, label in (("tokens", 0, "tokens"), ("flops", 1, "training FLOPs")):
         fig, ax = plots.pyplot().subplots(figsize=(8, 5))
         for r in runs:
-            family = family_of_run[r.name]
-            color = f"C{labels.index(family) % 10}"
-            shade = 0.35 + 0.65 * (by_size[r.name] + 1) / count[family]  # the family's largest run fully opaque
-            per_run = len(runs) <= LEGEND_RUNS
-            first = by_size[r.name] == count[family] - 1
-            ax.plot([p[index] for p in r.train], [p[2] for p in r.train], color=color, alpha=0.6 * shade, lw=1,
-                    label=f"{r.name} ({r.params / 1e6:.1f}M)" if per_run else (family if first else None))
+            style = styles[r.name]
+            ax.plot([p[index] for p in r.train], [p[2] for p in r.train], lw=1,
+                    **{**style, "alpha": 0.6 * style["alpha"]})
             if r.val:
-                ax.plot([p[index] for p in r.val], [p[2] for p in r.val], "o-", color=color, ms=4, alpha=shade)
+                ax.plot([p[index] for p in r.val], [p[2] for p in r.val], "o-", ms=4,
+                        **{**style, "label": None})
         if any(r.val for r in runs):
             ax.plot([], [], "o", color="grey", ms=4, label="validation (lines: train)")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("loss (nats/token)")
         plots.save(fig, ax, out / f"loss_vs_{axis}.png", legend_size=7)
-
-

@@ -51,10 +51,11 @@ def _rank(metric: str) -> tuple[int, str]:
     return (SUITE_ORDER.index(suite) if suite in SUITE_ORDER else len(SUITE_ORDER), metric)
 
 
-def plot(curves: dict[str, list[Evaluated]], path: Path) -> dict | None:
+def plot(curves: dict[str, list[Evaluated]], path: Path, styles: dict[str, dict] | None = None) -> dict | None:
     """One panel per metric that some run has at two or more evaluated steps (the first ``MAX_PANELS`` in
-    ``SUITE_ORDER``), every run a line. None when no metric has two points: a single evaluation is no curve.
-    Returns {"plotted": [...], "left_out": [...]}."""
+    ``SUITE_ORDER``), every run a line (``styles``: matplotlib keywords per run, its colour and legend label; by
+    default a colour each, labelled by name). None when no metric has two points: a single evaluation is no
+    curve. Returns {"plotted": [...], "left_out": [...]}."""
     def points(evals: list[Evaluated], metric: str) -> list[tuple[int, float]]:
         return [(e.tokens, e.metrics[metric]) for e in evals if e.tokens is not None and metric in e.metrics]
 
@@ -70,7 +71,8 @@ def plot(curves: dict[str, list[Evaluated]], path: Path) -> dict | None:
         for k, (name, evals) in enumerate(curves.items()):
             xy = points(evals, metric)
             if xy:
-                ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", ms=3, color=f"C{k % 10}", label=name)
+                style = (styles or {}).get(name, {"color": f"C{k % 10}", "label": name})
+                ax.plot([x for x, _ in xy], [y for _, y in xy], "o-", ms=3, **style)
         ax.set_title(metric, fontsize=8)
         ax.set_xscale("log")
         ax.tick_params(which="both", labelsize=7)
