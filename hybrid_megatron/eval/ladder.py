@@ -186,36 +186,38 @@ def _scaled_data(data: dict, tokens: int) -> dict:
     return data
 
 
-def _sizes(cfg: RunConfig) -> tuple[int, int]:
-    """(parameters, padded vocabulary) of a config, the vocabulary from the config or else its data."""
+def _vocab(cfg: RunConfig) -> int:
+    """The vocabulary a run's parameters are counted with: the dry run's (the model's, else the data's, else the
+    sample data's when pretrain builds it)."""
+    from hybrid_megatron.training.dry_run import vocab
+
+    try:
+        return vocab(cfg)[0]
+    except (ConfigError, DataError) as exc:
+        raise ConfigError(f"the ladder needs the vocabulary: set model.vocab_size in its overrides, or prepare "
+                          f"the base's data first ({exc})") from None
+
+
+def _params(cfg: RunConfig, vocab: int) -> int:
     from hybrid_megatron.model.build import padded_vocab_size
     from hybrid_megatron.model.flops import num_parameters
 
-    vocab = cfg.model.vocab_size
-    if vocab is None:
-        from data_pipeline.loader import config_vocab_size
-
-        try:
-            vocab = config_vocab_size(cfg.data)
-        except (ConfigError, DataError) as exc:
-            raise ConfigError(f"the ladder needs the vocabulary: set model.vocab_size in its overrides, or prepare "
-                              f"the base's data first ({exc})") from None
-    padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
-    return num_parameters(cfg.model, padded), padded
+    return num_parameters(cfg.model, padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size))
 
 
-def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int, where: str) -> tuple[RunConfig, int]:
+def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int,
+         where: str) -> tuple[RunConfig, int, int]:
     """The valid config nearest ``target`` in parameters: the unit repeated to about ``layers`` (up to half again
     more or fewer, where the base's head proportions leave the widths too coarse to hit the target), the width
     searched in steps of ``width_multiple``; of the configs within ``SIZE_TOLERANCE`` of the target, the one of
-    the depth nearest ``layers``."""
+    the depth nearest ``layers``. Returns the config, its parameters and the vocabulary they were counted with."""
     # a pipelined base keeps its number of segments (its stages, times its virtual chunks): the repeats come in
     # multiples of it, with a cut after each share; without pipelining no cut is needed
     pipelined = (raw.get("parallel") or {}).get("pipeline_model_parallel_size", 1) > 1
     segments = len(raw["model"]["hybrid_layer_pattern"].split(pat.PIPE)) if pipelined else 1
     aim = max(1, round(layers / len(unit)))
     best: tuple[tuple[float, int], RunConfig, int] | None = None
-    last_error = None
+    last_error = vocab = None
     for repeats in range(max(1, aim // 2), aim + aim // 2 + 1):
         if repeats % segments:
             continue
@@ -229,7 +231,8 @@ def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int, 
             except ConfigError as exc:
                 last_error = exc
                 continue
-            params = _sizes(cfg)[0]
+            vocab = vocab or _vocab(cfg)  # the data's does not change with the width: read it once
+            params = _params(cfg, vocab)
             # within SIZE_TOLERANCE of the target every config is as good on size: the depth nearest the rung's wins
             miss = abs(params - target) / target
             score = (max(0.0, miss - SIZE_TOLERANCE), abs(repeats - aim), miss)
@@ -244,7 +247,7 @@ def _fit(raw: dict, unit: str, layers: int, target: float, width_multiple: int, 
     if best[0][2] > 0.25:
         raise ConfigError(f"{where}: the nearest valid config has {count_text(best[2])} parameters for a target of "
                           f"{count_text(target)}; change the rung's layers or the base's head proportions")
-    return best[1], best[2]
+    return best[1], best[2], vocab
 
 
 def _load_base(path: str) -> dict:
@@ -257,6 +260,7 @@ def _load_base(path: str) -> dict:
 def plan(spec: LadderSpec, out: Path) -> list[Run]:
     """Every (family, rung) run, its config resolved and validated; nothing is written."""
     from hybrid_megatron.config_io import apply_overrides
+    from hybrid_megatron.model.build import padded_vocab_size
     from hybrid_megatron.model.flops import training_flops_per_token
     from hybrid_megatron.training.dry_run import peak_memory_bytes
 
@@ -269,7 +273,7 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
             raw = apply_overrides(copy.deepcopy(bases[rung.base or spec.base]),
                                   [*spec.overrides, *family.overrides, *rung.overrides])
             target = parse_size(rung.size)
-            cfg, params = _fit(raw, family.unit, rung.layers, target, spec.width_multiple, where)
+            cfg, params, vocab = _fit(raw, family.unit, rung.layers, target, spec.width_multiple, where)
             if spec.lr_scaling is not None:
                 factor = (params / parse_size(spec.lr_scaling.reference)) ** spec.lr_scaling.exponent
                 cfg = build(RunConfig, {**to_dict(cfg), "optim": {**to_dict(cfg.optim), "lr": cfg.optim.lr * factor,
@@ -288,7 +292,8 @@ def plan(spec: LadderSpec, out: Path) -> list[Run]:
                         raw["data"]["seed"] = seed
                     run = build(RunConfig, raw)
                     # FLOPs at the longest sequence trained (a curriculum's shorter early steps cost a little less)
-                    flops = float(tokens) * training_flops_per_token(run.model, _sizes(run)[1], run.data.longest_seq_len)
+                    padded = padded_vocab_size(vocab, run.model, run.parallel.tensor_model_parallel_size)
+                    flops = float(tokens) * training_flops_per_token(run.model, padded, run.data.longest_seq_len)
                     par = run.parallel
                     model_parallel = (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                       * par.context_parallel_size)

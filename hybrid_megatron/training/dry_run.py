@@ -24,8 +24,9 @@ from hybrid_megatron.training.step import micro_batch_plan
 log = logging.getLogger(__name__)
 
 
-def _vocab(cfg: RunConfig) -> tuple[int, list[str]]:
-    """(vocab size, notes). Data sources that are missing are a note when the model pins the vocab."""
+def vocab(cfg: RunConfig) -> tuple[int, list[str]]:
+    """(vocab size, notes): the model's, else the data's; missing data sources are a note when the model pins the
+    vocab, or when pretrain would build the sample data (bytes tokenizer) first. The ladder sizes its runs by it too."""
     missing = [f"{name}: {loc}" for name, loc in cfg.data.source_paths().items() if not loc.is_dir()]
     notes = []
     if missing and cfg.build_sample_data:
@@ -61,10 +62,10 @@ def _shapes(cfg: RunConfig):
     """(vocab, notes, padded vocab, data schedule, longest sequence): what the report and the estimate size by."""
     from data_pipeline.schedule import build_schedule
 
-    vocab, notes = _vocab(cfg)
-    padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
+    vocab_size, notes = vocab(cfg)
+    padded = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tensor_model_parallel_size)
     schedule = build_schedule(cfg.data)
-    return vocab, notes, padded, schedule, schedule.max_seq_len
+    return vocab_size, notes, padded, schedule, schedule.max_seq_len
 
 
 def peak_memory_bytes(cfg: RunConfig, *, world_size: int) -> float:
