@@ -191,6 +191,17 @@ def test_families_by_hand_pool_what_the_rule_keeps_apart(tmp_path):
     assert family["label"] == "everything" and len(family["runs"]) == 8
 
 
+def test_a_vocabulary_named_and_one_read_from_the_data_are_one_family(tmp_path):
+    """tiny's data resolves to 257 tokens: naming 257 and leaving it to the data is the same model; naming
+    another vocabulary is another family."""
+    write_run(tmp_path, "named")
+    write_run(tmp_path, "from_data", ["model.vocab_size=null"])
+    write_run(tmp_path, "other", ["model.vocab_size=300"])
+    summary = compare([str(tmp_path / n) for n in ("named", "from_data", "other")], tmp_path / "o")
+    runs = [sorted(r.rsplit("/", 1)[-1] for r in f["runs"]) for f in summary["families"]]
+    assert sorted(runs) == [["from_data", "named"], ["other"]]
+
+
 def test_runs_without_validation_losses_are_compared_without_a_law(tmp_path):
     for h in WIDTHS:
         write_run(tmp_path, f"m{h}", [f"model.hidden_size={h}"], _law(MAMBA))

@@ -130,9 +130,11 @@ def load_run(run_dir: str | Path) -> Run:
     except ConfigError as exc:
         message = str(exc) if str(exc).startswith(str(config_path)) else f"{config_path}: {exc}"
         raise ConfigError(f"{message} (not the resolved config pretrain writes)") from None
-    padded = padded_vocab_size(_vocab(cfg, run_dir), cfg.model, cfg.parallel.tensor_model_parallel_size)
+    vocab = _vocab(cfg, run_dir)
+    padded = padded_vocab_size(vocab, cfg.model, cfg.parallel.tensor_model_parallel_size)
     total = num_parameters(cfg.model, padded)
-    run = Run(name=run_dir.name, path=run_dir, model=cfg.model,
+    # the vocabulary as resolved: a run that names it and one that reads it from its data are one family
+    run = Run(name=run_dir.name, path=run_dir, model=dataclasses.replace(cfg.model, vocab_size=vocab),
               sizes={"params": total, "non-embedding": total - embedding_params(cfg.model, padded),
                      "active": active_parameters(cfg.model, padded)})
     tokens = flops = 0.0
