@@ -87,7 +87,8 @@ def test_mqar_and_state_run_on_a_model_pretrain_trained(tmp_path):
     run = tmp_path / "run"
     proc = run_pretrain(["configs/mqar/hybrid.yaml", f"data.sources.mqar={data / 'train'}",
                          f"data.validation.sources.mqar_val={data / 'val'}", "data.validation.tokens=32768",
-                         "train.train_steps=60", "train.eval_interval=30", "train.micro_batch_size=16", f"logging.run_dir={run}"])
+                         "train.train_steps=60", "schedule.lr_warmup_steps=5", "train.eval_interval=30",
+                         "train.micro_batch_size=16", f"logging.run_dir={run}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     val = [json.loads(x) for x in (run / "val.jsonl").read_text().splitlines()]
     # answers only: below a uniform guess over the vocabulary once the model knows answers are values (MQAR's
