@@ -7,7 +7,8 @@ the ``mqar`` and ``state`` suites on each: the recall diagnostics end to end.
 Writes the MQAR sources (``prepare-data --synthetic mqar``, training seed 0, validation seed 1), trains
 ``configs/mqar/{attention,mamba,hybrid}.yaml`` at the same time on one GPU, evaluates each final checkpoint
 with ``eval --suite mqar,state`` (512 unseen items per cell) and ``compare`` over the three. Writes
-``mqar_sweep.json`` (device, versions, commands, per-run results) with the reports and plots beside it;
+``mqar_sweep.json`` (device, versions, commands, a row per model: validation losses, accuracy by pairs, the state
+suite's cuts) with each model's reports, plots and ``val.jsonl`` beside it;
 prints accuracy by pairs and the reliance scores last. Each model's report and plots land in ``--out-dir`` as
 soon as its evaluation ends. ``--resume`` keeps ``--work``: the data is not written again and each training
 continues from its last checkpoint (``pretrain`` resumes from ``latest``), so a sweep cut off by a time limit
@@ -59,6 +60,23 @@ def arch(name: str, data: Path, work: Path, timeout: float, out_dir: Path) -> di
     return out
 
 
+def summary(ev: dict, val_loss: dict[int, float], trained_steps: int) -> dict:
+    """One model's row of the recorded sweep, from its ``eval`` results (``results.json``) and its validation
+    losses by step: accuracy by pairs, and the state suite's cells without their per-item outcomes (those stay in
+    the model's ``results.json``)."""
+    return {"evaluated_step": ev["step"], "trained_steps": trained_steps, "params": ev["params"],
+            "pattern": ev["pattern"],
+            "validation_loss_by_step": {str(s): round(v, 4) for s, v in sorted(val_loss.items())},
+            "mqar_accuracy_by_pairs": {str(c["pairs"]): round(c["accuracy"], 4)
+                                       for c in ev["suites"]["mqar"]["cells"]},
+            "state": [{k: v for k, v in c.items() if k not in ("outcomes", "items_fingerprint")}
+                      for c in ev["suites"]["state"]["cells"]]}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=64000)
@@ -90,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     done = [r for r in runs if "eval" in r]
     code, tail = launch(1, ["-m", "hybrid_megatron", "compare", *(r["run_dir"] for r in done), "--out",
                             str(args.out_dir / "compare")], 300.0, args.work / "compare.log")
+    rows = {}
+    for r in done:
+        val = _jsonl(Path(r["run_dir"]) / "val.jsonl")
+        shutil.copy(Path(r["run_dir"]) / "val.jsonl", args.out_dir / r["arch"] / "val.jsonl")
+        steps = _jsonl(Path(r["run_dir"]) / "losses.jsonl")
+        rows[r["arch"]] = summary(r["eval"], {v["step"]: v["loss"] for v in val}, steps[-1]["step"] if steps else 0)
     result = {"benchmark": "mqar_sweep", "command": " ".join(["python", *sys.argv]), "device": device_name(),
-              "versions": versions(), "docs": args.docs, "runs": runs, "compare_exit": code,
+              "versions": versions(), "docs": args.docs, "runs": rows,
+              "launches": [{k: v for k, v in r.items() if k != "eval"} for r in runs], "compare_exit": code,
               **({"compare_tail": tail} if code else {})}
     (args.out_dir / "mqar_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
     for r in done:
