@@ -51,6 +51,7 @@ def _layer_saved_bytes(model, forward) -> int:
     finally:
         for h in handles:
             h.remove()
+    print("\n".join(saved.listing()))  # what to match the model's terms against (pytest -s)
     return saved.bytes
 
 
