@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for r in done:
         val = _jsonl(Path(r["run_dir"]) / "val.jsonl")
-        shutil.copy(Path(r["run_dir"]) / "val.jsonl", args.out_dir / r["arch"] / "val.jsonl")
+        if val:
+            shutil.copy(Path(r["run_dir"]) / "val.jsonl", args.out_dir / r["arch"] / "val.jsonl")
         steps = _jsonl(Path(r["run_dir"]) / "losses.jsonl")
         rows[r["arch"]] = summary(r["eval"], {v["step"]: v["loss"] for v in val}, steps[-1]["step"] if steps else 0)
     result = {"benchmark": "mqar_sweep", "command": " ".join(["python", *sys.argv]), "device": device_name(),
