@@ -28,6 +28,7 @@ from pathlib import Path
 from data_pipeline.shards import INDEX_NAME
 from hybrid_megatron.devtools import REPO_ROOT as ROOT
 from hybrid_megatron.devtools.gpu_launch import device_name, launch
+from hybrid_megatron.eval.compare import read_jsonl
 from hybrid_megatron.eval.report import cut_p_value
 from hybrid_megatron.training.environment import versions
 
@@ -73,10 +74,6 @@ def summary(ev: dict, val_loss: dict[int, float], trained_steps: int) -> dict:
                       for c in ev["suites"]["state"]["cells"]]}
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=64000)
@@ -110,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                             str(args.out_dir / "compare")], 300.0, args.work / "compare.log")
     rows = {}
     for r in done:
-        val = _jsonl(Path(r["run_dir"]) / "val.jsonl")
+        val = read_jsonl(Path(r["run_dir"]) / "val.jsonl")
         if val:
             shutil.copy(Path(r["run_dir"]) / "val.jsonl", args.out_dir / r["arch"] / "val.jsonl")
-        steps = _jsonl(Path(r["run_dir"]) / "losses.jsonl")
+        steps = read_jsonl(Path(r["run_dir"]) / "losses.jsonl")
         rows[r["arch"]] = summary(r["eval"], {v["step"]: v["loss"] for v in val}, steps[-1]["step"] if steps else 0)
     result = {"benchmark": "mqar_sweep", "command": " ".join(["python", *sys.argv]), "device": device_name(),
               "versions": versions(), "docs": args.docs, "runs": rows,

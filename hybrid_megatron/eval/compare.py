@@ -73,7 +73,8 @@ class Run:
         return self.val[-1][2] if self.val else None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """A run's JSON-lines log (losses.jsonl, val.jsonl), [] where it is missing; a bad line is one DataError."""
     if not path.is_file():
         return []
     out = []
@@ -140,7 +141,7 @@ def load_run(run_dir: str | Path) -> Run:
     tokens = flops = 0.0
     at_step = {}
     steps = []  # (step, loss, grad norm or None, skipped) for the spike scores
-    for n, r in enumerate(_jsonl(run_dir / "losses.jsonl"), 1):
+    for n, r in enumerate(read_jsonl(run_dir / "losses.jsonl"), 1):
         with _record(run_dir / "losses.jsonl", n):
             step_tokens = step_input_tokens(cfg.data, int(r["seq_len"]))  # losses.jsonl's "tokens" are loss tokens
             tokens += step_tokens
@@ -150,7 +151,7 @@ def load_run(run_dir: str | Path) -> Run:
             steps.append((int(r["step"]), float(r["loss"]), grad_norm, bool(r.get("skipped"))))
             if not r.get("skipped"):
                 run.train.append((int(tokens), flops, float(r["loss"])))
-    for n, r in enumerate(_jsonl(run_dir / "val.jsonl"), 1):
+    for n, r in enumerate(read_jsonl(run_dir / "val.jsonl"), 1):
         with _record(run_dir / "val.jsonl", n):
             if r["step"] in at_step:
                 run.val.append((int(at_step[r["step"]][0]), at_step[r["step"]][1], float(r["loss"])))
