@@ -26,6 +26,7 @@ from hybrid_megatron.config import RunConfig, load_yaml, run_config_from_dict
 from hybrid_megatron.config_io import build, to_dict
 from hybrid_megatron.eval.size_units import count_text, parse_size
 from hybrid_megatron.model import pattern as pat
+from hybrid_megatron.model.config import positive
 
 MAX_HIDDEN = 32768
 SIZE_TOLERANCE = 0.05  # a run within 5% of its parameter target counts as on target
@@ -122,8 +123,7 @@ class LadderSpec:
             parse_size(rung.size, f"rungs[{k}].size")
             if rung.layers < 1:
                 raise ConfigError(f"rungs[{k}].layers={rung.layers}: must be >= 1")
-            if rung.tokens_per_param is not None and rung.tokens_per_param <= 0:
-                raise ConfigError(f"rungs[{k}].tokens_per_param={rung.tokens_per_param}: must be > 0")
+            positive(f"rungs[{k}]", tokens_per_param=rung.tokens_per_param)
             if rung.gpus is not None and rung.gpus < 1:
                 raise ConfigError(f"rungs[{k}].gpus={rung.gpus}: must be >= 1")
 
